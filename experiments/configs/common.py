@@ -1,0 +1,52 @@
+"""Fields every config shares (flax-examples names) and the variant picker every config file uses.
+
+A config file `experiments/configs/<family>.py` defines `get_config(arg)`; `arg` is the variant after the colon in
+`--config=experiments/configs/vae.py:digits`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.family = ""                      # key into genjax.models.FAMILIES
+  c.seed = 0
+  c.batch_size = 64                  # global batch, split over processes and devices
+  c.num_train_steps = 1000
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 3
+  c.sample_every_steps = 500         # PNG grid of samples (image families); 0 = only at the end
+  c.num_sample_images = 64
+  c.eval_every_steps = 500           # test-split metrics; 0 = only at the end
+  c.num_eval_batches = 4
+  c.parallel = "pjit"                # "pjit" (jax.jit + NamedSharding) | "pmap"
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))   # -1 = the remaining devices
+  c.param_sharding = "replicated"    # "replicated" | "fsdp" (largest divisible dim over the fsdp axis)
+  c.ema_decay = 0.999                # 0 = no EMA (sampling/eval then use the raw params)
+  c.grad_accum_steps = 1             # micro-batches per step; the global batch stays `batch_size`
+  c.compute_dtype = "float32"        # "float32" | "bfloat16"; params always float32
+  c.async_checkpointing = True
+  c.dataset = ml_collections.ConfigDict(dict(name="", data_dir=None, train_split="train", eval_split="test"))
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adam", learning_rate=1e-3, schedule="constant", warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
+      weight_decay=0.0, grad_clip_norm=1.0))
+  c.model = ml_collections.ConfigDict()
+  return c
+
+
+def pick_variant(config_file: str, arg: str | None,
+                 variants: Mapping[str, Callable[[ml_collections.ConfigDict], None]]) -> ml_collections.ConfigDict:
+  """Returns base_config() updated by `variants[arg]`; an unknown variant names the valid ones."""
+  if not arg:
+    raise ValueError(f"{config_file} needs a variant, e.g. {config_file}:{next(iter(variants))}; "
+                     f"valid: {sorted(variants)}")
+  if arg not in variants:
+    raise ValueError(f"unknown variant {arg!r} for {config_file}; valid: {sorted(variants)}")
+  c = base_config()
+  variants[arg](c)
+  c.variant = arg
+  return c
