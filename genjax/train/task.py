@@ -11,10 +11,10 @@ pure functions. The loop in `genjax.train.trainer` runs any `Task`:
         evaluate=eval_fn,                      # (params, batch, rng) -> {name: scalar}; averaged over test batches
     )
 
-A phase's `loss_fn(params, batch, rng) -> (loss, metrics)` sees the *whole* params tree but only the sub-tree
+A phase's `loss_fn(params, batch, rng, step) -> (loss, metrics)` sees the *whole* params tree but only the sub-tree
 `params[params_key]` (all params when `params_key` is None) is differentiated and updated, by that phase's own
 optax optimizer. Phases run in order inside one jitted step; a later phase sees the params the earlier ones
-produced. A GAN is two phases ("disc" then "gen"); every other family is one.
+produced; `step` is the int32 training step (for lazy regularisers). A GAN is two phases ("disc" then "gen"); every other family is one.
 
 `options` are sampler settings a user passes from the command line (`experiments/sample.py --sampler=ddim
 --num_steps=50`, `--temperature=0.8`, ...): a family accepts the ones it understands and raises a ValueError naming
@@ -29,7 +29,7 @@ import optax
 
 Params = Any
 Batch = Mapping[str, Any]
-LossFn = Callable[[Params, Batch, Any], "tuple[Any, Mapping[str, Any]]"]
+LossFn = Callable[[Params, Batch, Any, Any], "tuple[Any, Mapping[str, Any]]"]
 
 
 @dataclasses.dataclass(frozen=True)
