@@ -1,0 +1,202 @@
+"""Diffusion noise schedules and the prediction-parameterisation algebra shared by training and sampling.
+
+A `NoiseSchedule` is a small frozen pytree of float32 arrays describing the forward process
+q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) on the discrete training timesteps t = 0 .. T-1:
+
+    sched = NoiseSchedule.linear(num_timesteps=1000, beta_start=1e-4, beta_end=0.02)
+    sched = NoiseSchedule.cosine(num_timesteps=1000, s=0.008)
+    sched.alphas_cumprod                                   # float32 [T]
+
+Training side (what a model family needs for its loss; `t` is int32 [batch] in [0, T)):
+
+    x_t = sched.add_noise(x0, noise, t)                    # a sample of q(x_t | x_0)
+    y = sched.training_target(x0, noise, t, "v")           # regression target for "epsilon" | "v" | "x0"
+
+Sampling side (used by `genjax.samplers.diffusion`, public for users writing their own samplers):
+
+    x0_hat, eps_hat = sched.split_prediction(pred, x_t, t, "v")
+    v_hat = sched.convert_prediction(pred, x_t, t, source="epsilon", dest="v")
+
+With alpha = sqrt(abar_t) and sigma = sqrt(1 - abar_t): x_t = alpha x0 + sigma eps and v = alpha eps - sigma x0, so
+x0 = alpha x_t - sigma v and eps = sigma x_t + alpha v. All schedule arithmetic is float32 whatever the model's dtype
+(bfloat16 alpha-bars round 1 - abar to 0 near t = 0 and give NaN); the tables are built in float64 on the host and
+`log_alphas_cumprod` keeps 1 - abar and ratios of alpha-bars accurate in float32. The schedule is a pytree, so it
+can be passed to (and traced by) `jax.jit`: a schedule with different values but the same T compiles nothing new.
+Build schedules with the constructors (`linear`, `cosine`, `from_betas`), which fill every field consistently.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PREDICTIONS = ("epsilon", "v", "x0")
+
+
+def check_prediction(prediction: str) -> str:
+  """Returns `prediction` if it is a known parameterisation, else raises a ValueError naming the valid choices."""
+  if prediction not in PREDICTIONS:
+    raise ValueError(f"unknown prediction {prediction!r}; valid: {list(PREDICTIONS)}")
+  return prediction
+
+
+def _bcast(coef: jax.Array, like: jax.Array) -> jax.Array:
+  """Reshapes per-example coefficients [batch] (or a scalar) so they broadcast against `like` [batch, ...]."""
+  return coef.reshape(coef.shape + (1,) * (like.ndim - coef.ndim))
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseSchedule:
+  """Discrete-time variance-preserving noise schedule (a pytree of float32 [T] arrays; see module docstring).
+
+  Attributes:
+    betas: beta_t, the per-step noise variances.
+    alphas_cumprod: abar_t = prod_{s <= t} (1 - beta_s).
+    log_alphas_cumprod: log(abar_t), computed in float64; used for accurate 1 - abar and alpha-bar ratios.
+  """
+  betas: jax.Array
+  alphas_cumprod: jax.Array
+  log_alphas_cumprod: jax.Array
+
+  # ----------------------------------------------------------------------------------------------- constructors
+  @classmethod
+  def from_betas(cls, betas) -> "NoiseSchedule":
+    """A schedule from concrete per-step variances `betas` [T], each in (0, 1)."""
+    b = np.asarray(betas, dtype=np.float64)
+    if b.ndim != 1 or b.shape[0] < 1:
+      raise ValueError(f"betas must be a non-empty 1-D array, got shape {b.shape}")
+    if not (np.all(b > 0) and np.all(b < 1)):
+      raise ValueError(f"betas must lie in (0, 1), got min {b.min()} and max {b.max()}")
+    log_abar = np.cumsum(np.log1p(-b))
+    return cls(betas=jnp.asarray(b, jnp.float32), alphas_cumprod=jnp.asarray(np.exp(log_abar), jnp.float32),
+               log_alphas_cumprod=jnp.asarray(log_abar, jnp.float32))
+
+  @classmethod
+  def linear(cls, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "NoiseSchedule":
+    """Betas linear from `beta_start` to `beta_end` over `num_timesteps` steps (Ho et al. 2020)."""
+    _check_num_timesteps(num_timesteps)
+    if not 0.0 < beta_start <= beta_end < 1.0:
+      raise ValueError(f"need 0 < beta_start <= beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}")
+    return cls.from_betas(np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64))
+
+  @classmethod
+  def cosine(cls, num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> "NoiseSchedule":
+    """abar(t) proportional to cos^2(((t / T) + s) / (1 + s) * pi / 2) (Nichol & Dhariwal 2021).
+
+    Betas are 1 - abar(t + 1) / abar(t), capped at `max_beta` so that the last step stays finite.
+    """
+    _check_num_timesteps(num_timesteps)
+    if not s > 0.0:
+      raise ValueError(f"cosine schedule offset s must be > 0, got {s}")
+    if not 0.0 < max_beta < 1.0:
+      raise ValueError(f"max_beta must lie in (0, 1), got {max_beta}")
+    f = lambda u: math.cos((u + s) / (1.0 + s) * math.pi / 2.0) ** 2
+    grid = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
+    abar = np.array([f(u) for u in grid]) / f(0.0)
+    betas = np.clip(1.0 - abar[1:] / abar[:-1], 1e-12, max_beta)
+    return cls.from_betas(betas)
+
+  # ----------------------------------------------------------------------------------------------- properties
+  @property
+  def num_timesteps(self) -> int:
+    """T, the number of training timesteps (static: the arrays' length)."""
+    return self.betas.shape[0]
+
+  @property
+  def log_snr(self) -> jax.Array:
+    """lambda_t = log(abar_t / (1 - abar_t)), float32 [T], decreasing in t."""
+    return self.log_alphas_cumprod - jnp.log(-jnp.expm1(self.log_alphas_cumprod))
+
+  def alpha_sigma(self, t) -> tuple[jax.Array, jax.Array]:
+    """(sqrt(abar_t), sqrt(1 - abar_t)) as float32 arrays shaped like integer `t`; t = -1 means the clean data
+    (alpha 1, sigma 0), which is where every sampler's last step lands."""
+    t = jnp.asarray(t)
+    if not jnp.issubdtype(t.dtype, jnp.integer):
+      raise ValueError(f"timesteps t must be integers in [0, {self.num_timesteps}), got dtype {t.dtype}")
+    log_abar = jnp.where(t >= 0, self.log_alphas_cumprod[jnp.clip(t, 0, self.num_timesteps - 1)], 0.0)
+    return jnp.exp(0.5 * log_abar), jnp.sqrt(-jnp.expm1(log_abar))
+
+  # ----------------------------------------------------------------------------------------------- training side
+  def add_noise(self, x0, noise, t) -> jax.Array:
+    """A sample of q(x_t | x_0): sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, in float32.
+
+    Args:
+      x0: clean data [batch, ...]. noise: standard normal, same shape. t: int [batch] (or scalar) in [0, T).
+    """
+    x0, noise = _as_f32(x0), _as_f32(noise)
+    _check_same_shape(x0, noise, "noise")
+    alpha, sigma = self.alpha_sigma(t)
+    return _bcast(alpha, x0) * x0 + _bcast(sigma, x0) * noise
+
+  def training_target(self, x0, noise, t, prediction: str = "epsilon") -> jax.Array:
+    """The regression target of a model predicting `prediction` for x_t = add_noise(x0, noise, t), in float32.
+
+    "epsilon" -> noise; "x0" -> x0; "v" -> sqrt(abar_t) noise - sqrt(1 - abar_t) x0 (Salimans & Ho 2022).
+    """
+    check_prediction(prediction)
+    x0, noise = _as_f32(x0), _as_f32(noise)
+    _check_same_shape(x0, noise, "noise")
+    if prediction == "epsilon":
+      return noise
+    if prediction == "x0":
+      return x0
+    alpha, sigma = self.alpha_sigma(t)
+    return _bcast(alpha, x0) * noise - _bcast(sigma, x0) * x0
+
+  # ----------------------------------------------------------------------------------------------- sampling side
+  def split_prediction(self, pred, x_t, t, prediction: str = "epsilon") -> tuple[jax.Array, jax.Array]:
+    """(x0_hat, eps_hat) implied by a model output `pred` of kind `prediction` at (x_t, t), both float32.
+
+    t = -1 (clean) is allowed only for prediction="x0" style outputs in principle; samplers never call it there.
+    """
+    check_prediction(prediction)
+    pred, x_t = _as_f32(pred), _as_f32(x_t)
+    _check_same_shape(x_t, pred, "model prediction")
+    alpha, sigma = self.alpha_sigma(t)
+    alpha, sigma = _bcast(alpha, x_t), _bcast(sigma, x_t)
+    if prediction == "epsilon":
+      return (x_t - sigma * pred) / alpha, pred
+    if prediction == "x0":
+      return pred, (x_t - alpha * pred) / sigma
+    return alpha * x_t - sigma * pred, sigma * x_t + alpha * pred
+
+  def eps_from_x0(self, x0, x_t, t) -> jax.Array:
+    """The noise consistent with (x_t, x0) at t: (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t), float32."""
+    x0, x_t = _as_f32(x0), _as_f32(x_t)
+    alpha, sigma = self.alpha_sigma(t)
+    return (x_t - _bcast(alpha, x_t) * x0) / _bcast(sigma, x_t)
+
+  def convert_prediction(self, pred, x_t, t, source: str, dest: str) -> jax.Array:
+    """Re-expresses a model output of kind `source` as kind `dest` ("epsilon" | "v" | "x0") at (x_t, t)."""
+    check_prediction(dest)
+    x0, eps = self.split_prediction(pred, x_t, t, source)
+    if dest == "epsilon":
+      return eps
+    if dest == "x0":
+      return x0
+    alpha, sigma = self.alpha_sigma(t)
+    return _bcast(alpha, x_t) * eps - _bcast(sigma, x_t) * x0
+
+
+jax.tree_util.register_dataclass(NoiseSchedule, data_fields=["betas", "alphas_cumprod", "log_alphas_cumprod"],
+                                 meta_fields=[])
+
+
+def _check_num_timesteps(num_timesteps) -> None:
+  if not isinstance(num_timesteps, (int, np.integer)) or isinstance(num_timesteps, bool) or num_timesteps < 1:
+    raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}")
+
+
+def _as_f32(x) -> jax.Array:
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"expected a floating-point array, got dtype {x.dtype}")
+  return x.astype(jnp.float32)
+
+
+def _check_same_shape(ref: jax.Array, other: jax.Array, name: str) -> None:
+  if ref.shape != other.shape:
+    raise ValueError(f"{name} has shape {other.shape}, expected the data's shape {ref.shape}")
