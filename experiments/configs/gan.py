@@ -35,12 +35,12 @@ def _gan_defaults(c: ml_collections.ConfigDict) -> None:
 def _digits(c):
   _gan_defaults(c)
   c.dataset.name = "digits"
-  c.model.update(latent_dim=32, gen_channels=(128, 64, 32), disc_channels=(32, 64, 128), disc_features=128,
+  c.model.update(latent_dim=32, gen_channels=(64, 32, 16), disc_channels=(16, 32, 64), disc_features=64,
                  conditional=True, loss="non_saturating", r1_gamma=0.1, r1_interval=4)
   c.optimizer.learning_rate = 1e-3
   c.disc_optimizer.learning_rate = 1e-3
   c.batch_size = 64
-  c.num_train_steps = 3000
+  c.num_train_steps = 2000
   c.ema_decay = 0.99
   c.log_every_steps = 100
   c.checkpoint_every_steps = 1000

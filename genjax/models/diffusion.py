@@ -17,25 +17,29 @@ single phase trains only `params["unet"]`), so a checkpoint is enough to sample 
 
 Sampling: `sample_images(params, rng, n, sampler=..., num_steps=..., eta=..., guidance=..., label=...)` runs the
 jitted samplers of `genjax.samplers.diffusion` (defaults from `config.model`: sampler, num_sample_steps, eta,
-guidance); any other option is a ValueError naming the valid ones. `evaluate` gives the same loss on a test batch.
-The sampling part lives in `genjax.models.diffusion_sampling`-free form below: see `make_sample_fn`.
+guidance); any other option is a ValueError naming the valid ones. Sampling is one jitted program per (n, sampler,
+guided-or-not): num_steps, eta, the guidance scale and the label are runtime values (changing them compiles nothing
+new). `evaluate` gives the same loss (no label dropout, no dropout) on a test batch.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genjax.models.diffusion_sample import make_sample_fn
 from genjax.models.unet import UNet
+from genjax.samplers.diffusion import classifier_free_guidance, ddim_sample, ddpm_sample, dpm_solver_sample
 from genjax.samplers.schedules import NoiseSchedule, check_prediction
 from genjax.train.optim import make_optimizer
 from genjax.train.task import Phase, Task
 
 SCHEDULES = ("linear", "cosine")
+SAMPLERS = ("ddpm", "ddim", "dpm_solver")
+SAMPLE_OPTIONS = ("sampler", "num_steps", "eta", "guidance", "label")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -102,12 +106,12 @@ def diffusion_loss(apply_fn: ApplyFn, schedule: NoiseSchedule, x0: jax.Array, rn
 
 @dataclasses.dataclass(frozen=True)
 class _Space:
-  """Where diffusion happens: `encode(params, images, rng) -> x0`, `decode(params, x) -> images in [0, 1]`."""
-  shape: tuple[int, ...]                      # one example's x0 shape
+  """Where diffusion happens: x0 = encode(params, images), images = decode(params, x) in [0, 1]."""
+  shape: tuple[int, ...]                      # one example's x0 shape [h, w, c]
   encode: Callable[[Any, jax.Array], jax.Array]
   decode: Callable[[Any, jax.Array], jax.Array]
-  clip: Optional[tuple[float, float]]
-  init_extra: Callable[[], dict]              # params besides "unet" (frozen)
+  clip: Optional[tuple[float, float]]         # the data range the samplers clip predicted x0 to
+  init_extra: Callable[[], dict]              # frozen params besides "unet"
 
 
 def _pixel_space(image_shape, clip: bool) -> _Space:
@@ -116,11 +120,129 @@ def _pixel_space(image_shape, clip: bool) -> _Space:
                 clip=(-1.0, 1.0) if clip else None, init_extra=dict)
 
 
+def _latent_space(config, info) -> _Space:
+  """The latent space of the VAE run in `config.model.vae_workdir`: x0 = latent_scale * encoder mean, [1, 1, d].
+
+  The VAE run is read when the task is built (host side, outside any trace); its variables then live (frozen) in
+  params["vae"] and `latent_scale` (the config value, or for 0: 1 / std of the encoder means over the training
+  split, up to 4,096 images) in params["latent_scale"]. Decoding divides by the scale and runs the VAE decoder.
+  """
+  from genjax.data import load_arrays
+  from genjax.models.vae import vae_model
+  from genjax.train.checkpoint import load_config, load_run
+  workdir = config.model.vae_workdir
+  vae_config = load_config(workdir)
+  if vae_config.get("family") != "vae":
+    raise ValueError(f"config.model.vae_workdir={workdir!r} is a {vae_config.get('family')!r} run, not a 'vae' run")
+  vae = vae_model(vae_config)
+  if tuple(vae.image_shape) != tuple(info.image_shape):
+    raise ValueError(f"the VAE in {workdir!r} models images of shape {tuple(vae.image_shape)}, but data set "
+                     f"{config.dataset.name!r} has {tuple(info.image_shape)}")
+  d = int(vae.latent_dim)
+  _, vae_params = load_run(workdir)
+  vae_params = jax.device_get(vae_params)
+  scale = float(config.model.get("latent_scale", 0.0))
+  if scale <= 0:
+    images = load_arrays(config.dataset.name, config.dataset.get("train_split", "train"),
+                         data_dir=config.dataset.get("data_dir", None), max_examples=4096)["image"]
+    means = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode")[0])(vae_params, images)
+    scale = 1.0 / max(float(jnp.std(means)), 1e-6)
+
+  def encode(params, images):
+    mean, _ = vae.apply({"params": params["vae"]}, images, method="encode")
+    return (params["latent_scale"] * mean).reshape(-1, 1, 1, d)
+
+  def decode(params, x):
+    z = x.reshape(-1, d) / params["latent_scale"]
+    return jnp.clip(vae.apply({"params": params["vae"]}, z, method="decode"), 0.0, 1.0)
+
+  def init_extra():
+    return {"vae": jax.tree.map(jnp.asarray, vae_params), "latent_scale": jnp.asarray(scale, jnp.float32)}
+
+  return _Space(shape=(1, 1, d), encode=encode, decode=decode, clip=None, init_extra=init_extra)
+
+
 def _check_images(images, shape) -> jax.Array:
   images = jnp.asarray(images)
   if images.ndim != 4 or tuple(images.shape[1:]) != tuple(shape):
     raise ValueError(f"batch['image'] has shape {images.shape}, expected [B, {', '.join(map(str, shape))}]")
   return images.astype(jnp.float32)
+
+
+def sample_options(options: dict, defaults: dict, num_timesteps: int, num_classes: int) -> dict:
+  """`options` (None = the default) merged over `defaults` and validated; errors name the bad value and choices."""
+  unknown = sorted(set(options) - set(SAMPLE_OPTIONS))
+  if unknown:
+    raise ValueError(f"unknown diffusion sample options {unknown}; valid: {list(SAMPLE_OPTIONS)}")
+  o = {k: (defaults.get(k) if options.get(k) is None else options[k]) for k in SAMPLE_OPTIONS}
+  if o["sampler"] not in SAMPLERS:
+    raise ValueError(f"unknown sampler {o['sampler']!r}; valid: {list(SAMPLERS)}")
+  n = o["num_steps"]
+  if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= num_timesteps:
+    raise ValueError(f"num_steps must be an int in [1, {num_timesteps}] (the schedule length), got {n!r}")
+  eta = float(o["eta"])
+  if not 0.0 <= eta <= 1.0:
+    raise ValueError(f"eta must be in [0, 1], got {o['eta']!r}")
+  if eta != 0.0 and o["sampler"] != "ddim":
+    raise ValueError(f"eta={eta} applies only to sampler='ddim', got sampler={o['sampler']!r}")
+  guidance = float(o["guidance"])
+  if not guidance >= 0.0:
+    raise ValueError(f"guidance must be a scale >= 0 (1 = the plain conditional model), got {o['guidance']!r}")
+  label = o["label"]
+  if num_classes == 0:
+    if label is not None or guidance != 1.0:
+      raise ValueError(f"label={label!r} / guidance={guidance} need a class-conditional model "
+                       "(config.model.conditional=True); this one is unconditional")
+  elif label is not None and (isinstance(label, bool) or not isinstance(label, (int, np.integer))
+                              or not 0 <= label <= num_classes):
+    raise ValueError(f"label must be None (every class in turn) or an int in [0, {num_classes - 1}] "
+                     f"({num_classes} = the null label: unconditional), got {label!r}")
+  return dict(sampler=o["sampler"], num_steps=int(n), eta=eta, guidance=guidance, label=label)
+
+
+def _sample_fn(unet: UNet, schedule: NoiseSchedule, space: _Space, defaults: dict, prediction: str,
+               num_classes: int):
+  """`sample_images(params, rng, n, **options) -> [n, H, W, C]` in [0, 1] (see module docstring)."""
+
+  def conditional(unet_vars, labels, x, t):
+    return unet.apply(unet_vars, x, t, labels)
+
+  def labelled(unet_vars, x, t, labels):
+    return unet.apply(unet_vars, x, t, labels)
+
+  def unconditional(unet_vars, x, t):
+    return unet.apply(unet_vars, x, t)
+
+  @functools.partial(jax.jit, static_argnames=("n", "sampler", "guided"))
+  def run(params, rng, labels, guidance, num_steps, eta, *, n, sampler, guided):
+    noise_rng, step_rng = jax.random.split(rng)
+    x_T = jax.random.normal(noise_rng, (n,) + space.shape, jnp.float32)
+    if num_classes == 0:
+      model_fn = jax.tree_util.Partial(unconditional, params["unet"])
+    elif guided:
+      model_fn = classifier_free_guidance(jax.tree_util.Partial(labelled, params["unet"]), guidance,
+                                          num_classes, labels)
+    else:
+      model_fn = jax.tree_util.Partial(conditional, params["unet"], labels)
+    kw = dict(prediction=prediction, clip_denoised=space.clip)
+    if sampler == "ddpm":
+      x0 = ddpm_sample(model_fn, schedule, x_T, step_rng, num_steps=num_steps, **kw)
+    elif sampler == "ddim":
+      x0 = ddim_sample(model_fn, schedule, x_T, num_steps=num_steps, eta=eta, rng=step_rng, **kw)
+    else:
+      x0 = dpm_solver_sample(model_fn, schedule, x_T, num_steps=num_steps, **kw)
+    return space.decode(params, x0)
+
+  def sample_images(params, rng, n: int, **options):
+    o = sample_options(options, defaults, schedule.num_timesteps, num_classes)
+    if o["label"] is None:  # every class in turn: a grid shows them all
+      labels = np.arange(n, dtype=np.int32) % max(num_classes, 1)
+    else:
+      labels = np.full((n,), o["label"], np.int32)
+    return run(params, rng, labels, np.float32(o["guidance"]), np.int32(o["num_steps"]), np.float32(o["eta"]),
+               n=int(n), sampler=o["sampler"], guided=bool(num_classes) and o["guidance"] != 1.0)
+
+  return sample_images
 
 
 def task(config) -> Task:
@@ -136,8 +258,7 @@ def task(config) -> Task:
   if m.conditional and num_classes == 0:
     raise ValueError(f"config.model.conditional=True but data set {config.dataset.name!r} has no labels")
   if m.get("vae_workdir", ""):
-    from genjax.models.latent import latent_space
-    space = latent_space(config, info)
+    space = _latent_space(config, info)
   else:
     space = _pixel_space(info.image_shape, bool(m.clip_denoised))
   unet = make_unet(m, num_classes, compute_dtype(config))
@@ -146,19 +267,19 @@ def task(config) -> Task:
     raise ValueError(f"config.model.label_dropout must be in [0, 1), got {label_dropout}")
 
   def init(rng, example_batch):
+    del example_batch  # shapes come from the data set's info
     x = jnp.zeros((1,) + space.shape, jnp.float32)
     label = jnp.zeros((1,), jnp.int32) if num_classes else None
     return {"unet": unet.init(rng, x, jnp.zeros((1,), jnp.int32), label), **space.init_extra()}
 
   def objective(params, batch, rng, train: bool):
-    enc_rng, loss_rng = jax.random.split(rng)
     x0 = space.encode(params, _check_images(batch["image"], info.image_shape))
     label = jnp.asarray(batch["label"], jnp.int32) if num_classes else None
 
     def apply_fn(x_t, t, lab, drop_rng):
       return unet.apply(params["unet"], x_t, t, lab, train=train, rngs={"dropout": drop_rng})
 
-    return diffusion_loss(apply_fn, schedule, x0, loss_rng, prediction=prediction, label=label,
+    return diffusion_loss(apply_fn, schedule, x0, rng, prediction=prediction, label=label,
                           null_label=num_classes, label_dropout=label_dropout if train else 0.0)
 
   def loss_fn(params, batch, rng, step):
@@ -166,10 +287,13 @@ def task(config) -> Task:
     return objective(params, batch, rng, train=True)
 
   def evaluate(params, batch, rng):
-    loss, _ = objective(params, batch, rng, train=False)
-    return {"loss": loss}
+    loss, metrics = objective(params, batch, rng, train=False)
+    return {"loss": loss, **metrics}
 
-  sample_images = make_sample_fn(unet, schedule, space, m, prediction=prediction, num_classes=num_classes)
+  defaults = dict(sampler=m.sampler, num_steps=int(m.num_sample_steps), eta=float(m.eta),
+                  guidance=float(m.guidance), label=None)
+  sample_images = _sample_fn(unet, schedule, space, defaults, prediction, num_classes)
+  sample_options(defaults, defaults, schedule.num_timesteps, num_classes)  # a bad config default fails here
   optimizer = make_optimizer(config.optimizer, int(config.num_train_steps))
   return Task(init=init, phases=(Phase("diffusion", loss_fn, optimizer, params_key="unet"),),
               sample_images=sample_images, evaluate=evaluate)

@@ -133,23 +133,26 @@ def gradient_penalty(disc_fn, x_real, x_fake, u):
 
 # ---------------------------------------------------------------------------------------------------- latents
 def _check_truncation(truncation):
-  if truncation is not None and not float(truncation) >= 0.0:
+  """Python-side check of a user's truncation (None or a float >= 0); traced values pass unchecked."""
+  if truncation is None or isinstance(truncation, jax.core.Tracer):
+    return
+  if not float(truncation) >= 0.0:
     raise ValueError(f"truncation={truncation!r} must be None or a float >= 0")
 
 
-def draw_latent(key, latent_dim: int, truncation: Optional[float] = None):
+def draw_latent(key, latent_dim: int, truncation=None):
   """One latent [latent_dim]: N(0, I), or with `truncation` t each coordinate from N(0, 1) restricted to [-t, t]
-  (t = 0 gives z = 0, the mode). Smaller t trades variety for fidelity."""
+  (t = 0 gives z = 0, the mode). Smaller t trades variety for fidelity. t may be traced (no recompile per t)."""
   _check_truncation(truncation)
   if truncation is None:
     return jax.random.normal(key, (latent_dim,), jnp.float32)
-  t = float(truncation)
-  if t == 0.0:
-    return jnp.zeros((latent_dim,), jnp.float32)
-  return jax.random.truncated_normal(key, -t, t, (latent_dim,), jnp.float32)
+  t = jnp.asarray(truncation, jnp.float32)
+  bound = jnp.maximum(t, 1e-6)                 # truncated_normal needs lower < upper; t = 0 is the where below
+  z = jax.random.truncated_normal(key, -bound, bound, (latent_dim,), jnp.float32)
+  return jnp.where(t > 0, z, jnp.zeros_like(z))
 
 
-def sample_latents(rng, n: int, latent_dim: int, truncation: Optional[float] = None):
+def sample_latents(rng, n: int, latent_dim: int, truncation=None):
   """[n, latent_dim] latents, row i from fold_in(rng, i): a row does not depend on how many are drawn."""
   keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.arange(n, dtype=jnp.int32))
   return jax.vmap(lambda k: draw_latent(k, latent_dim, truncation))(keys)
@@ -199,7 +202,8 @@ class GAN:
     dtype = COMPUTE_DTYPES[compute_dtype]
     self.gen = Generator(self.image_shape, tuple(m.gen_channels), self.num_classes, dtype)
     self.disc = Discriminator(tuple(m.disc_channels), int(m.disc_features), self.num_classes, dtype)
-    self._generate = jax.jit(self._generate_impl)
+    self._sample = jax.jit(self._sample_impl, static_argnames=("n",))
+    self._grid = jax.jit(self._grid_impl, static_argnames=("rows", "cols"))
 
   # -- helpers -------------------------------------------------------------------------------------------------
   def _labels(self, batch):
@@ -315,23 +319,30 @@ class GAN:
     unknown = sorted(set(options) - set(SAMPLE_OPTIONS))
     if unknown:
       raise ValueError(f"unknown sample option(s) {unknown} for the GAN family; valid: {list(SAMPLE_OPTIONS)}")
-    label = self._resolve_labels(options.get("label"), int(n))
-    z = sample_latents(rng, int(n), self.latent_dim, options.get("truncation"))
-    return self._generate(params["gen"], z, label)
+    label, truncation = self._resolve_labels(options.get("label"), int(n)), options.get("truncation")
+    _check_truncation(truncation)
+    return self._sample(params["gen"], rng, label, truncation, n=int(n))
+
+  def _sample_impl(self, gen_params, rng, label, truncation, n):
+    return self._generate_impl(gen_params, sample_latents(rng, n, self.latent_dim, truncation), label)
 
   def interpolation_grid(self, params, rng, rows: int, cols: int, truncation=None, label=None):
     """[rows*cols, H, W, C] in [0, 1]: row r walks (slerp) from one random latent to another in `cols` steps,
     all with the same label per row (conditional: `label` int/[rows], default the classes in turn)."""
     if rows < 1 or cols < 2:
       raise ValueError(f"interpolation_grid needs rows >= 1 and cols >= 2, got rows={rows}, cols={cols}")
+    _check_truncation(truncation)
+    return self._grid(params["gen"], rng, self._resolve_labels(label, rows), truncation, rows=int(rows),
+                      cols=int(cols))
+
+  def _grid_impl(self, gen_params, rng, row_labels, truncation, rows, cols):
     r0, r1 = jax.random.split(rng)
     z0 = sample_latents(r0, rows, self.latent_dim, truncation)
     z1 = sample_latents(r1, rows, self.latent_dim, truncation)
     t = jnp.linspace(0.0, 1.0, cols)
     z = slerp(z0[:, None, :], z1[:, None, :], jnp.broadcast_to(t, (rows, cols))).reshape(rows * cols, -1)
-    row_labels = self._resolve_labels(label, rows)
     labels = None if row_labels is None else jnp.repeat(row_labels, cols)
-    return self._generate(params["gen"], z, labels)
+    return self._generate_impl(gen_params, z, labels)
 
 
 def make_task(config, image_shape, num_classes: int) -> Task:

@@ -21,7 +21,7 @@ Usage (the transformer LM builds its DecodingModel with `genjax.models.transform
 
 Prompts are a list of id lists or an int array [B, P] right-padded with `prompt_lengths` [B] (each >= 1).
 Each call is one jitted program (prefill + `while_loop` decode) over a preallocated cache of `cache_len` slots
-(default: longest prompt + max_new_tokens - 1, capped at `model.max_len`). Static: the model, the prompt shape,
+(default: prompt width + max_new_tokens - 1, capped at `model.max_len`). Static: the model, the prompt shape,
 max_new_tokens, cache_len, num_beams. Runtime (no recompilation): temperature, top_k, top_p, min_tokens_to_keep,
 the penalties, length_penalty, eos/pad ids — scalars or one value per row.
 
@@ -88,13 +88,15 @@ def _prepare_prompts(prompts, prompt_lengths, pad_id: int) -> tuple[np.ndarray, 
   return tokens, lengths
 
 
-def _cache_len(model: DecodingModel, prompt_lengths: np.ndarray, max_new_tokens: int,
+def _cache_len(model: DecodingModel, tokens: np.ndarray, prompt_lengths: np.ndarray, max_new_tokens: int,
                cache_len: Optional[int]) -> int:
+  """The cache size: given, or prompt width + max_new_tokens - 1 capped at model.max_len (shape-derived, so
+  prompts padded to one width share a compilation)."""
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
   longest = int(prompt_lengths.max())
   if cache_len is None:
-    cache_len = longest + int(max_new_tokens) - 1
+    cache_len = tokens.shape[1] + int(max_new_tokens) - 1
     if model.max_len is not None:
       cache_len = min(cache_len, int(model.max_len))
   elif model.max_len is not None and cache_len > model.max_len:
@@ -133,34 +135,31 @@ def _generate_impl(model, max_new_tokens, cache_len, params, prompts, lengths, r
   seen = jnp.zeros((batch, vocab), bool).at[rows[:, None], prompts].max(in_prompt)
   counts = jnp.zeros((batch, vocab), jnp.int32)
 
-  def pick(t, logits, seen, counts, done):
+  # One loop iteration: choose token t of every row from `logits`, then feed it at position lengths + t to get
+  # the logits for token t + 1 (the choice code is traced once; the last feed is one spare model step).
+  def cond(state):
+    t, done = state[0], state[5]
+    return (t < max_new_tokens) & ~jnp.all(done)
+
+  def body(state):
+    t, out, logits, seen, counts, done, n, cache = state
     keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, t)
     logits = apply_penalties(logits, seen, counts, s["repetition_penalty"], s["presence_penalty"],
                              s["frequency_penalty"])
     tok = choose_tokens(logits, keys, s["temperature"], s["top_k"], s["top_p"], s["min_tokens_to_keep"])
     tok = jnp.where(done, s["pad_id"], tok)
+    out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, t))
     hot = jax.nn.one_hot(tok, vocab, dtype=jnp.int32) * (~done)[:, None]
-    # The token just chosen is fed at position lengths + t; a row whose cache is full stops here.
-    new_done = done | (tok == s["eos_id"]) | (lengths + t >= cache_len)
-    return tok, seen | (hot > 0), counts + hot, new_done
-
-  done0 = jnp.zeros((batch,), bool)
-  tok, seen, counts, done = pick(0, logits, seen, counts, done0)
-  out = jnp.full((batch, max_new_tokens), s["pad_id"], jnp.int32).at[:, 0].set(tok)
-  state = (jnp.int32(1), out, tok, seen, counts, done, (~done0).astype(jnp.int32), cache)
-
-  def cond(state):
-    t, _, _, _, _, done, _, _ = state
-    return (t < max_new_tokens) & ~jnp.all(done)
-
-  def body(state):
-    t, out, tok, seen, counts, done, n, cache = state
-    pos = jnp.minimum(lengths + t - 1, cache_len - 1)
+    n = n + (~done).astype(jnp.int32)
+    # A row ends at EOS, or when token t's position lengths + t falls outside the cache.
+    done = done | (tok == s["eos_id"]) | (lengths + t >= cache_len)
+    pos = jnp.minimum(lengths + t, cache_len - 1)
     logits, cache = model.step_fn(params, tok[:, None], pos[:, None], cache)
-    new_tok, seen, counts, new_done = pick(t, logits[:, 0].astype(jnp.float32), seen, counts, done)
-    out = jax.lax.dynamic_update_slice(out, new_tok[:, None], (0, t))
-    return t + 1, out, new_tok, seen, counts, new_done, n + (~done).astype(jnp.int32), cache
+    return t + 1, out, logits[:, 0].astype(jnp.float32), seen | (hot > 0), counts + hot, done, n, cache
 
+  out = jnp.full((batch, max_new_tokens), s["pad_id"], jnp.int32)
+  zeros = jnp.zeros((batch,), jnp.int32)
+  state = (jnp.int32(0), out, logits, seen, counts, jnp.zeros((batch,), bool), zeros, cache)
   _, out, _, _, _, _, n, _ = jax.lax.while_loop(cond, body, state)
   return GenerateOutput(out, n)
 
@@ -184,7 +183,8 @@ def generate(model: DecodingModel, params, prompts, rng=None, *, max_new_tokens:
     raise ValueError(f"model must be a genjax.samplers.decoding.DecodingModel, got {type(model).__name__}")
   tokens, lengths = _prepare_prompts(prompts, prompt_lengths, pad_id)
   batch = tokens.shape[0]
-  cache_len = _cache_len(model, lengths, max_new_tokens, cache_len)
+  cache_len = _cache_len(model, tokens, lengths, max_new_tokens, cache_len)
+  tokens = tokens[:, :cache_len]                   # padding beyond the cache is never read
   if greedy:
     temperature = 0.0
   if rng is None:
@@ -243,11 +243,13 @@ def _beam_search_impl(model, num_beams, max_new_tokens, cache_len, params, promp
     beam, tok = idx // vocab, (idx % vocab).astype(jnp.int32)
     seqs = jnp.take_along_axis(alive_seq, beam[:, :, None], axis=1)
     seqs = jax.lax.dynamic_update_slice(seqs, tok[:, :, None], (0, 0, t))
+    # An EOS candidate finishes only if it ranks among the top num_beams candidates (so 1 beam == greedy);
+    # the best num_beams non-EOS candidates stay alive.
     is_eos = tok == eos_id
+    finishes = is_eos & (jnp.arange(num_cand) < k)[None, :]
     length = jnp.full(vals.shape, t + 1, jnp.int32)
-    # Candidates ending in EOS join the finished pool; the best non-EOS ones stay alive.
     fin_score, fin_seq, fin_len = top_k_merge(
-        jnp.concatenate([fin_score, jnp.where(is_eos & (vals > neg), norm(vals, length), neg)], axis=1),
+        jnp.concatenate([fin_score, jnp.where(finishes & (vals > neg), norm(vals, length), neg)], axis=1),
         jnp.concatenate([fin_seq, seqs], axis=1), jnp.concatenate([fin_len, length], axis=1))
     alive_logp, sel = jax.lax.top_k(jnp.where(is_eos, neg, vals), k)
     alive_seq = jnp.take_along_axis(seqs, sel[:, :, None], axis=1)
@@ -293,7 +295,8 @@ def beam_search(model: DecodingModel, params, prompts, *, num_beams: int, max_ne
   if not isinstance(num_beams, (int, np.integer)) or num_beams < 1:
     raise ValueError(f"num_beams must be a positive int, got {num_beams!r}")
   tokens, lengths = _prepare_prompts(prompts, prompt_lengths, pad_id)
-  cache_len = _cache_len(model, lengths, max_new_tokens, cache_len)
+  cache_len = _cache_len(model, tokens, lengths, max_new_tokens, cache_len)
+  tokens = tokens[:, :cache_len]                   # padding beyond the cache is never read
   needed = int(lengths.max()) + int(max_new_tokens) - 1
   if needed > cache_len:
     raise ValueError(f"beam search needs a cache of {needed} slots (longest prompt {int(lengths.max())} + "

@@ -46,7 +46,7 @@ from genjax.samplers.guidance import classifier_free_guidance
 from genjax.samplers.schedules import PREDICTIONS, NoiseSchedule, check_prediction
 
 __all__ = ["NoiseSchedule", "ddpm_sample", "ddim_sample", "dpm_solver_sample", "classifier_free_guidance",
-           "PREDICTIONS"]
+           "PREDICTIONS", "uniform_timesteps", "log_snr_timesteps"]
 
 _MAX_T = 46340  # T * (T + 1) must fit int32 for the exact integer timestep table.
 
@@ -131,7 +131,9 @@ def _split_model(model_fn):
   if not callable(model_fn):
     raise ValueError(f"model_fn must be callable (x, t) -> prediction, got {type(model_fn)}")
   leaves, treedef = jax.tree_util.tree_flatten(model_fn)
-  dynamic = tuple(leaf if _is_array(leaf) else None for leaf in leaves)
+  # Weak-typed leaves (from Python scalars) are made strong so that they share the strong leaves' program.
+  dynamic = tuple((leaf.astype(leaf.dtype) if getattr(leaf, "weak_type", False) else leaf) if _is_array(leaf)
+                  else None for leaf in leaves)
   static = (treedef, tuple(None if _is_array(leaf) else leaf for leaf in leaves))
   try:
     hash(static)

@@ -42,7 +42,10 @@ def classifier_free_guidance(cond_model_fn: Callable, scale, uncond_label, label
   if scale.ndim > 1:
     raise ValueError(f"guidance scale must be a scalar or one per example [batch], got shape {scale.shape}")
   labels = jnp.asarray(labels)
+  labels = labels.astype(labels.dtype)  # drop a weak type: weak and strong labels would be two programs
   uncond_label = jnp.asarray(uncond_label, labels.dtype)
+  if labels.ndim >= 1 and scale.ndim == 0:
+    scale = jnp.broadcast_to(scale, labels.shape[:1])  # scalar and per-example scales share one program
   return jax.tree_util.Partial(_guided_model, cond_model_fn, scale, uncond_label, labels)
 
 
@@ -56,7 +59,8 @@ def _guided_model(cond_model_fn, scale, uncond_label, labels, x, t):
   try:
     uncond = jnp.broadcast_to(uncond_label, labels.shape)
   except ValueError:
-    raise ValueError(f"uncond_label of shape {uncond_label.shape} does not broadcast to labels {labels.shape}")
+    raise ValueError(f"uncond_label of shape {uncond_label.shape} does not broadcast to labels "
+                     f"{labels.shape}") from None
   if scale.ndim == 1 and scale.shape[0] != batch:
     raise ValueError(f"per-example guidance scale has shape {scale.shape}, expected ({batch},)")
   out = cond_model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([labels, uncond]))

@@ -23,8 +23,10 @@ def _descending_order(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(order, ranks): `order[..., j]` is the id of the j-th largest logit (stable: lower id first on ties) and
   `ranks` is its inverse permutation (the rank of each id)."""
   order = jnp.argsort(-logits, axis=-1, stable=True)
-  ranks = jnp.argsort(order, axis=-1)
-  return order, ranks
+  flat = order.reshape(-1, order.shape[-1])
+  rows = jnp.arange(flat.shape[0])[:, None]
+  ranks = jnp.zeros_like(flat).at[rows, flat].set(jnp.arange(flat.shape[1], dtype=flat.dtype)[None, :])
+  return order, ranks.reshape(order.shape)
 
 
 def _per_row(value, logits: jax.Array, dtype) -> jax.Array:
@@ -37,21 +39,37 @@ def _per_row(value, logits: jax.Array, dtype) -> jax.Array:
   return value[..., None]
 
 
+def _top_k_top_p(logits: jax.Array, k, p, min_tokens_to_keep) -> jax.Array:
+  """Top-k then top-p with one sort: in descending order top-k keeps the first k positions, and top-p measures
+  the mass before each position after renormalising over those k."""
+  if logits.ndim < 1:
+    raise ValueError(f"logits must have a vocabulary axis, got shape {logits.shape}")
+  k = _per_row(k, logits, jnp.int32)
+  p = _per_row(p, logits, jnp.float32)
+  min_keep = _per_row(min_tokens_to_keep, logits, jnp.int32)
+  order, ranks = _descending_order(logits)
+  position = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+  in_top_k = (position < k) | (k <= 0)
+  sorted_logits = jnp.where(in_top_k, jnp.take_along_axis(logits, order, axis=-1).astype(jnp.float32), NEG_INF)
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  cum = jnp.cumsum(probs, axis=-1)
+  mass_before = jnp.concatenate([jnp.zeros_like(cum[..., :1]), cum[..., :-1]], axis=-1)
+  keep_sorted = in_top_k & ((mass_before < p) | (position < min_keep) | (p >= 1.0))
+  keep = jnp.take_along_axis(keep_sorted, ranks, axis=-1)
+  return jnp.where(keep, logits, NEG_INF)
+
+
+@jax.jit
 def top_k_logits(logits: jax.Array, k) -> jax.Array:
   """All but the `k` largest logits of each row set to -inf.
 
   Keeps exactly `min(k, V)` entries even when values tie (the lower index wins a tie); `k <= 0` keeps everything.
   `k` may be a traced scalar or one value per row (shape `logits.shape[:-1]`).
   """
-  logits = jnp.asarray(logits)
-  if logits.ndim < 1:
-    raise ValueError(f"logits must have a vocabulary axis, got shape {logits.shape}")
-  k = _per_row(k, logits, jnp.int32)
-  _, ranks = _descending_order(logits)
-  keep = (ranks < k) | (k <= 0)
-  return jnp.where(keep, logits, NEG_INF)
+  return _top_k_top_p(jnp.asarray(logits), k, 1.0, 1)
 
 
+@jax.jit
 def top_p_logits(logits: jax.Array, p, min_tokens_to_keep=1) -> jax.Array:
   """Nucleus filter: logits outside the top-p mass set to -inf.
 
@@ -59,22 +77,10 @@ def top_p_logits(logits: jax.Array, p, min_tokens_to_keep=1) -> jax.Array:
   before it is `< p`; the first `min_tokens_to_keep` tokens are always kept and `p >= 1` keeps everything.
   Uniform logits over V therefore keep `ceil(p * V)` tokens. Probabilities are computed in float32.
   """
-  logits = jnp.asarray(logits)
-  if logits.ndim < 1:
-    raise ValueError(f"logits must have a vocabulary axis, got shape {logits.shape}")
-  p = _per_row(p, logits, jnp.float32)
-  min_keep = _per_row(min_tokens_to_keep, logits, jnp.int32)
-  order, ranks = _descending_order(logits)
-  sorted_logits = jnp.take_along_axis(logits, order, axis=-1).astype(jnp.float32)
-  probs = jax.nn.softmax(sorted_logits, axis=-1)
-  cum = jnp.cumsum(probs, axis=-1)
-  mass_before = jnp.concatenate([jnp.zeros_like(cum[..., :1]), cum[..., :-1]], axis=-1)
-  position = jnp.arange(logits.shape[-1], dtype=jnp.int32)
-  keep_sorted = (mass_before < p) | (position < min_keep) | (p >= 1.0)
-  keep = jnp.take_along_axis(keep_sorted, ranks, axis=-1)
-  return jnp.where(keep, logits, NEG_INF)
+  return _top_k_top_p(jnp.asarray(logits), 0, p, min_tokens_to_keep)
 
 
+@jax.jit
 def apply_temperature(logits: jax.Array, temperature) -> jax.Array:
   """`logits / temperature` in float32 (rows with temperature <= 0 are left unscaled: they are decoded greedily)."""
   logits = jnp.asarray(logits, jnp.float32)
@@ -82,6 +88,7 @@ def apply_temperature(logits: jax.Array, temperature) -> jax.Array:
   return logits / jnp.where(t > 0, t, 1.0)
 
 
+@jax.jit
 def apply_penalties(logits: jax.Array, seen: jax.Array, counts: jax.Array, repetition_penalty=1.0,
                     presence_penalty=0.0, frequency_penalty=0.0) -> jax.Array:
   """Repetition, presence and frequency penalties (all no-ops at their defaults 1, 0, 0).
@@ -103,12 +110,13 @@ def apply_penalties(logits: jax.Array, seen: jax.Array, counts: jax.Array, repet
   return logits - pres * (counts > 0) - freq * counts
 
 
+@jax.jit
 def filter_logits(logits: jax.Array, temperature=1.0, top_k=0, top_p=1.0, min_tokens_to_keep=1) -> jax.Array:
   """Temperature, then top-k, then top-p: the float32 logits a sampler draws from."""
-  scaled = apply_temperature(logits, temperature)
-  return top_p_logits(top_k_logits(scaled, top_k), top_p, min_tokens_to_keep)
+  return _top_k_top_p(apply_temperature(logits, temperature), top_k, top_p, min_tokens_to_keep)
 
 
+@jax.jit
 def choose_tokens(logits: jax.Array, keys: jax.Array, temperature=1.0, top_k=0, top_p=1.0,
                   min_tokens_to_keep=1) -> jax.Array:
   """One token id per row of `logits` [B, V] with one PRNG key per row (`keys`: [B] typed or [B, 2] raw keys).

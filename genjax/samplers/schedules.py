@@ -150,7 +150,8 @@ class NoiseSchedule:
   def split_prediction(self, pred, x_t, t, prediction: str = "epsilon") -> tuple[jax.Array, jax.Array]:
     """(x0_hat, eps_hat) implied by a model output `pred` of kind `prediction` at (x_t, t), both float32.
 
-    t = -1 (clean) is allowed only for prediction="x0" style outputs in principle; samplers never call it there.
+    t: int [batch] or a scalar, in [0, T). Dividing by sqrt(abar_t) (epsilon) or sqrt(1 - abar_t) (x0) is exact
+    arithmetic here; how well-conditioned it is depends on t (large t for epsilon, small t for x0).
     """
     check_prediction(prediction)
     pred, x_t = _as_f32(pred), _as_f32(x_t)

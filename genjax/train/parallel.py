@@ -36,15 +36,20 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, .
     if num_devices % known:
       raise ValueError(f"mesh={dict(zip(MESH_AXES, sizes))} does not divide {num_devices} devices")
     sizes[sizes.index(-1)] = num_devices // known
-  if math.prod(sizes) != num_devices:
-    raise ValueError(f"mesh={dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices, have {num_devices}")
+  if math.prod(sizes) > num_devices:
+    raise ValueError(f"mesh={dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {num_devices}")
   return tuple(sizes)
 
 
 def make_mesh(mesh_config: Mapping[str, int], devices=None) -> Mesh:
+  """A mesh over all devices, or over the first prod(sizes) of them when the sizes are explicit and smaller."""
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_config, len(devices))
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  used = math.prod(shape)
+  if used < len(devices) and jax.process_count() > 1:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} uses {used} of {len(devices)} devices; "
+                     "multi-host runs must use every device (set one size to -1)")
+  return Mesh(np.asarray(devices[:used]).reshape(shape), MESH_AXES)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

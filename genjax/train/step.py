@@ -108,7 +108,7 @@ def make_train_step(task: Task, *, ema_decay: float, grad_accum_steps: int = 1, 
       params = merge(params, phase.params_key, optax.apply_updates(sub, updates))
       opt_states.append(opt_state)
       prefix = f"{phase.name}/" if several else ""
-      metrics.update({f"{prefix}{k}": v for k, v in {**aux, "loss": loss, "grad_norm": optax.global_norm(grads)}.items()})
+      metrics.update({f"{prefix}{k}": v for k, v in {**aux, "loss": loss, "grad_norm": optax.tree.norm(grads)}.items()})
     ema = state.ema_params
     if ema is not None:
       # Warm-up (1 + t) / (10 + t) so short runs get a useful average; `ema_decay` once t is large.

@@ -49,14 +49,14 @@ def _with_shardings(abstract: Any, shardings: Any) -> Any:
 
 
 def _unreplicate(tree: Any) -> Any:
-  return jax.tree.map(lambda x: x.addressable_data(0), tree)
+  return jax.tree.map(lambda x: x.addressable_data(0).reshape(x.shape[1:]), tree)
 
 
 def _replicate(tree: Any, devices) -> Any:
   """One copy per local device, stacked on a leading axis, as `jax.pmap` takes it."""
-  sharding = jax.sharding.PmapSharding.default((len(devices),), sharded_dim=0, devices=devices)
-  return jax.tree.map(lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (len(devices),) + np.shape(x)),
-                                               sharding), tree)
+  host = jax.device_get(tree)
+  return jax.pmap(lambda x: x, devices=devices)(
+      jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (len(devices),) + np.shape(x)), host))
 
 
 class _Lock:

@@ -1,0 +1,232 @@
+r"""Evaluate a trained run offline and write `eval.json`: sample quality for image families, test-split
+likelihoods for every family, each beside the number it should be compared with.
+
+  python -m experiments.evaluate --workdir=runs/ddpm_digits                   # the family's default sampler
+  python -m experiments.evaluate --workdir=runs/ddpm_digits --sampler=dpm_solver --num_steps=20 \
+      --output=runs/ddpm_digits/eval_dpm20.json
+  python -m experiments.evaluate --workdir=runs/gan_digits --option=truncation=0.7
+  python -m experiments.evaluate --workdir=runs/lm_pydoc
+
+Image families: N samples (default: as many as the eval split holds) drawn in batches with
+`task.sample_images(params, rng, n, **options)`, embedded by the data set's in-repo feature network
+(`genjax.metrics.features`, trained and cached on first use), and compared with the *train* split:
+FD-<data>, KID-<data> (± standard error), precision/recall (k = 3). The floor is the same computation with the
+*eval* split in place of the samples (real vs real, same N), i.e. what a perfect model would score. Every family
+with `task.evaluate` also gets its test-split metrics (mean over the whole split, weighted by batch size); for the
+LM these are loss (nats), bits per byte and perplexity, next to the byte-unigram baselines.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Mapping, Optional
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The launcher's flags; defined only when run as a program, so importing this module (tests, notebooks)
+  does not collide with other launchers' flags such as experiments.train's --workdir."""
+  flags.DEFINE_string("workdir", None, "Run directory written by experiments.train.")
+  flags.DEFINE_string("output", None, "Where to write the JSON (default <workdir>/eval.json).")
+  flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
+  flags.DEFINE_integer("num_samples", 0, "Samples to draw; 0 = the size of the eval split.")
+  flags.DEFINE_integer("sample_batch_size", 256, "Samples per sampler call.")
+  flags.DEFINE_integer("eval_batch_size", 0, "Batch size for task.evaluate; 0 = config.batch_size.")
+  flags.DEFINE_integer("seed", 0, "Seed for sampling and evaluation.")
+  flags.DEFINE_string("sampler", None, "Sampler option (diffusion: ddpm | ddim | dpm_solver).")
+  flags.DEFINE_integer("num_steps", None, "Sampler steps option.")
+  flags.DEFINE_float("eta", None, "DDIM eta option.")
+  flags.DEFINE_float("guidance", None, "Classifier-free guidance scale option.")
+  flags.DEFINE_float("temperature", None, "Temperature option (VAE latent scale).")
+  flags.DEFINE_multi_string("option", [], "Any other sample option as key=value (value: a Python literal or a "
+                            "string), e.g. --option=truncation=0.7.")
+  flags.DEFINE_string("feature_cache", None, "Feature network cache directory (default $GENJAX_FEATURE_CACHE or "
+                      "~/.cache/genjax/features).")
+  flags.DEFINE_integer("kid_subsets", 100, "KID subsets.")
+  flags.DEFINE_integer("kid_subset_size", 1000, "KID subset size (capped at the set sizes).")
+  flags.DEFINE_integer("pr_k", 3, "Nearest neighbours for precision/recall radii.")
+  flags.mark_flags_as_required(["workdir"])
+
+
+def parse_options(named: Mapping[str, Any], extra: list[str]) -> dict:
+  """Sample options from the named flags (those set) and `key=value` strings; a bad string names itself."""
+  options = {k: v for k, v in named.items() if v is not None}
+  for item in extra:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+      raise ValueError(f"--option={item!r} must look like key=value, e.g. --option=truncation=0.7")
+    try:
+      options[key.strip()] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      options[key.strip()] = value
+  return options
+
+
+def draw_samples(task, params, rng, n: int, batch_size: int, options: Mapping[str, Any]):
+  """n images [n, H, W, C] (clipped to [0, 1]) from fixed-size jitted batches (one compilation), and their
+  raw (min, max) before clipping."""
+  import jax
+  import numpy as np
+  if n < 1 or batch_size < 1:
+    raise ValueError(f"num_samples and sample_batch_size must be >= 1, got {n} and {batch_size}")
+  bs = min(batch_size, n)
+  sample = jax.jit(lambda p, r: task.sample_images(p, r, bs, **options))
+  parts = []
+  for i in range(math.ceil(n / bs)):
+    parts.append(np.asarray(jax.device_get(sample(params, jax.random.fold_in(rng, i))), np.float32))
+  images = np.concatenate(parts)[:n]
+  if not np.all(np.isfinite(images)):
+    raise ValueError(f"the sampler produced {int(np.sum(~np.isfinite(images)))} non-finite pixel values")
+  return np.clip(images, 0.0, 1.0), (float(images.min()), float(images.max()))
+
+
+def evaluate_split(task, params, config, split: str, batch_size: int, rng) -> dict:
+  """`task.evaluate` over the whole split in order, each batch's means weighted by its size."""
+  import jax
+  import numpy as np
+  from genjax import data as gdata
+  src = gdata.get_source(config.dataset, split)
+  evaluate = jax.jit(task.evaluate)
+  sums, total = {}, 0
+  for b, start in enumerate(range(0, len(src), batch_size)):
+    examples = [src[i] for i in range(start, min(start + batch_size, len(src)))]
+    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+    batch["example_id"] = np.arange(start, start + len(examples), dtype=np.int32)
+    m = jax.device_get(evaluate(params, batch, jax.random.fold_in(rng, b)))
+    for k, v in m.items():
+      sums[k] = sums.get(k, 0.0) + float(v) * len(examples)
+    total += len(examples)
+  return {k: v / total for k, v in sums.items()} | {"num_examples": total}
+
+
+def _split_bytes(config, split: str):
+  """The byte ids of a text split, reassembled from its windows (consecutive windows share one byte)."""
+  import numpy as np
+  from genjax import data as gdata
+  src = gdata.get_source(config.dataset, split)
+  windows = [src[i]["tokens"] for i in range(len(src))]
+  return np.concatenate([w[:-1] for w in windows] + [windows[-1][-1:]])
+
+
+def image_report(task, params, config, rng, *, options, num_samples, sample_batch_size, feature_cache,
+                 kid_subsets, kid_subset_size, pr_k) -> dict:
+  import numpy as np
+  from genjax import data as gdata
+  from genjax import metrics
+  name, data_dir = config.dataset.name, config.dataset.get("data_dir", None)
+  fx = metrics.load_feature_extractor(name, cache_dir=feature_cache, data_dir=data_dir)
+  train_split, eval_split = config.dataset.train_split, config.dataset.eval_split
+  real = gdata.load_arrays(name, train_split, data_dir=data_dir)["image"]
+  held_out = gdata.load_arrays(name, eval_split, data_dir=data_dir)["image"]
+  n = num_samples or len(held_out)
+  t0 = time.time()
+  images, (lo, hi) = draw_samples(task, params, rng, n, sample_batch_size, options)
+  sample_seconds = time.time() - t0
+  real_f, fake_f = fx(real), fx(images)
+  rng_np = np.random.default_rng(0)
+  floor_f = fx(held_out if n == len(held_out) else held_out[rng_np.choice(len(held_out), min(n, len(held_out)),
+                                                                          replace=False)])
+  kw = dict(kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, k=pr_k)
+  quality = metrics.feature_metrics(real_f, fake_f, name, **kw)
+  floor = metrics.feature_metrics(real_f, floor_f, name, **kw)
+  classes = np.bincount(np.argmax(fx.logits(images), -1), minlength=fx.meta["num_classes"])
+  return {
+      "num_samples": n, "sample_seconds": round(sample_seconds, 2), "sample_range_before_clip": [lo, hi],
+      "reference": f"{name} {train_split} split ({len(real)} images)",
+      "floor_set": f"{name} {eval_split} split ({len(floor_f)} images)",
+      "feature_net": {"dataset": name, "test_accuracy": fx.test_accuracy, "feature_dim": fx.feature_dim},
+      "metrics": quality, "floor": floor,
+      "ratio_to_floor": {f"FD-{name}": quality[f"FD-{name}"] / max(floor[f"FD-{name}"], 1e-12)},
+      "sample_class_histogram": classes.tolist(),
+  }
+
+
+def text_report(config) -> dict:
+  from genjax import metrics
+  train, test = _split_bytes(config, config.dataset.train_split), _split_bytes(config, config.dataset.eval_split)
+  return {"unigram_entropy_bits_per_byte": metrics.unigram_entropy_bits(train),
+          "unigram_cross_entropy_bits_per_byte_on_eval": metrics.unigram_cross_entropy_bits(train, test)}
+
+
+def evaluate_run(workdir: str, *, step: Optional[int] = None, options: Optional[dict] = None, num_samples: int = 0,
+                 sample_batch_size: int = 256, eval_batch_size: int = 0, seed: int = 0,
+                 feature_cache: Optional[str] = None, kid_subsets: int = 100, kid_subset_size: int = 1000,
+                 pr_k: int = 3) -> dict:
+  """Everything `eval.json` holds, as a dict (see module docstring)."""
+  import jax
+  from genjax import data as gdata
+  from genjax import metrics
+  from genjax.models import get_task
+  from genjax.train.checkpoint import load_run
+  options = dict(options or {})
+  if not os.path.isdir(workdir):
+    raise ValueError(f"--workdir={workdir!r} is not a directory")
+  config, params = load_run(workdir, step=step)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(ckpt_dir) else []
+  task = get_task(config)
+  info = gdata.dataset_info(config.dataset.name)
+  rng = jax.random.PRNGKey(seed)
+  out = {"workdir": os.path.abspath(workdir), "family": config.family, "variant": config.get("variant", ""),
+         "dataset": config.dataset.name, "step": step if step is not None else (steps[-1] if steps else None),
+         "sample_options": options, "seed": seed}
+  if info.kind == "image" and task.sample_images is not None:
+    out.update(image_report(task, params, config, jax.random.fold_in(rng, 1), options=options,
+                            num_samples=num_samples, sample_batch_size=sample_batch_size,
+                            feature_cache=feature_cache, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
+                            pr_k=pr_k))
+  elif options:
+    raise ValueError(f"sample options {sorted(options)} were given, but the {config.family!r} family on "
+                     f"{config.dataset.name!r} is evaluated without sampling")
+  if task.evaluate is not None:
+    bs = eval_batch_size or int(config.batch_size)
+    out["evaluate"] = evaluate_split(task, params, config, config.dataset.eval_split, bs, jax.random.fold_in(rng, 2))
+    out["evaluate_split"] = config.dataset.eval_split
+  if info.kind == "text":
+    out["baselines"] = text_report(config)
+    if "loss" in out.get("evaluate", {}):
+      # Byte-level LM: "loss" is nats per byte. Perplexity is exp of the split's mean loss, not a mean of
+      # per-batch perplexities.
+      loss = out["evaluate"]["loss"]
+      out["evaluate"]["perplexity"] = float(metrics.perplexity(loss))
+      out["evaluate"]["bits_per_byte"] = float(metrics.bits_per_byte(loss))
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from genjax.train.report import quiet_library_logs
+  quiet_library_logs()
+  f = FLAGS
+  try:
+    options = parse_options(dict(sampler=f.sampler, num_steps=f.num_steps, eta=f.eta, guidance=f.guidance,
+                                 temperature=f.temperature), f.option)
+    t0 = time.time()
+    result = evaluate_run(f.workdir, step=f.step, options=options, num_samples=f.num_samples,
+                          sample_batch_size=f.sample_batch_size, eval_batch_size=f.eval_batch_size, seed=f.seed,
+                          feature_cache=f.feature_cache, kid_subsets=f.kid_subsets,
+                          kid_subset_size=f.kid_subset_size, pr_k=f.pr_k)
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  result["eval_seconds"] = round(time.time() - t0, 2)
+  result["command"] = "python -m experiments.evaluate " + " ".join(sys.argv[1:])
+  output = f.output or os.path.join(f.workdir, "eval.json")
+  with open(output, "w") as fh:
+    json.dump(result, fh, indent=2)
+  print(json.dumps({k: result[k] for k in ("metrics", "floor", "evaluate", "baselines") if k in result}, indent=2))
+  print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,290 @@
+"""Tests for the diffusion family (genjax.models.diffusion, genjax.models.unet) and experiments/configs/ddpm.py.
+
+The loss is checked against its formula with hand-computed targets (alpha-bars recomputed here in float64 from the
+betas), the eps / v / x0 targets against the sampler library's conversions, the U-Net's shapes and conditioning,
+every config at tiny size, and the sampling options (validation, no recompiles for runtime options).
+"""
+import contextlib
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.configs import ddpm as ddpm_configs
+from genjax.models import diffusion, get_task
+from genjax.models.unet import UNet, timestep_embedding
+from genjax.samplers.schedules import NoiseSchedule
+
+
+@functools.partial(jax.jit, static_argnames="scale")
+def _perturbed(variables, rng, scale=0.1):
+  """The U-Net's last conv (and residual branches) start at zero; perturb every leaf so outputs are informative."""
+  leaves, treedef = jax.tree.flatten(variables)
+  keys = jax.random.split(rng, len(leaves))
+  return jax.tree.unflatten(treedef, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+@contextlib.contextmanager
+def count_compiles():
+  """Counts XLA backend compilations in the block (GUIDE §4)."""
+  events = []
+
+  def listener(event, duration_secs, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      events.append(duration_secs)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield events
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def tiny_config(variant):
+  c = ddpm_configs.get_config(variant)
+  c.model.update(ch=8, num_res_blocks=1, num_heads=2, norm_groups=4, num_timesteps=50, num_sample_steps=3)
+  c.num_train_steps = 2
+  c.batch_size = 4
+  return c
+
+
+# ------------------------------------------------------------------------------------------------ U-Net
+@pytest.mark.parametrize("shape,ch_mult,attn", [((8, 8, 1), (1, 2), (4,)), ((28, 28, 1), (1, 2, 2), (7,))])
+@pytest.mark.parametrize("conditional", [False, True])
+def test_unet_output_shape_equals_input_shape(shape, ch_mult, attn, conditional):
+  """Shapes by tracing (jax.eval_shape: no compile); 28 -> 14 -> 7 -> 14 -> 28 needs exact-size upsampling."""
+  net = UNet(ch=8, ch_mult=ch_mult, num_res_blocks=1, attn_resolutions=attn, num_heads=2, norm_groups=4,
+             num_classes=10 if conditional else 0)
+  x = jax.ShapeDtypeStruct((3,) + shape, jnp.float32)
+  t = jax.ShapeDtypeStruct((3,), jnp.int32)
+  label = jax.ShapeDtypeStruct((3,), jnp.int32) if conditional else None
+  variables = jax.eval_shape(net.init, jax.random.key(1), x, t, label)
+  out = jax.eval_shape(net.apply, variables, x, t, label)
+  assert out.shape == x.shape and out.dtype == jnp.float32
+  if conditional:  # label=None (the null label) is valid for a conditional net too
+    assert jax.eval_shape(net.apply, variables, x, t, None).shape == x.shape
+
+
+def test_conditional_output_changes_with_label_and_none_is_the_null_label():
+  net = UNet(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_heads=2, norm_groups=4,
+             num_classes=10)
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
+  t = jnp.array([100, 100, 100, 600], jnp.int32)
+  init = jax.jit(net.init)(jax.random.key(1), x, t, jnp.zeros(4, jnp.int32))
+  # Untouched init: the zero-initialised output conv makes the model predict exactly 0.
+  apply = jax.jit(net.apply)
+  np.testing.assert_array_equal(apply(init, x, t, jnp.zeros(4, jnp.int32)), 0.0)
+  variables = _perturbed(init, jax.random.key(2))
+  # Rows 0-2 share x and t and differ in the label; the null label (10) is what label=None means.
+  out = apply(variables, x.at[1:3].set(x[0]), t, jnp.array([3, 7, 10, 10], jnp.int32))
+  assert out.shape == x.shape and bool(jnp.all(jnp.isfinite(out)))
+  assert float(jnp.max(jnp.abs(out[0] - out[1]))) > 1e-3
+  assert float(jnp.max(jnp.abs(out[0] - out[2]))) > 1e-3
+  unconditional = apply(variables, x.at[1:3].set(x[0]), t, None)
+  np.testing.assert_allclose(unconditional[2:], out[2:], rtol=1e-5, atol=1e-6)
+  # The time embedding matters too: rows 2 and 3 differ in x and t; same x, other t changes the output.
+  moved = apply(variables, x, t.at[0].set(900), jnp.array([3, 7, 10, 10], jnp.int32))
+  assert float(jnp.max(jnp.abs(moved[0] - out[0]))) > 1e-3
+
+
+def test_unet_rejects_bad_inputs():
+  net = UNet(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), norm_groups=4)
+  x = jnp.zeros((2, 8, 8, 1))
+  with pytest.raises(ValueError, match="unconditional"):
+    jax.eval_shape(net.init, jax.random.key(0), x, jnp.zeros(2, jnp.int32), jnp.zeros(2, jnp.int32))
+  with pytest.raises(ValueError, match="one timestep per example"):
+    jax.eval_shape(net.init, jax.random.key(0), x, jnp.zeros(3, jnp.int32))
+
+
+def test_timestep_embedding_values():
+  # dim 4: frequencies exp(-log(1e4) * [0, 1] / 2) = [1, 0.01]; emb(t) = [sin t, sin .01t, cos t, cos .01t].
+  emb = timestep_embedding(jnp.array([0, 2]), 4)
+  expected = np.array([[0, 0, 1, 1], [np.sin(2), np.sin(0.02), np.cos(2), np.cos(0.02)]])
+  np.testing.assert_allclose(emb, expected, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ loss
+def _abar_linear_f64(T, beta_start, beta_end):
+  return np.cumprod(1.0 - np.linspace(beta_start, beta_end, T, dtype=np.float64))
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v", "x0"])
+def test_loss_of_zero_model_is_mean_squared_target(prediction):
+  sched = NoiseSchedule.linear(1000, 1e-4, 0.02)
+  abar = _abar_linear_f64(1000, 1e-4, 0.02)
+  rng = np.random.default_rng(0)
+  x0 = rng.uniform(-1, 1, (5, 4, 4, 2)).astype(np.float32)
+  noise = rng.standard_normal((5, 4, 4, 2)).astype(np.float32)
+  t = np.array([0, 1, 250, 800, 999], np.int32)
+  zero_model = lambda x_t, t, label, r: jnp.zeros_like(x_t)
+  loss, _ = diffusion.diffusion_loss(zero_model, sched, x0, jax.random.key(0), prediction=prediction, t=t,
+                                     noise=noise)
+  a = np.sqrt(abar[t])[:, None, None, None]
+  s = np.sqrt(1.0 - abar[t])[:, None, None, None]
+  target = {"epsilon": noise, "x0": x0, "v": a * noise - s * x0}[prediction]
+  np.testing.assert_allclose(float(loss), np.mean(target.astype(np.float64) ** 2), rtol=1e-5)
+
+
+def test_loss_sees_the_noised_input_and_is_zero_for_the_oracle():
+  """A model returning (x_t - sqrt(abar) x0) / sqrt(1 - abar) — the true noise — has zero epsilon loss."""
+  sched = NoiseSchedule.cosine(100)
+  rng = np.random.default_rng(1)
+  x0 = rng.uniform(-1, 1, (6, 3, 3, 1)).astype(np.float32)
+  t = np.arange(0, 96, 16, dtype=np.int32)
+  oracle = lambda x_t, tt, label, r: sched.eps_from_x0(x0, x_t, tt)
+  loss, _ = diffusion.diffusion_loss(oracle, sched, x0, jax.random.key(3), prediction="epsilon", t=t)
+  assert float(loss) < 1e-6
+  # The same model is wrong by the whole target when asked for x0: loss = mean((eps - x0)^2) > 0.
+  loss_x0, _ = diffusion.diffusion_loss(oracle, sched, x0, jax.random.key(3), prediction="x0", t=t)
+  assert float(loss_x0) > 0.1
+
+
+def test_label_dropout_rate():
+  """x0 = 0 with an "x0" target and a model that outputs 1 exactly when it sees the null label: loss = drop rate."""
+  sched = NoiseSchedule.linear(10)
+  n, null = 4000, 10
+  x0 = np.zeros((n, 1, 1, 1), np.float32)
+  labels = jnp.asarray(np.arange(n) % 10, jnp.int32)
+  saw_null = lambda x_t, t, label, r: jnp.broadcast_to((label == null)[:, None, None, None], x_t.shape) * 1.0
+  rates = [float(diffusion.diffusion_loss(saw_null, sched, x0, jax.random.key(4), prediction="x0", label=labels,
+                                          null_label=null, label_dropout=p)[0]) for p in (0.0, 0.3)]
+  assert rates[0] == 0.0
+  assert abs(rates[1] - 0.3) < 0.03  # binomial std sqrt(.3 * .7 / 4000) = 0.007; 4 sigma
+
+
+@pytest.mark.parametrize("source", ["epsilon", "v", "x0"])
+@pytest.mark.parametrize("dest", ["epsilon", "v", "x0"])
+def test_training_targets_round_trip_through_sampler_conversions(source, dest):
+  sched = NoiseSchedule.cosine(1000)
+  rng = np.random.default_rng(2)
+  x0 = rng.uniform(-1, 1, (4, 8, 8, 1)).astype(np.float32)
+  noise = rng.standard_normal(x0.shape).astype(np.float32)
+  t = np.array([5, 300, 600, 900], np.int32)  # away from t -> T where x0 = (x_t - sigma eps) / alpha amplifies
+  x_t = sched.add_noise(x0, noise, t)
+  converted = sched.convert_prediction(sched.training_target(x0, noise, t, source), x_t, t, source, dest)
+  np.testing.assert_allclose(converted, sched.training_target(x0, noise, t, dest), atol=2e-4)
+  x0_hat, eps_hat = sched.split_prediction(sched.training_target(x0, noise, t, source), x_t, t, source)
+  np.testing.assert_allclose(x0_hat, x0, atol=2e-4)
+  np.testing.assert_allclose(eps_hat, noise, atol=2e-4)
+
+
+# ------------------------------------------------------------------------------------------------ configs
+def _fake_vae_run(monkeypatch):
+  """Stands in for a trained `vae.py:digits` run: its config (tiny) and freshly initialised params."""
+  from experiments.configs import vae as vae_configs
+  from genjax.models.vae import vae_model
+  import genjax.train.checkpoint as checkpoint
+  vae_config = vae_configs.get_config("digits")
+  vae_config.model.update(latent_dim=4, channels=(8,), hidden=16)
+  model = vae_model(vae_config)
+  params = model.init(jax.random.key(5), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1, 4)))["params"]
+  monkeypatch.setattr(checkpoint, "load_config", lambda workdir: vae_config)
+  monkeypatch.setattr(checkpoint, "load_run", lambda workdir, step=None: (vae_config, params))
+  return model, params
+
+
+@pytest.mark.parametrize("variant", sorted(ddpm_configs.VARIANTS))
+def test_every_config_builds_and_evaluates_its_loss(variant, monkeypatch):
+  from genjax.data import dataset_info
+  if variant == "latent_digits":
+    _fake_vae_run(monkeypatch)
+  config = tiny_config(variant)
+  assert config.family == "diffusion"
+  task = get_task(config)
+  info = dataset_info(config.dataset.name)
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.uniform(0, 1, (4,) + info.image_shape), jnp.float32),
+           "label": jnp.asarray(rng.integers(0, info.num_classes, 4), jnp.int32)}
+  params = jax.jit(task.init)(jax.random.key(0), batch)
+  loss, metrics = jax.jit(task.phases[0].loss_fn)(params, batch, jax.random.key(1), jnp.int32(0))
+  # Untrained, the model predicts 0, so the loss is the mean squared target: eps, E = 1 (a 4-example batch).
+  assert np.isfinite(float(loss)) and 0.3 < float(loss) < 3.0
+  np.testing.assert_allclose(float(loss), float(metrics["target_mse"]), rtol=1e-5)
+  evaluated = jax.eval_shape(task.evaluate, params, batch, jax.random.key(2))
+  assert "loss" in evaluated and evaluated["loss"].shape == ()
+
+
+def test_latent_space_is_scaled_to_unit_std_and_decodes_through_the_vae(monkeypatch):
+  from genjax.data import load_arrays
+  model, vae_params = _fake_vae_run(monkeypatch)
+  config = tiny_config("latent_digits")
+  task = diffusion.task(config)
+  params = jax.jit(task.init)(jax.random.key(0), None)
+  np.testing.assert_array_equal(jax.tree.leaves(params["vae"])[0], jax.tree.leaves(vae_params)[0])
+  images = jnp.asarray(load_arrays("digits", "train")["image"])
+  mean, _ = model.apply({"params": vae_params}, images, method="encode")
+  # latent_scale 0 in the config = 1 / std of the encoder means over the training split (all 1,500 images).
+  np.testing.assert_allclose(float(params["latent_scale"]) * float(jnp.std(mean)), 1.0, rtol=1e-4)
+  out = task.sample_images(params, jax.random.key(1), 4, num_steps=2)
+  assert out.shape == (4, 8, 8, 1) and float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+@pytest.fixture(scope="module")
+def digits_task():
+  config = tiny_config("digits")
+  task = diffusion.task(config)
+  params = jax.jit(task.init)(jax.random.key(0), None)
+  params = {"unet": _perturbed(params["unet"], jax.random.key(1), 0.05)}
+  return task, params
+
+
+def test_sample_images_shape_range_and_label(digits_task):
+  task, params = digits_task
+  out = task.sample_images(params, jax.random.key(2), 6)
+  assert out.shape == (6, 8, 8, 1) and out.dtype == jnp.float32
+  assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+  same = task.sample_images(params, jax.random.key(2), 6)
+  np.testing.assert_array_equal(out, same)
+  other = task.sample_images(params, jax.random.key(2), 6, label=3)
+  assert float(jnp.max(jnp.abs(other - out))) > 1e-4
+
+
+def test_runtime_options_compile_nothing_new(digits_task):
+  task, params = digits_task
+  rng = jax.random.key(3)
+  task.sample_images(params, rng, 4, sampler="ddim", guidance=2.0).block_until_ready()   # warm up
+  task.sample_images(params, rng, 4, sampler="ddpm").block_until_ready()
+  with count_compiles() as compiles:
+    task.sample_images(params, rng, 4, sampler="ddim", num_steps=5, eta=0.5, guidance=3.0, label=7)
+    task.sample_images(params, rng, 4, sampler="ddim", num_steps=2, eta=0.0, guidance=0.5, label=1)
+    task.sample_images(params, rng, 4, sampler="ddpm", num_steps=4, label=2).block_until_ready()
+  assert compiles == [], f"{len(compiles)} new compilations"
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(temperature=1.0), "unknown diffusion sample options \\['temperature'\\]"),
+    (dict(sampler="euler"), "unknown sampler 'euler'"),
+    (dict(num_steps=0), "num_steps must be an int in \\[1, 50\\]"),
+    (dict(num_steps=51), "num_steps"),
+    (dict(eta=0.5, sampler="dpm_solver"), "eta=0.5 applies only to sampler='ddim'"),
+    (dict(eta=1.5), "eta must be in"),
+    (dict(guidance=-1.0), "guidance must be"),
+    (dict(label=11), "label must be None"),
+])
+def test_bad_sample_options_name_the_valid_choices(digits_task, options, match):
+  task, params = digits_task
+  with pytest.raises(ValueError, match=match):
+    task.sample_images(params, jax.random.key(0), 2, **options)
+
+
+def test_unconditional_model_rejects_label_and_guidance():
+  config = tiny_config("digits")
+  config.model.conditional = False
+  task = diffusion.task(config)
+  params = jax.eval_shape(task.init, jax.random.key(0), None)
+  with pytest.raises(ValueError, match="class-conditional"):
+    task.sample_images(params, jax.random.key(0), 2, label=1)
+  with pytest.raises(ValueError, match="class-conditional"):
+    task.sample_images(params, jax.random.key(0), 2, guidance=3.0)
+
+
+def test_bad_config_values_name_the_choices():
+  for field, value, match in [("schedule", "sigmoid", "linear"), ("prediction", "score", "epsilon"),
+                              ("sampler", "euler", "ddim")]:
+    config = tiny_config("digits")
+    config.model[field] = value
+    with pytest.raises(ValueError, match=match):
+      diffusion.task(config)
