@@ -11,6 +11,8 @@ Rerunning on the same --workdir resumes from its latest checkpoint.
 """
 from __future__ import annotations
 
+import glob
+import os
 import sys
 
 from absl import app, flags, logging
@@ -43,6 +45,34 @@ def run(config, workdir: str):
   return train_and_evaluate(config, workdir, get_task(config))
 
 
+def parse_flags(argv):
+  """absl flag parsing where a user mistake (unknown flag or variant, missing config file, unknown config key,
+  stray argument) is one `error: ...` line and exit status 1 instead of a traceback or the whole usage text."""
+  try:
+    rest = flags.FLAGS(argv)
+    _CONFIG.value.get("family")      # a config file that failed to load raises only when first read
+    if len(rest) > 1:
+      raise ValueError(f"unexpected arguments: {rest[1:]}")
+    return rest
+  except (flags.Error, ValueError, TypeError, KeyError, AttributeError, OSError) as e:
+    if isinstance(e, AttributeError) and e.args and isinstance(e.args[0], KeyError):
+      e = e.args[0]                                       # config_flags wraps a bad nested override
+    lines = [line.strip() for line in str(e.args[0] if isinstance(e, KeyError) else e).splitlines() if line.strip()]
+    if isinstance(e, KeyError):                           # ml_collections: 'modle' \n Did you mean "model" ...
+      message = f"unknown config field {lines[0].strip(chr(39))!r} in a --config.* override"
+      message += "".join(f"; {line}" for line in lines[1:])
+    elif isinstance(e, OSError) or any(line.startswith("Traceback") for line in lines):
+      message = lines[-1]
+    else:
+      message = " ".join(lines)
+    if isinstance(e, OSError):
+      here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+      names = sorted(os.path.basename(f) for f in glob.glob(os.path.join(here, "*.py")))
+      message += f"; configs: {[n for n in names if n not in ('__init__.py', 'common.py')]}"
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -53,11 +83,11 @@ def main(argv):
                jax.process_count(), jax.device_count(), jax.devices()[0].platform)
   try:
     run(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, KeyError, PermissionError, RuntimeError, FloatingPointError) as e:
+  except (ValueError, KeyError, OSError, RuntimeError, FloatingPointError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -31,8 +31,9 @@ def batch(n=8, seed=0):
 @functools.lru_cache(maxsize=None)
 def _init_params(conditional: bool):
   # Compiling init is the slowest part of these tests; the losses and R1 settings do not change the params.
+  # Eager, because op-by-op compiles are shared between the conditional and unconditional inits (jit: 2x).
   g = gan.GAN(tiny_config(conditional=conditional).model, SHAPE, 10)
-  return jax.jit(g.init)(jax.random.PRNGKey(0), batch())
+  return g.init(jax.random.PRNGKey(0), batch())
 
 
 def built(skip_init=False, **model):
@@ -113,7 +114,7 @@ def test_lazy_r1_applies_every_interval_scaled_by_it():
 
 
 # ------------------------------------------------------------------------------------------- phases
-def one_phase_step(g, params, name):
+def one_phase_step(params, name):
   t = gan.make_task(tiny_config(r1_gamma=0.1, r1_interval=2), SHAPE, 10)
   phase = next(p for p in t.phases if p.name == name)
   task = Task(init=lambda *_: params, phases=(phase,))
@@ -128,8 +129,8 @@ def tree_equal(a, b):
 
 @pytest.mark.parametrize("name,owner,other", [("disc", "disc", "gen"), ("gen", "gen", "disc")])
 def test_a_phase_updates_only_its_own_params(name, owner, other):
-  g, params = built(r1_gamma=0.1, r1_interval=2)
-  before, after, metrics = one_phase_step(g, params, name)
+  _, params = built()
+  before, after, metrics = one_phase_step(params, name)
   assert tree_equal(before[other], after[other]), f"the {name} phase changed params[{other!r}]"
   assert not tree_equal(before[owner], after[owner]), f"the {name} phase did not update params[{owner!r}]"
   assert float(metrics["grad_norm"]) > 0
@@ -143,10 +144,11 @@ def test_disc_loss_does_not_reach_the_generator():
   assert any(float(jnp.abs(x).max()) > 0.0 for x in jax.tree.leaves(grads["disc"]))
 
 
-@pytest.mark.parametrize("loss", gan.LOSSES)
-def test_losses_do_not_depend_on_how_the_batch_is_split(loss):
-  # The pmap path sees halves of the global batch with the same rng: per-example latents keep the draws equal.
-  g, params = built(loss=loss, r1_gamma=0.2, r1_interval=1, conditional=loss != "hinge")   # both G/D kinds
+@pytest.mark.parametrize("loss,conditional,r1_gamma", [("wgan_gp", True, 0.2), ("non_saturating", False, 0.0)])
+def test_losses_do_not_depend_on_how_the_batch_is_split(loss, conditional, r1_gamma):
+  # The pmap path sees halves of the global batch with the same rng: per-example latents (and WGAN-GP mixing
+  # weights) keep the draws equal, so the mean of the halves' losses is the full batch's loss.
+  g, params = built(loss=loss, r1_gamma=r1_gamma, r1_interval=1, conditional=conditional)
   b, rng = batch(8), jax.random.PRNGKey(5)
   halves = [{k: v[i * 4:(i + 1) * 4] for k, v in b.items()} for i in range(2)]
   for fn in (jax.jit(g.disc_loss), jax.jit(g.gen_loss)):
@@ -176,9 +178,9 @@ def test_sample_rows_do_not_depend_on_n_and_truncation_bounds_latents():
   rng = jax.random.PRNGKey(8)
   np.testing.assert_allclose(g.sample_images(params, rng, 3), g.sample_images(params, rng, 7)[:3], atol=1e-6)
   z = gan.sample_latents(rng, 256, 8, truncation=0.5)
-  # N(0, 1) restricted to [-.5, .5]: var = 1 - 2(.5)phi(.5) / (2 Phi(.5) - 1) = 0.0804, std 0.2836 (clipping
+  # N(0, 1) restricted to [-.5, .5]: var = 1 - 2(.5)phi(.5) / (2 Phi(.5) - 1) = 0.0806, std 0.2839 (clipping
   # instead would give std 0.43). 2048 draws: standard error of the std ~0.005.
-  assert float(jnp.abs(z).max()) <= 0.5 and abs(float(jnp.std(z)) - 0.2836) < 0.02
+  assert float(jnp.abs(z).max()) <= 0.5 and abs(float(jnp.std(z)) - 0.2839) < 0.02
   zero = g.sample_images(params, rng, 4, truncation=0.0, label=3)        # z = 0 for every row: one image
   np.testing.assert_allclose(zero, jnp.broadcast_to(zero[:1], zero.shape), atol=1e-6)
 
@@ -238,8 +240,8 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs():
   shapes = jax.eval_shape(t.init, jax.random.PRNGKey(0), batch())
   assert {x.dtype for x in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}
   params = _init_params(True)
-  loss, _ = jax.jit(t.phases[0].loss_fn)(params, batch(), jax.random.PRNGKey(1), jnp.int32(0))
-  f32_loss, _ = jax.jit(built()[0].disc_loss)(params, batch(), jax.random.PRNGKey(1), jnp.int32(0))
+  loss, _ = jax.jit(t.phases[1].loss_fn)(params, batch(), jax.random.PRNGKey(1), jnp.int32(0))
+  f32_loss, _ = jax.jit(built()[0].gen_loss)(params, batch(), jax.random.PRNGKey(1), jnp.int32(0))
   assert loss.dtype == jnp.float32 and np.isfinite(float(loss))
   np.testing.assert_allclose(loss, f32_loss, rtol=0.05)                 # bf16 activations: ~3 significant digits
   assert t.sample_images(params, jax.random.PRNGKey(2), 2).dtype == jnp.float32

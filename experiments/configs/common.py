@@ -19,9 +19,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
-  c.sample_every_steps = 500         # PNG grid of samples (image families); 0 = only at the end
+  c.sample_every_steps = 500         # PNG grid of samples (image families); 0 = only at the end; -1 = never
   c.num_sample_images = 64
-  c.eval_every_steps = 500           # test-split metrics; 0 = only at the end
+  c.eval_every_steps = 500           # test-split metrics; 0 = only at the end; -1 = never
   c.num_eval_batches = 4
   c.parallel = "pjit"                # "pjit" (jax.jit + NamedSharding) | "pmap"
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))   # -1 = the remaining devices

@@ -1,7 +1,9 @@
 """GAN configs (DCGAN family, `genjax.models.gan`): `--config=experiments/configs/gan.py:<variant>`.
 
-  digits   8x8x1 scikit-learn digits, offline; class-conditional, non-saturating loss + lazy R1. Small enough to
-           give recognisable digits in minutes on 2 CPU cores (see the README for the measured time).
+  digits   8x8x1 scikit-learn digits, offline; class-conditional, non-saturating loss + lazy R1; 58k + 58k params.
+           Measured on a 2-core machine shared with other jobs: 2,000 steps in 1m54s of CPU time (7m54s wall at
+           load ~10); the grid is recognisable digits by step 1,000 (a logistic-regression digit classifier agrees
+           with the conditioning label on 99% of samples).
   mnist    28x28x1; unconditional, hinge loss + R1.
   cifar10  32x32x3; class-conditional (projection D), hinge loss + lazy R1 — accelerator-sized.
 
@@ -42,7 +44,7 @@ def _digits(c):
   c.batch_size = 64
   c.num_train_steps = 2000
   c.ema_decay = 0.99
-  c.log_every_steps = 100
+  c.log_every_steps = 100            # a multiple of r1_interval (see disc/r1 in genjax/models/gan.py)
   c.checkpoint_every_steps = 1000
   c.sample_every_steps = 500
   c.eval_every_steps = 1000
@@ -74,7 +76,7 @@ def _cifar10(c):
   c.batch_size = 256
   c.num_train_steps = 100000
   c.ema_decay = 0.9999
-  c.log_every_steps = 500
+  c.log_every_steps = 400            # a multiple of r1_interval, so the logged disc/r1 mean is unbiased
   c.checkpoint_every_steps = 5000
   c.sample_every_steps = 5000
   c.eval_every_steps = 5000

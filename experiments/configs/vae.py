@@ -10,6 +10,7 @@ def _model(c, latent_dim, channels, hidden):
   c.model.likelihood = "bernoulli"   # "bernoulli" | "gaussian"
   c.model.gaussian_sigma = 0.1
   c.model.beta = 1.0
+  c.model.iw_samples = 64            # K for the importance-weighted NLL in evaluate
 
 
 def digits(c):
@@ -41,5 +42,8 @@ def mnist(c):
   c.optimizer.warmup_steps = 500
 
 
+VARIANTS = {"digits": digits, "mnist": mnist}
+
+
 def get_config(arg=None):
-  return pick_variant("vae.py", arg, {"digits": digits, "mnist": mnist})
+  return pick_variant("vae.py", arg, VARIANTS)

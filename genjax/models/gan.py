@@ -5,6 +5,7 @@ its own optimizer (`config.disc_optimizer` for "disc", `config.optimizer` for "g
 
     task = genjax.models.gan.task(config)    # params = {"gen": ..., "disc": ...}
     images = task.sample_images(ema_params, rng, 16, truncation=0.7, label=3)
+    grid = genjax.models.gan.build(config).interpolation_grid(ema_params, rng, rows=10, cols=8)
 
 `config.model` fields: latent_dim; gen_channels (lowest resolution first; the generator doubles the resolution
 len-1 times, so H and W must be divisible by 2**(len-1)); disc_channels (a 3x3 conv at full resolution, then one
@@ -14,12 +15,15 @@ loss in LOSSES; r1_gamma (0 = off) and r1_interval (lazy R1: applied every r1_in
 gp_weight (WGAN-GP only).
 
 Images are scaled to [-1, 1] for the networks; `sample_images` maps back to [0, 1]. The loop keeps an EMA of all
-params; sampling reads `params["gen"]` of whatever tree it is given (the EMA tree from the loop).
+params; sampling reads `params["gen"]` of whatever tree it is given (the EMA tree from the loop). Training latents
+come from `fold_in(rng, example_id)`, so a loss is the same however the loop lays the batch out (pjit == pmap).
+Health metrics (the loop adds "<phase>/loss" and "<phase>/grad_norm"): disc/adv_loss, disc/real_acc,
+disc/fake_acc, disc/real_logit, disc/fake_logit, disc/r1, disc/gp; gen/fool_rate, gen/fake_logit.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax

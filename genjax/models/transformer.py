@@ -75,6 +75,12 @@ def _init(axes, init=None):
   return nn.with_logical_partitioning(init or nn.initializers.lecun_normal(), axes)
 
 
+def _residual_init(cfg: "LMConfig", axes):
+  """Projections back into the residual stream: LeCun normal scaled by 1/sqrt(2 num_layers) (GPT-2 style), so the
+  residual stream's variance at init does not grow with depth."""
+  return _init(axes, nn.initializers.variance_scaling(1.0 / (2 * cfg.num_layers), "fan_in", "truncated_normal"))
+
+
 def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
   """Rotary position embedding of x [B, T, H, D] at int positions [B, T] (rotate-half form, float32 math)."""
   half = x.shape[-1] // 2
@@ -124,7 +130,7 @@ class Attention(nn.Module):
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     out = jnp.einsum("bhts,bshd->bthd", probs, values.astype(dtype))
     out = nn.DenseGeneral(cfg.embed_dim, axis=(-2, -1), use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                          kernel_init=_init(("heads", "kv", "embed")), name="out")(out)
+                          kernel_init=_residual_init(cfg, ("heads", "kv", "embed")), name="out")(out)
     return out, cache
 
 
@@ -140,7 +146,7 @@ class Block(nn.Module):
     h = nn.Dense(cfg.mlp_dim, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
                  kernel_init=_init(("embed", "mlp")), name="mlp_in")(h)
     h = nn.Dense(cfg.embed_dim, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                 kernel_init=_init(("mlp", "embed")), name="mlp_out")(nn.gelu(h))
+                 kernel_init=_residual_init(cfg, ("mlp", "embed")), name="mlp_out")(nn.gelu(h))
     return x + h, cache
 
 

@@ -5,11 +5,12 @@ temperature, top-k, top-p and penalties) and `beam_search`. Imports jax only; a 
     step_fn(params, tokens, positions, cache) -> (logits, cache)
         tokens, positions: int32 [B, T]; logits: float [B, T, V]. Writes the keys/values of the T tokens into
         cache slot == position and lets the query at position q attend to slots <= q only (so stale slots beyond
-        a row's position are never read). Called once with the padded prompts (T = prompt width), then with T = 1.
+        a row's position are never read). Called once with the padded prompts (T = prompt width), then with T = 1
+        (generate feeds every chosen token, the last one included: one spare step per call).
     init_cache(batch_size, cache_len) -> cache      a pytree whose every leaf has the batch on axis 0
     max_len: int | None                             the longest cache the model supports (None: no limit)
 
-Usage (the transformer LM builds its DecodingModel with `genjax.models.transformer.decoding_model(config)`):
+Usage (the transformer LM provides its DecodingModel: `transformer.decoding_model(transformer.lm_config(config))`):
 
     from genjax.samplers import generate, beam_search, top_k_logits, top_p_logits
     out = generate(model, params, [[257, 72, 105], [257, 79]], rng, max_new_tokens=50, temperature=0.8,
@@ -30,7 +31,7 @@ to `arange(B)`, so passing a row's id makes its output independent of the rest o
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp

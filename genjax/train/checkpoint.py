@@ -1,23 +1,38 @@
-"""Orbax checkpoints of the whole run: train state, data-iterator position and plain metadata (no pickle).
+"""Orbax checkpoints of the whole run: train state (arrays), data-iterator position and plain JSON metadata.
 
     ckpt = Checkpointer(workdir, keep=3, async_save=True)
     ckpt.save(step, state, data_state={"next_index": ...}, meta={"family": "vae"})
-    restored = ckpt.restore_latest(abstract_state)        # None when the workdir has no checkpoint
-    config, params = load_run(workdir)                    # for sampling/evaluation: EMA params of the latest step
+    restored = ckpt.restore_latest(abstract_state, expect_meta={"family": "vae"})   # None: no checkpoint yet
+    config, params = load_run(workdir)        # for sampling/evaluation: EMA params of the latest readable step
 
-The state is saved as a nested dict of arrays (`flax.serialization.to_state_dict`), so a checkpoint restores onto
-any device layout: the caller passes abstract arrays carrying the target shardings. A checkpoint that cannot be read
-(truncated, corrupted) is skipped with a warning and the previous one is used. An async save that failed raises
-at the next save or at `wait()`; it is never ignored.
+What survives what:
+- Layout. The state is saved as a nested dict of arrays (`flax.serialization.to_state_dict`) and restored onto the
+  device layout the caller's abstract arrays carry: 8 devices → 4 → 1, pmap → pjit. `load_run` restores onto the
+  first local device whatever wrote the checkpoint.
+- Damage. Every save records a checksum of each array (wrap-around uint32 sums of the raw and of the hashed
+  bits, independent of how the array is sharded; any changed element changes it) and a SHA-256 of the data-iterator position. A
+  checkpoint that cannot be read or fails a checksum is moved to `<workdir>/damaged_checkpoints/` (never deleted),
+  a warning says so, and the previous checkpoint is used. Orbax/TensorStore alone can restore silently altered
+  values from a flipped byte; the checksums catch that.
+- Wrong run. A checkpoint whose arrays do not match this config's shapes/dtypes, or whose metadata names another
+  family, raises `CheckpointMismatchError` naming the first differences; nothing is moved or overwritten.
+- Save failures. A failed (async) save raises `CheckpointSaveError` at the next `save`, `check`, `wait` or `close`
+  and on every later call: it is never ignored. A failed save never deletes an older checkpoint.
+- Kill -9. Orbax writes into a temporary directory and renames it when complete, so a process killed mid-save
+  leaves the previous checkpoints as they were. `save_config` writes `config.json` atomically too.
+- No pickle. Arrays are TensorStore/OCDBT files, everything else JSON: loading a checkpoint never runs code.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import time
 from typing import Any, Optional
 
 import flax
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -25,6 +40,21 @@ from absl import logging
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "damaged_checkpoints"
+INTEGRITY_KEY = "integrity"
+CHECKSUM_ALGORITHM = "uint32-sum+fmix32-sum/v1"
+
+
+class CheckpointSaveError(RuntimeError):
+  """Writing a checkpoint failed (disk full, permissions, ...); training must not go on without it."""
+
+
+class CheckpointMismatchError(ValueError):
+  """The checkpoint belongs to another run: other family, or other array shapes/dtypes than this config makes."""
+
+
+class CheckpointUnreadableError(ValueError):
+  """A checkpoint (or every checkpoint in the directory) cannot be read back intact."""
 
 
 def state_to_tree(state: Any) -> Any:
@@ -35,52 +65,297 @@ def tree_to_state(target: Any, tree: Any) -> Any:
   return flax.serialization.from_state_dict(target, tree)
 
 
+# ---- integrity ------------------------------------------------------------------------------------------------
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _leaves(tree: Any, is_leaf=None) -> dict:
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+  return {_path_str(p): leaf for p, leaf in flat}
+
+
+def _raw_bits(x: jax.Array) -> jax.Array:
+  """The array's bit patterns as uint32 (64-bit values become two words on a new last axis)."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finaliser: a bijection of uint32 that scatters every input bit over the output."""
+  for shift, mult in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+    h = (h ^ (h >> shift)) * jnp.uint32(mult)
+  return h ^ (h >> 16)
+
+
+def _array_checksum(x: jax.Array) -> jax.Array:
+  """[Σ bits, Σ fmix32(bits ^ fmix32(flat index))] mod 2**32. Exact integer arithmetic, so the result does not
+  depend on sharding or reduction order; a changed element always changes the second sum (fmix32 is a bijection)
+  and several changes or a reordering cancel only by a 2**-32 coincidence. Elementwise + reduce only, so a
+  sharded array is never gathered."""
+  u = _raw_bits(jnp.asarray(x))
+  index, stride = jnp.zeros(u.shape, jnp.uint32), 1
+  for d in reversed(range(u.ndim)):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, u.shape, d) * jnp.uint32(stride % 2**32)
+    stride *= u.shape[d]
+  mixed = _fmix32(u ^ _fmix32(index))
+  return jnp.stack([jnp.sum(u, dtype=jnp.uint32), jnp.sum(mixed, dtype=jnp.uint32)])
+
+
+_checksums_jit = jax.jit(lambda tree: jax.tree.map(_array_checksum, tree))
+
+
+def array_checksums(tree: Any) -> dict[str, list[int]]:
+  """{"params/enc_0/kernel": [s1, s2], ...} for every array leaf of `tree` (see `_array_checksum`)."""
+  sums = jax.device_get(_checksums_jit(tree))
+  return {k: [int(v) for v in np.asarray(s)] for k, s in _leaves(sums).items()}
+
+
+def _json_sha256(obj: Any) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
+def _describe(shape, dtype) -> str:
+  return f"{np.dtype(dtype).name}{tuple(shape)}"
+
+
+# ---- the checkpointer ------------------------------------------------------------------------------------------
+
 class Checkpointer:
   """A CheckpointManager with items "state" (arrays), "data" (iterator position) and "meta" (JSON)."""
 
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
+    self._saved: set[int] = set()       # steps this object saved (a repeated save of one step is a no-op)
+    self._in_flight: Optional[int] = None
+    self._error: Optional[CheckpointSaveError] = None
+    self._error_reported = False
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
+  # ---- saving ----
+  def _fail(self, step: Optional[int], e: BaseException) -> CheckpointSaveError:
+    if self._error is None:
+      good = [s for s in self.all_steps() if s != step]
+      self._error = CheckpointSaveError(
+          f"saving the checkpoint of step {step} in {self.directory} failed ({_first_line(e)}); training stopped "
+          f"instead of going on unsaved. Last complete checkpoint: step {max(good, default='none')}. Fix the cause "
+          "(disk space, permissions) and rerun to resume.")
+      self._error.__cause__ = e
+    return self._error
+
+  def _raise_if_failed(self) -> None:
+    if self._error is not None:
+      self._error_reported = True
+      raise self._error
+
+  def _finish_in_flight(self) -> None:
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # orbax raises a failed background write once; we keep raising it
+      self._fail(self._in_flight, e)
+    self._raise_if_failed()
+    self._in_flight = None
+
   def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
-    self.manager.wait_until_finished()   # surfaces a failed earlier async save before we go on
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state_to_tree(state)),
-        data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)), force=True)
+    """Starts saving `step` (in the background when async); raises CheckpointSaveError for an earlier failure."""
+    self._finish_in_flight()
+    if step in self._saved:
+      return
+    tree = state_to_tree(state)
+    integrity = {"algorithm": CHECKSUM_ALGORITHM, "arrays": array_checksums(tree),
+                 "data_sha256": _json_sha256(data_state)}
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(tree), data=ocp.args.JsonSave(data_state),
+          meta=ocp.args.JsonSave({**meta, INTEGRITY_KEY: integrity})), force=True)
+    except Exception as e:
+      error = self._fail(step, e)
+      self._error_reported = True
+      raise error from e
+    self._saved.add(step)
+    self._in_flight = step
+
+  def check(self) -> None:
+    """Non-blocking: raises CheckpointSaveError when a background save has already failed."""
+    self._raise_if_failed()
+    if self._in_flight is not None and not self.manager.is_saving_in_progress():
+      self._finish_in_flight()
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
-
-  def restore(self, step: int, abstract_state: Optional[Any] = None) -> tuple[Any, dict, dict]:
-    """(state tree, data_state, meta) at `step`; `abstract_state` carries target shapes and shardings."""
-    target = state_to_tree(abstract_state) if abstract_state is not None else None
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-    tree = out["state"]
-    return (tree_to_state(abstract_state, tree) if abstract_state is not None else tree), out["data"], out["meta"]
-
-  def restore_latest(self, abstract_state: Optional[Any] = None):
-    """(step, state, data_state, meta) of the newest readable checkpoint, or None when there is none."""
-    for step in reversed(self.all_steps()):
-      try:
-        return (step,) + self.restore(step, abstract_state)
-      except Exception as e:  # a damaged checkpoint: say so and fall back to the previous one
-        logging.warning("checkpoint at step %d in %s cannot be read (%s: %s); trying the previous one",
-                        step, self.directory, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-    return None
+    """Blocks until the pending save is on disk; raises CheckpointSaveError if it (or an earlier one) failed."""
+    self._finish_in_flight()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the pending save; raises a save failure nobody has been told about yet."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      self._fail(self._in_flight, e)
+    finally:
+      self.manager.close()
+    if self._error is not None and not self._error_reported:
+      self._raise_if_failed()
 
+  # ---- restoring ----
+  def _read_meta(self, step: int) -> dict:
+    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if not isinstance(meta, dict):
+      raise CheckpointUnreadableError(f"metadata of step {step} is {type(meta).__name__}, not a JSON object")
+    return meta
+
+  def array_metadata(self, step: int) -> Any:
+    """The saved arrays' shapes and dtypes (orbax ArrayMetadata leaves) at `step`, without reading them."""
+    tree = self.manager.item_metadata(step)["state"]
+    tree = tree.tree if hasattr(tree, "tree") else tree
+    if tree is None:
+      raise CheckpointUnreadableError(f"the array metadata of step {step} cannot be read")
+    return tree
+
+  def _check_fits(self, step: int, meta: dict, saved: dict, target: Optional[Any], expect_meta: Optional[dict]):
+    for key, want in (expect_meta or {}).items():
+      if meta.get(key) != want:
+        raise CheckpointMismatchError(
+            f"checkpoint at step {step} in {self.directory} has {key}={meta.get(key)!r}, this config has "
+            f"{key}={want!r}; use another --workdir (or the config that wrote it)")
+    if target is None:
+      return
+    want = {k: v for k, v in _leaves(target).items() if hasattr(v, "shape")}
+    problems = [f"{k} is missing from the checkpoint" for k in want if k not in saved]
+    problems += [f"the checkpoint has {k}, this config does not" for k in saved if k not in want]
+    problems += [f"{k} is {_describe(saved[k].shape, saved[k].dtype)} in the checkpoint but "
+                 f"{_describe(want[k].shape, want[k].dtype)} in this config" for k in want
+                 if k in saved and (tuple(saved[k].shape) != tuple(want[k].shape)
+                                    or np.dtype(saved[k].dtype) != np.dtype(want[k].dtype))]
+    if problems:
+      more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+      raise CheckpointMismatchError(
+          f"checkpoint at step {step} in {self.directory} does not fit this config: {'; '.join(problems[:3])}"
+          f"{more}. Did config.model change? Use the config that wrote it or another --workdir")
+
+  def _verify(self, step: int, meta: dict, tree: Any, data: Any) -> None:
+    integrity = meta.get(INTEGRITY_KEY)
+    if integrity is None:
+      logging.warning("checkpoint at step %d has no checksums (written by an older genjax); not verified", step)
+      return
+    expected, actual = integrity.get("arrays", {}), array_checksums(tree)
+    bad = sorted(k for k in expected.keys() | actual.keys() if expected.get(k) != actual.get(k))
+    if bad:
+      raise CheckpointUnreadableError(f"arrays of step {step} fail their checksums: {bad[:3]}"
+                                      f"{f' (+{len(bad) - 3} more)' if len(bad) > 3 else ''}")
+    if integrity.get("data_sha256") not in (None, _json_sha256(data)):
+      raise CheckpointUnreadableError(f"the data-iterator position of step {step} fails its checksum")
+
+  def restore(self, step: int, abstract_state: Optional[Any] = None,
+              expect_meta: Optional[dict] = None) -> tuple[Any, dict, dict]:
+    """(state, data_state, meta) at `step`, verified against its checksums.
+
+    `abstract_state` (a state of jax.ShapeDtypeStruct with shardings) says the target shapes and device layout;
+    without it a nested dict of arrays on the first local device comes back. Raises CheckpointMismatchError when
+    the checkpoint does not fit `abstract_state`/`expect_meta`, CheckpointUnreadableError (or orbax's error)
+    when it is damaged.
+    """
+    meta = self._read_meta(step)
+    array_meta = self.array_metadata(step)
+    target = state_to_tree(abstract_state) if abstract_state is not None else None
+    self._check_fits(step, meta, _leaves(array_meta, is_leaf=_is_array_meta), target, expect_meta)
+    if target is None:
+      target = _rebuild(array_meta, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+    out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                             data=ocp.args.JsonRestore()))
+    tree, data = out["state"], out["data"]
+    self._verify(step, meta, tree, data)
+    meta = {k: v for k, v in meta.items() if k != INTEGRITY_KEY}
+    return (tree_to_state(abstract_state, tree) if abstract_state is not None else tree), data, meta
+
+  def restore_latest(self, abstract_state: Optional[Any] = None, expect_meta: Optional[dict] = None):
+    """(step, state, data_state, meta) of the newest intact checkpoint that fits; None when there is none.
+
+    Damaged newer checkpoints are moved to `<workdir>/damaged_checkpoints/` with a warning. Raises
+    CheckpointMismatchError when no checkpoint fits this config, CheckpointUnreadableError when all are damaged
+    (in both cases nothing on disk is touched).
+    """
+    steps, skipped, mismatches = self.all_steps(), [], []
+    for step in reversed(steps):
+      try:
+        restored = (step,) + self.restore(step, abstract_state, expect_meta)
+      except CheckpointMismatchError as e:
+        mismatches.append(e)
+        skipped.append((step, e))
+        continue
+      except Exception as e:  # damaged: say so and try the previous one
+        logging.warning("checkpoint at step %d in %s cannot be read (%s); trying the previous one", step,
+                        self.directory, _first_line(e))
+        skipped.append((step, e))
+        continue
+      if skipped:
+        moved = self._move_aside([s for s, _ in skipped])
+        logging.warning("resumed from step %d: newer checkpoint(s) %s could not be used and were moved to %s",
+                        step, [s for s, _ in skipped], moved)
+      return restored
+    if not steps:
+      return None
+    if len(mismatches) == len(steps):
+      raise mismatches[0]
+    reasons = "; ".join(f"step {s}: {_first_line(e)}" for s, e in skipped[:3])
+    raise CheckpointUnreadableError(
+        f"none of the checkpoints {steps} in {self.directory} can be read intact ({reasons}). Nothing was "
+        f"changed; move {self.directory} away to start from scratch")
+
+  def _move_aside(self, steps: list[int]) -> str:
+    target = os.path.join(self.workdir, DAMAGED_DIR)
+    if jax.process_index() == 0:
+      os.makedirs(target, exist_ok=True)
+      stamp = time.strftime("%Y%m%d-%H%M%S")
+      for s in steps:
+        src = os.path.join(self.directory, str(s))
+        if os.path.isdir(src):
+          os.replace(src, os.path.join(target, f"step_{s}_{stamp}"))
+    if jax.process_count() > 1:
+      ocp.multihost.sync_global_processes("genjax_damaged_checkpoints_moved")
+    self.manager.reload()
+    return target
+
+
+def _is_array_meta(m: Any) -> bool:
+  return hasattr(m, "shape") and hasattr(m, "dtype")
+
+
+def _rebuild(array_meta: Any, sharding) -> Any:
+  """Abstract arrays (ShapeDtypeStruct on `sharding`) from orbax's saved array metadata."""
+  def one(m):
+    return jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype), sharding=sharding)
+  return jax.tree.map(one, array_meta, is_leaf=_is_array_meta)
+
+
+# ---- config and run loading ------------------------------------------------------------------------------------
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+  """Writes `config.json` atomically (a kill mid-write leaves the old file, never half a file)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
     f.write(config.to_json_best_effort(indent=2))
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -88,36 +363,38 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise ValueError(f"{workdir!r} is not a genjax run directory: {CONFIG_FILE} is missing "
                      f"(train one with `python -m experiments.train --config=... --workdir={workdir}`)")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def _abstract_from_metadata(meta_tree: Any, sharding) -> Any:
-  def one(m):
-    return jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype), sharding=sharding)
-  return jax.tree.map(one, meta_tree, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is not valid JSON ({_first_line(e)}); restore it or use another --workdir") from None
 
 
 def load_run(workdir: str, step: Optional[int] = None) -> tuple[ml_collections.ConfigDict, Any]:
   """(config, params) of a run for sampling/evaluation: the EMA params when the run kept them.
 
-  Arrays land on the first local device whatever device layout wrote them.
+  Arrays land on the first local device whatever device layout wrote them. Without `step`, the newest intact
+  checkpoint (damaged ones are skipped with a warning, not moved: this is a read-only path).
   """
   config = load_config(workdir)
   ckpt = Checkpointer(workdir, keep=max(1, int(config.get("keep_checkpoints", 3))), async_save=False)
-  steps = ckpt.all_steps() if step is None else [step]
-  if not steps:
-    raise ValueError(f"no checkpoint in {ckpt.directory}; the run has not saved one yet")
-  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  for s in reversed(steps):
-    try:
-      meta_tree = ckpt.manager.item_metadata(s)["state"]
-      abstract = _abstract_from_metadata(meta_tree.tree if hasattr(meta_tree, "tree") else meta_tree, sharding)
-      out = ckpt.manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-      tree = out["state"]
-      ckpt.manager.close()
+  try:
+    steps = ckpt.all_steps()
+    if step is not None and step not in steps:
+      raise ValueError(f"no checkpoint of step {step} in {ckpt.directory}; steps: {steps}")
+    if not steps:
+      raise ValueError(f"no checkpoint in {ckpt.directory}; the run has not saved one yet")
+    errors = []
+    for s in ([step] if step is not None else reversed(steps)):
+      try:
+        tree, _, _ = ckpt.restore(s)
+      except Exception as e:
+        logging.warning("checkpoint at step %d in %s cannot be read (%s); trying the previous one", s,
+                        ckpt.directory, _first_line(e))
+        errors.append(f"step {s}: {_first_line(e)}")
+        continue
       params = tree["ema_params"] if tree.get("ema_params") is not None else tree["params"]
       return config, params
-    except Exception as e:
-      logging.warning("checkpoint at step %d cannot be read (%s); trying the previous one", s, e)
-  raise ValueError(f"no readable checkpoint in {ckpt.directory} (steps {steps})")
+    raise CheckpointUnreadableError(f"no readable checkpoint in {ckpt.directory} ({'; '.join(errors[:3])})")
+  finally:
+    ckpt.manager.close()

@@ -68,9 +68,17 @@ class _Lock:
     try:
       fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
+      self._f.seek(0)
+      holder = self._f.read().strip() or "another process"
       self._f.close()
-      raise RuntimeError(f"workdir {workdir!r} is in use by another training run (lock {self.path}); "
+      raise RuntimeError(f"workdir {workdir!r} is in use by another training run ({holder}; lock {self.path}); "
                          "wait for it to finish or choose another --workdir") from None
+    # Who holds it, for the message above. The kernel drops the lock when the process dies (even by kill -9).
+    import time
+    self._f.seek(0)
+    self._f.truncate()
+    self._f.write(f"pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    self._f.flush()
 
   def release(self):
     fcntl.flock(self._f, fcntl.LOCK_UN)
@@ -78,7 +86,8 @@ class _Lock:
 
 
 def _due(step: int, every: int, last: int) -> bool:
-  return step == last or (every > 0 and step % every == 0)
+  """Every `every` steps and at the last step; 0 = only at the last step; negative = never."""
+  return every >= 0 and (step == last or (every > 0 and step % every == 0))
 
 
 def check_config(config) -> None:
@@ -114,8 +123,6 @@ def _train(config, workdir: str, task: Task, pid: int, nproc: int) -> TrainState
     if old.get("family") != config.family:
       raise ValueError(f"workdir {workdir!r} holds a {old.get('family')!r} run; this config trains "
                        f"{config.family!r}. Use another --workdir.")
-  if pid == 0:
-    save_config(workdir, config)
   train_src = gdata.get_source(config.dataset, config.dataset.train_split)
   train_it = gdata.train_iterator(train_src, global_batch=config.batch_size, seed=config.seed,
                                   process_index=pid, process_count=nproc)
@@ -160,7 +167,7 @@ def _train(config, workdir: str, task: Task, pid: int, nproc: int) -> TrainState
   writer = MetricsWriter(workdir, enabled=pid == 0)
 
   # ---- state: resume or init ---------------------------------------------------------------------------------
-  restored = ckpt.restore_latest(restore_target)
+  restored = ckpt.restore_latest(restore_target, expect_meta={"family": config.family})
   if restored is not None:
     start, state, data_state, meta = restored
     if meta.get("family") != config.family:
@@ -179,7 +186,12 @@ def _train(config, workdir: str, task: Task, pid: int, nproc: int) -> TrainState
   meta = {"family": config.family, "variant": config.get("variant", ""), "parallel": config.parallel}
   total = int(config.num_train_steps)
 
+  config_saved = []
+
   def save(step):
+    if pid == 0 and not config_saved:  # config.json is replaced only by a config that got as far as a checkpoint
+      save_config(workdir, config)
+      config_saved.append(True)
     ckpt.save(step, eval_view(state) if config.parallel == "pmap" else state, train_it.get_state(), meta)
 
   def evaluate(step):
@@ -210,6 +222,7 @@ def _train(config, workdir: str, task: Task, pid: int, nproc: int) -> TrainState
 
   def drain(step, progress):
     """Fetches pending metrics, stops on a non-finite loss, logs the interval's means."""
+    ckpt.check()                       # a background save that failed stops the run here, not at the next save
     if not pending:
       return
     fetched = jax.device_get([m for _, m in pending])

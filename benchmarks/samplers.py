@@ -1,0 +1,268 @@
+r"""Diffusion sampler benchmark: DDPM / DDIM / DPM-Solver++ x num_steps x batch, driven by a real genjax U-Net.
+
+  python -m benchmarks.samplers --quick --json=/tmp/samplers.json               # CPU-sized
+  python -m benchmarks.samplers --ddpm_config=experiments/configs/ddpm.py:cifar10 --batch_sizes=1,16,64 \
+      --json=samplers_gpu.json                                                   # on an accelerator
+  python -m benchmarks.samplers --ddpm_config.model.ch=8 --num_steps=2,4         # any config field overrides
+
+The U-Net is the one `experiments/configs/ddpm.py:<variant>` trains (`--ddpm_config`, default `:digits`), with
+freshly initialised weights (slightly perturbed so that the zero-initialised output layer does not make every
+prediction 0; timing does not depend on the values). Each sampler is called the way the library documents for
+"no recompilation": the model is `jax.tree_util.Partial(apply_fn, variables, labels)` with one `apply_fn` for the
+whole run, so num_steps and eta are runtime values.
+
+Per row: `seconds` (median of >= 5 calls after a warm-up), `samples_per_second`, `forward_seconds` (one U-Net
+forward at that batch: the median over >= 5 chains of 10 back-to-back jitted forwards, per forward),
+`overhead_ratio = seconds / (num_steps * forward_seconds)` (1.0 is the physical limit: the sampler's own arithmetic
+and loop cost on top of the model calls; below 1.0 means the fused loop beats separately dispatched forwards),
+`compiles` (XLA compilations during the row: its warm-up, its timed calls and, for DDIM, extra calls with eta 0.5
+and 1.0 — after the program was built once for this sampler and batch, so the goal is 0) and `compile_seconds` (the
+wait for that first build: first call minus a steady call).
+
+Peer: diffusers' `FlaxDDIMScheduler` stepped in a `lax.fori_loop` around the same U-Net (num_steps static, as its
+API requires), side by side (`vs_genjax` = peer seconds / genjax DDIM seconds, same process). Optional: without
+diffusers a row says "peer not installed". Install with `pip install 'genjax-zoo[peers]'`.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from benchmarks import common
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLERS = ("ddpm", "ddim", "dpm_solver")
+DEFAULT_NUM_STEPS = (10, 20, 50, 100)
+DDIM_ETAS = (0.5, 1.0)          # extra DDIM calls per row: a changed eta must not compile anything
+FORWARD_CHAIN = 10              # back-to-back forwards per forward-time sample
+
+_DDPM_CONFIG = config_flags.DEFINE_config_file(
+    "ddpm_config", os.path.join(_REPO, "experiments", "configs", "ddpm.py") + ":digits",
+    "The diffusion config whose U-Net drives the samplers (fields overridable: --ddpm_config.model.ch=8).",
+    lock_config=False)
+_SAMPLERS = flags.DEFINE_list("samplers", list(SAMPLERS), f"Samplers to time, from {list(SAMPLERS)}.")
+_NUM_STEPS = flags.DEFINE_list("num_steps", [str(n) for n in DEFAULT_NUM_STEPS], "Model calls per sample.")
+
+COLUMNS = ("sampler", "batch", "num_steps", "seconds", "samples_per_second", "forward_seconds", "overhead_ratio",
+           "compiles", "compile_seconds", "vs_genjax")
+
+
+class DiffusionBench:
+  """The U-Net of a ddpm config, its schedule, and the callables the samplers and the peer need."""
+
+  def __init__(self, config, seed: int = 0):
+    from genjax.data import dataset_info
+    from genjax.models import diffusion as dm
+    m = config.model
+    if m.get("vae_workdir", ""):
+      raise ValueError("latent diffusion configs need a trained VAE run; benchmark a pixel-space config "
+                       "(ddpm.py:digits | mnist | cifar10)")
+    info = dataset_info(config.dataset.name)
+    self.num_classes = int(info.num_classes or 0) if m.conditional else 0
+    self.image_shape = tuple(info.image_shape)
+    self.schedule = dm.make_schedule(m)
+    self.prediction = m.prediction
+    self.clip = (-1.0, 1.0) if m.clip_denoised else None
+    self.unet = dm.make_unet(m, self.num_classes, dm.compute_dtype(config))
+    unet, conditional = self.unet, self.num_classes > 0
+
+    def apply_fn(variables, labels, x, t):   # one function object for the whole run: no recompiles
+      return unet.apply(variables, x, t, labels if conditional else None)
+
+    self.apply_fn = apply_fn
+    self.forward = jax.jit(apply_fn)
+    init_rng, noise_rng = jax.random.split(jax.random.key(seed))
+    x = jnp.zeros((1,) + self.image_shape, jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    label = jnp.zeros((1,), jnp.int32) if conditional else None
+    variables = jax.jit(unet.init)(init_rng, x, t, label)
+    self.variables = jax.jit(_perturb)(variables, noise_rng)
+
+  def inputs(self, batch: int, seed: int = 1):
+    x_T = jax.random.normal(jax.random.key(seed), (batch,) + self.image_shape, jnp.float32)
+    labels = jnp.arange(batch, dtype=jnp.int32) % max(self.num_classes, 1)
+    return x_T, labels
+
+  def model_fn(self, labels) -> Callable:
+    return jax.tree_util.Partial(self.apply_fn, self.variables, labels)
+
+
+def _perturb(tree, rng):
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(rng, len(leaves))
+  return jax.tree.unflatten(treedef, [x + 0.01 * jax.random.normal(k, x.shape, x.dtype)
+                                      for x, k in zip(leaves, keys)])
+
+
+def forward_seconds(bench: DiffusionBench, x, labels, repeats: int) -> float:
+  """Seconds per U-Net forward at this batch: median over `repeats` chains of FORWARD_CHAIN dependent calls."""
+  t = jnp.full((x.shape[0],), bench.schedule.num_timesteps // 2, jnp.int32)
+
+  def chain():
+    y = x
+    for _ in range(FORWARD_CHAIN):
+      y = bench.forward(bench.variables, labels, y, t)
+    return y
+
+  return common.time_call(chain, repeats).seconds / FORWARD_CHAIN
+
+
+def sampler_call(bench: DiffusionBench, name: str, model_fn, x_T, num_steps: int, eta: float = 0.0):
+  from genjax.samplers import ddim_sample, ddpm_sample, dpm_solver_sample
+  kw = dict(prediction=bench.prediction, clip_denoised=bench.clip)
+  rng = jax.random.key(7)
+  if name == "ddpm":
+    return ddpm_sample(model_fn, bench.schedule, x_T, rng, num_steps=num_steps, **kw)
+  if name == "ddim":
+    return ddim_sample(model_fn, bench.schedule, x_T, num_steps=num_steps, eta=eta, rng=rng, **kw)
+  if name == "dpm_solver":
+    return dpm_solver_sample(model_fn, bench.schedule, x_T, num_steps=num_steps, **kw)
+  raise ValueError(f"unknown sampler {name!r}; valid: {list(SAMPLERS)}")
+
+
+# --------------------------------------------------------------------------------------------- the peer
+def _peer_prediction(prediction: str) -> str:
+  return {"epsilon": "epsilon", "v": "v_prediction", "x0": "sample"}[prediction]
+
+
+def diffusers_ddim(bench: DiffusionBench) -> Optional[Callable]:
+  """`sample(labels, x_T, num_steps)` with diffusers' FlaxDDIMScheduler around the same U-Net, or None when
+  diffusers (with its Flax schedulers) is not importable."""
+  try:
+    from diffusers import FlaxDDIMScheduler
+  except Exception:  # not installed, or a release without Flax (ImportError and friends)
+    return None
+  scheduler = FlaxDDIMScheduler(num_train_timesteps=bench.schedule.num_timesteps,
+                                trained_betas=np.asarray(bench.schedule.betas), set_alpha_to_one=True,
+                                prediction_type=_peer_prediction(bench.prediction))
+  apply_fn, variables = bench.apply_fn, bench.variables
+
+  @functools.partial(jax.jit, static_argnames="num_steps")
+  def sample(variables, labels, x_T, num_steps):
+    state = scheduler.set_timesteps(scheduler.create_state(), num_steps, x_T.shape)
+
+    def body(i, carry):
+      x, state = carry
+      t = state.timesteps[i]
+      eps = apply_fn(variables, labels, x, jnp.full((x.shape[0],), t, jnp.int32))
+      x, state = scheduler.step(state, eps, t, x, return_dict=False)[:2]
+      return x, state
+
+    return jax.lax.fori_loop(0, num_steps, body, (x_T, state))[0]
+
+  return lambda labels, x_T, num_steps: sample(variables, labels, x_T, num_steps=num_steps)
+
+
+def _row(sampler: str, batch: int, num_steps: Optional[int], **extra) -> dict:
+  r = dict(sampler=sampler, batch=batch, num_steps=num_steps, seconds=None, samples_per_second=None,
+           forward_seconds=None, overhead_ratio=None, compiles=None, compile_seconds=None, vs_genjax=None,
+           status="ok")
+  r.update(extra)
+  return r
+
+
+def _fill(r: dict, timing: common.Timing, fwd: float, num_steps: int) -> dict:
+  r.update(seconds=timing.seconds, samples_per_second=r["batch"] / timing.seconds, forward_seconds=fwd,
+           overhead_ratio=timing.seconds / (num_steps * fwd))
+  return r
+
+
+# --------------------------------------------------------------------------------------------- the benchmark
+def run(config, samplers, num_steps_list, batches, repeats: int = 5, peers: bool = True) -> list[dict]:
+  """Times every (batch, sampler, num_steps); returns the records (see module docstring for the fields)."""
+  unknown = sorted(set(samplers) - set(SAMPLERS))
+  if unknown:
+    raise ValueError(f"unknown samplers {unknown}; valid: {list(SAMPLERS)}")
+  T = int(config.model.num_timesteps)
+  bad = [n for n in num_steps_list if not 1 <= n <= T]
+  if bad:
+    raise ValueError(f"num_steps {bad} outside [1, {T}] (the schedule length)")
+  bench = DiffusionBench(config)
+  peer = diffusers_ddim(bench) if peers else None
+  records = []
+  for batch in batches:
+    x_T, labels = bench.inputs(batch)
+    model_fn = bench.model_fn(labels)
+    fwd = forward_seconds(bench, x_T, labels, repeats)
+    genjax_ddim = {}
+    for name in samplers:
+      # Build the program once for this sampler and batch; every row after that must compile nothing.
+      first = common.first_call(lambda: sampler_call(bench, name, model_fn, x_T, num_steps_list[0]))
+      steady_first = None
+      for n in num_steps_list:
+        with common.CompileCounter() as cc:
+          timing = common.time_call(lambda: sampler_call(bench, name, model_fn, x_T, n), repeats)
+          if name == "ddim":
+            for eta in DDIM_ETAS:
+              jax.block_until_ready(sampler_call(bench, name, model_fn, x_T, n, eta=eta))
+        steady_first = timing.seconds if steady_first is None else steady_first
+        r = _fill(_row(name, batch, n), timing, fwd, n)
+        r.update(compiles=cc.count, compile_seconds=first.overhead(steady_first),
+                 first_call_compiles=first.compiles)
+        records.append(r)
+        if name == "ddim":
+          genjax_ddim[n] = timing.seconds
+    records.extend(_peer_rows(peer, peers, labels, x_T, batch, num_steps_list, fwd, genjax_ddim, repeats))
+  return records
+
+
+def _peer_rows(peer, wanted: bool, labels, x_T, batch, num_steps_list, fwd, genjax_ddim, repeats) -> list[dict]:
+  if not wanted:
+    return []
+  if peer is None:
+    return [_row("diffusers_ddim", batch, None, status="peer not installed (pip install 'genjax-zoo[peers]')")]
+  rows = []
+  for n in num_steps_list:
+    try:
+      timing = common.time_call(lambda: peer(labels, x_T, n), repeats)
+    except Exception as e:  # an incompatible diffusers release: say so, keep the genjax figures
+      return rows + [_row("diffusers_ddim", batch, n, status=f"peer failed: {type(e).__name__}: {e}"[:200])]
+    r = _fill(_row("diffusers_ddim", batch, n), timing, fwd, n)
+    r.update(compiles=timing.compiles, compile_seconds=timing.warmup_overhead_seconds)
+    if n in genjax_ddim:
+      r["vs_genjax"] = timing.seconds / genjax_ddim[n]
+    rows.append(r)
+  return rows
+
+
+def summary(records: list[dict]) -> list[str]:
+  """Goal lines: recompiles on num_steps/eta change (goal 0) and DDIM-50 overhead (goal <= 1.05)."""
+  ours = [r for r in records if r["sampler"] in SAMPLERS and r["status"] == "ok"]
+  lines = [f"recompilations when only num_steps/eta change: {sum(r['compiles'] for r in ours)} (goal 0)"]
+  for r in ours:
+    if r["sampler"] == "ddim" and r["num_steps"] == 50:
+      lines.append(f"DDIM-50 overhead_ratio at batch {r['batch']}: {r['overhead_ratio']:.3f} (goal <= 1.05)")
+  peer = [r for r in records if r["sampler"] == "diffusers_ddim"]
+  for r in peer:
+    if r["status"] != "ok":
+      lines.append(f"diffusers_ddim (batch {r['batch']}): {r['status']}")
+    elif r["vs_genjax"] is not None:
+      lines.append(f"diffusers_ddim / genjax ddim at {r['num_steps']} steps, batch {r['batch']}: "
+                   f"{r['vs_genjax']:.2f}x the time; it compiled {r['compiles']} time(s) for this step count")
+  return lines
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  batches = common.batch_sizes(quick_default=(1, 8), full_default=(1, 16, 64))
+  num_steps_list = common.parse_ints(_NUM_STEPS.value, "num_steps")
+  info = common.device_info()
+  records = common.stamp(run(_DDPM_CONFIG.value, list(_SAMPLERS.value), num_steps_list, batches,
+                             common.repeats(), common.PEERS.value), "samplers", info)
+  variant = _DDPM_CONFIG.value.get("variant", "?")
+  common.print_table(records, COLUMNS, f"Diffusion samplers, U-Net of ddpm.py:{variant}, on "
+                     f"{common.device_label(info)}; seconds = median of {common.repeats()} after warm-up")
+  print("\n".join(summary(records)))
+  common.write_json(records, common.JSON.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

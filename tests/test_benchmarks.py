@@ -1,0 +1,122 @@
+"""Smoke tests of the benchmarks: each one's `--quick` path, in-process, at the tiniest model sizes.
+
+Benchmarks measure; tests don't time. These check that every benchmark runs end to end through its absl flags,
+writes the JSON keys the issue promises, and that the invariants the figures rest on hold: no recompilation when
+only num_steps / eta change, overhead_ratio and tokens/s computed from the reported times, greedy decoding without a
+cache equal to the KV-cached path, the scaling worker really seeing the simulated device count, and "peer not
+installed" rows when diffusers / transformers are absent. No timing assertions.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import jax
+import numpy as np
+import pytest
+from absl import flags
+from absl.testing import flagsaver
+
+from benchmarks import common, decoding, samplers, train_step
+
+FLAGS = flags.FLAGS
+
+
+def _run(module, tmp_path, *args, config_flag=None, model=None) -> list[dict]:
+  """Parses `args` (with --quick and --json) and runs the module's main; `model` updates `config_flag`'s
+  config.model (config_flags reads command-line overrides from sys.argv at import time, so set them here)."""
+  path = tmp_path / f"{module.__name__.split('.')[-1]}.json"
+  with flagsaver.flagsaver():
+    FLAGS(["bench", "--quick", f"--json={path}", *args])
+    if model:
+      getattr(FLAGS, config_flag).model.update(model)
+    module.main(["bench"])
+  records = json.loads(path.read_text())
+  assert isinstance(records, list) and records
+  return records
+
+
+def _has_keys(records, keys):
+  for r in records:
+    missing = set(keys) - set(r)
+    assert not missing, f"record {r} misses {missing}"
+
+
+def test_compile_counter_counts_backend_compiles():
+  f = jax.jit(lambda x: x * 3 + 1)
+  x = np.arange(4, dtype=np.float32)
+  with common.CompileCounter() as first:
+    jax.block_until_ready(f(x))
+  with common.CompileCounter() as second:
+    jax.block_until_ready(f(x))          # cached: no compilation
+  with common.CompileCounter() as third:
+    jax.block_until_ready(f(x[:3]))      # a new shape: one compilation
+  assert (first.count, second.count, third.count) == (1, 0, 1)
+  assert first.seconds > 0
+
+
+def test_time_call_needs_five_repeats_and_reports_the_median():
+  with pytest.raises(ValueError, match="at least 5"):
+    common.time_call(lambda: 1, repeats=4)
+  t = common.time_call(lambda: jax.numpy.ones(3), repeats=5)
+  assert len(t.samples) == 5 and t.seconds == sorted(t.samples)[2]
+
+
+def test_peak_flops_table_and_json_nan():
+  assert common.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+  assert common.peak_flops("cpu") is None
+  assert common._jsonable(float("nan")) is None
+
+
+def test_samplers_quick(tmp_path):
+  records = _run(samplers, tmp_path, "--batch_sizes=2", "--num_steps=2,3", config_flag="ddpm_config",
+                 model=dict(ch=8, ch_mult=(1,), attn_resolutions=(), num_res_blocks=1))
+  _has_keys(records, ["sampler", "num_steps", "batch", "seconds", "forward_seconds", "overhead_ratio", "compiles",
+                      "samples_per_second", "compile_seconds", "device"])
+  ours = [r for r in records if r["sampler"] in samplers.SAMPLERS]
+  assert {(r["sampler"], r["num_steps"]) for r in ours} == {(s, n) for s in samplers.SAMPLERS for n in (2, 3)}
+  for r in ours:
+    assert r["compiles"] == 0, r                    # num_steps / eta changes compile nothing new
+    assert r["first_call_compiles"] >= 1            # ... while the first call of each program did compile
+    assert r["overhead_ratio"] == pytest.approx(r["seconds"] / (r["num_steps"] * r["forward_seconds"]))
+    assert r["samples_per_second"] == pytest.approx(2 / r["seconds"])
+  peer = [r for r in records if r["sampler"] == "diffusers_ddim"]
+  assert peer
+  if importlib.util.find_spec("diffusers") is None:
+    assert peer[0]["status"].startswith("peer not installed") and peer[0]["seconds"] is None
+
+
+def test_decoding_quick(tmp_path):
+  records = _run(decoding, tmp_path, "--batch_sizes=2", "--prompt_lens=4", "--new_tokens=6", config_flag="lm_config",
+                 model=dict(num_layers=1, embed_dim=16, num_heads=2, mlp_dim=32, max_len=32))
+  _has_keys(records, ["mode", "batch", "prompt_len", "new_tokens", "tokens_per_second", "seconds"])
+  by_mode = {r["mode"]: r for r in records}
+  assert set(decoding.MODES) <= set(by_mode)
+  assert by_mode["prefill"]["tokens_per_second"] == pytest.approx(2 * 4 / by_mode["prefill"]["seconds"])
+  cached, recompute = by_mode["cached"], by_mode["recompute"]
+  assert cached["tokens_per_second"] == pytest.approx(2 * 6 / cached["seconds"])
+  assert cached["speedup_vs_recompute"] == pytest.approx(recompute["seconds"] / cached["seconds"])
+  assert recompute["matches_cached"] == 1.0        # greedy without a cache == greedy with the KV cache
+  for mode in decoding.SAMPLING:
+    assert by_mode[mode]["compiles"] == 0            # sampling settings are runtime values of one program
+  if importlib.util.find_spec("transformers") is None:
+    assert by_mode["transformers_flax"]["status"].startswith("peer not installed")
+
+
+def test_train_step_quick(tmp_path):
+  records = _run(train_step, tmp_path, "--train_configs=vae.py:digits", "--train_override=model.channels=(4,8)",
+                 "--train_override=model.hidden=8", "--train_override=model.latent_dim=2",
+                 "--train_override=batch_size=8", "--train_override=model.iw_samples=2", "--log_every=2",
+                 "--scaling_devices=2")
+  _has_keys(records, ["family", "mode", "batch", "devices", "steps_per_second", "examples_per_second",
+                      "flops_per_step", "mfu", "vs_bare", "device"])
+  by_mode = {r["mode"]: r for r in records}
+  assert set(by_mode) == {"bare_step", "full_loop", "scaling"}
+  bare, loop, scaling = by_mode["bare_step"], by_mode["full_loop"], by_mode["scaling"]
+  assert bare["family"] == "vae" and bare["batch"] == 8 and bare["flops_per_step"] > 0
+  assert bare["mfu"] is None                         # CPU: no peak to compare against
+  assert loop["vs_bare"] == pytest.approx(loop["steps_per_second"] / bare["steps_per_second"])
+  assert loop["examples_per_second"] == pytest.approx(8 * loop["steps_per_second"])
+  assert loop["checkpoint_seconds"] is not None and loop["steady_steps_per_second"] > 0
+  assert scaling["status"] == "ok", scaling["status"]
+  assert scaling["devices"] == 2 and scaling["simulated"] and "x2" in scaling["device"]
