@@ -120,7 +120,8 @@ def test_quadratic_converges_through_the_loop(tmp_path):
 @pytest.mark.parametrize("override, message", [
     (dict(parallel="pmapp"), "parallel='pmapp' is not one of"),
     (dict(batch_size=12), "batch_size=12 must be divisible by data×fsdp=8"),
-    (dict(**{"mesh.data": 3}), r"mesh=.* does not divide 8 devices"),
+    (dict(**{"mesh.data": 3, "mesh.fsdp": -1}), r"mesh=.* does not divide 8 devices"),
+    (dict(**{"mesh.data": 16}), r"mesh=.* needs 16 devices, have 8"),
     (dict(**{"dataset.name": "mnst"}), "unknown data set 'mnst'; available"),
     (dict(**{"dataset.train_split": "validation"}), "has no split 'validation'; splits"),
     (dict(**{"model.likelihood": "poisson"}), "model.likelihood='poisson' is not one of"),
