@@ -5,6 +5,7 @@
       t = common.time_call(lambda: fn(x), repeats=5)   # warm-up call first, then the median of >= 5 timed calls
     t.first_seconds, t.seconds, cc.count, cc.seconds
     common.write_json(records, path); common.print_table(records, columns, title)
+    params = common.random_params(jax.eval_shape(module.init, rng, x))   # host-drawn weights, nothing compiled
 
 Timing rules (every benchmark follows them): a warm-up call compiles first; each timed call ends with
 `jax.block_until_ready` on its result; the reported time is the median of at least 5 calls; ratios (overhead,
@@ -28,6 +29,8 @@ import time
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import flags
 
 JSON = flags.DEFINE_string("json", None, "Write the records (a JSON list of objects) to this path.")
@@ -158,6 +161,29 @@ def time_call(fn: Callable[[], Any], repeats: int = MIN_REPEATS, warmup: bool = 
     first = _timed(fn) if warmup else math.nan
     samples = [_timed(fn) for _ in range(repeats)]
   return Timing(first, statistics.median(samples), samples, cc.count, cc.seconds)
+
+
+# --------------------------------------------------------------------------------------------- model weights
+def random_params(abstract_params: Any, seed: int = 0) -> Any:
+  """Random weights with the shapes/dtypes of `abstract_params` (e.g. `jax.eval_shape(module.init, ...)`), drawn
+  on the host with numpy, so that no XLA program is compiled for them (a jitted Flax `init` costs seconds of
+  compilation per model on CPU, mostly its random-number code). Leaves with >= 2 dims ~ N(0, 1 / fan_in) with fan_in
+  the product of all but the last dim; 1-D leaves named "scale" ~ 1 + N(0, 0.01^2), other 1-D/0-D leaves
+  ~ N(0, 0.01^2). Benchmark timings do not depend on the values; they only need to be finite and not degenerate."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    shape, dtype = tuple(leaf.shape), leaf.dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+      return jnp.zeros(shape, dtype)
+    name = str(getattr(path[-1], "key", path[-1])) if path else ""
+    if len(shape) >= 2:
+      values = rng.standard_normal(shape) / np.sqrt(max(int(np.prod(shape[:-1])), 1))
+    else:
+      values = (1.0 if name == "scale" else 0.0) + 0.01 * rng.standard_normal(shape)
+    return jnp.asarray(values.astype(np.dtype(dtype)))
+
+  return jax.tree_util.tree_map_with_path(draw, abstract_params)
 
 
 # --------------------------------------------------------------------------------------------- the machine

@@ -5,9 +5,9 @@ r"""Text decoding benchmark: prefill and decode tokens/s of the genjax transform
       --prompt_lens=64,256 --json=decoding_gpu.json                             # on an accelerator
   python -m benchmarks.decoding --lm_config.model.num_layers=1 --new_tokens=8   # any config field overrides
 
-The model is the LM of `experiments/configs/lm.py:<variant>` (`--lm_config`, default `:pydoc`) with freshly
-initialised weights; prompts are random bytes, all rows the same length; no EOS (every row decodes all
-`new_tokens`). Modes, each timed as the median of >= 5 calls after a warm-up:
+The model is the LM of `experiments/configs/lm.py:<variant>` (`--lm_config`, default `:pydoc`) with random weights
+drawn on the host (`common.random_params`); prompts are random bytes, all rows the same length; no EOS (every row
+decodes all `new_tokens`). Modes, each timed as the median of >= 5 calls after a warm-up:
 
   prefill        the prompt through the model into a fresh KV cache (what `generate` does first);
                  tokens_per_second = batch * prompt_len / seconds.
@@ -62,12 +62,13 @@ class LMBench:
     self.module = tr.TransformerLM(self.cfg)
     self.model = tr.decoding_model(self.cfg)
     tokens = jnp.zeros((1, 8), jnp.int32)
-    self.params = nn.unbox(jax.jit(self.module.init)(jax.random.key(seed), tokens)["params"])
+    abstract = nn.unbox(jax.eval_shape(self.module.init, jax.random.key(0), tokens)["params"])
+    self.params = common.random_params(abstract, seed)
     self.prefill = jax.jit(functools.partial(_prefill, self.model), static_argnums=0)
     self.recompute = jax.jit(functools.partial(_recompute_greedy, self.model), static_argnums=0)
 
   def prompts(self, batch: int, prompt_len: int, seed: int = 1) -> jax.Array:
-    return jax.random.randint(jax.random.key(seed), (batch, prompt_len), 0, 256, jnp.int32)
+    return jnp.asarray(np.random.default_rng(seed).integers(0, 256, (batch, prompt_len), dtype=np.int32))
 
   def generate(self, prompts, new_tokens: int, rng=None, **sampling):
     from genjax.samplers import generate

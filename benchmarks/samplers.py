@@ -6,10 +6,11 @@ r"""Diffusion sampler benchmark: DDPM / DDIM / DPM-Solver++ x num_steps x batch,
   python -m benchmarks.samplers --ddpm_config.model.ch=8 --num_steps=2,4         # any config field overrides
 
 The U-Net is the one `experiments/configs/ddpm.py:<variant>` trains (`--ddpm_config`, default `:digits`), with
-freshly initialised weights (slightly perturbed so that the zero-initialised output layer does not make every
-prediction 0; timing does not depend on the values). Each sampler is called the way the library documents for
-"no recompilation": the model is `jax.tree_util.Partial(apply_fn, variables, labels)` with one `apply_fn` for the
-whole run, so num_steps and eta are runtime values.
+random weights drawn on the host (`common.random_params`: no compilation spent on initialisation, and no
+zero-initialised output layer making every prediction 0; timing does not depend on the values). Each sampler is
+called the way the library documents for "no recompilation": the model is
+`jax.tree_util.Partial(apply_fn, variables, labels)` with one `apply_fn` for the whole run, so num_steps and eta
+are runtime values.
 
 Per row: `seconds` (median of >= 5 calls after a warm-up), `samples_per_second`, `forward_seconds` (one U-Net
 forward at that batch: the median over >= 5 chains of 10 back-to-back jitted forwards, per forward),
@@ -78,27 +79,18 @@ class DiffusionBench:
 
     self.apply_fn = apply_fn
     self.forward = jax.jit(apply_fn)
-    init_rng, noise_rng = jax.random.split(jax.random.key(seed))
     x = jnp.zeros((1,) + self.image_shape, jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
     label = jnp.zeros((1,), jnp.int32) if conditional else None
-    variables = jax.jit(unet.init)(init_rng, x, t, label)
-    self.variables = jax.jit(_perturb)(variables, noise_rng)
+    self.variables = common.random_params(jax.eval_shape(unet.init, jax.random.key(0), x, t, label), seed)
 
   def inputs(self, batch: int, seed: int = 1):
-    x_T = jax.random.normal(jax.random.key(seed), (batch,) + self.image_shape, jnp.float32)
-    labels = jnp.arange(batch, dtype=jnp.int32) % max(self.num_classes, 1)
-    return x_T, labels
+    x_T = np.random.default_rng(seed).standard_normal((batch,) + self.image_shape).astype(np.float32)
+    labels = np.arange(batch, dtype=np.int32) % max(self.num_classes, 1)
+    return jnp.asarray(x_T), jnp.asarray(labels)
 
   def model_fn(self, labels) -> Callable:
     return jax.tree_util.Partial(self.apply_fn, self.variables, labels)
-
-
-def _perturb(tree, rng):
-  leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(rng, len(leaves))
-  return jax.tree.unflatten(treedef, [x + 0.01 * jax.random.normal(k, x.shape, x.dtype)
-                                      for x, k in zip(leaves, keys)])
 
 
 def forward_seconds(bench: DiffusionBench, x, labels, repeats: int) -> float:

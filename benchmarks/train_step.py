@@ -137,8 +137,12 @@ class BareStep:
   devices: int
 
 
-def bare_step(config, log_every: int, repeats: int) -> BareStep:
-  """The loop's step, jitted as the loop's pjit path jits it, on one device-resident batch (see docstring)."""
+def bare_step(config, log_every: int, repeats: int, state=None) -> BareStep:
+  """The loop's step, jitted as the loop's pjit path jits it, on one device-resident batch (see docstring).
+
+  `state`: a TrainState to start from with the loop's shardings (the full loop's final state: saves compiling the
+  initialisation a second time); None = initialise as the loop does.
+  """
   from genjax import data as gdata
   from genjax.models import get_task
   from genjax.train import parallel
@@ -158,7 +162,8 @@ def bare_step(config, log_every: int, repeats: int) -> BareStep:
   abstract = jax.eval_shape(init_fn, rng, example)
   param_sh = parallel.param_shardings(jax.eval_shape(task.init, rng, example), mesh, config.param_sharding)
   state_sh = state_shardings(task, abstract, param_sh, repl)
-  state = jax.jit(init_fn, out_shardings=state_sh)(rng, example)
+  if state is None:
+    state = jax.jit(init_fn, out_shardings=state_sh)(rng, example)
   step = jax.jit(make_train_step(task, ema_decay=ema_decay, grad_accum_steps=int(config.grad_accum_steps)),
                  in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl), donate_argnums=0)
   device_batch = parallel.global_batch(batch, batch_sh)
@@ -209,8 +214,9 @@ class LoopTiming:
     return 1.0 / (1.0 / self.steady_steps_per_second + extra)
 
 
-def full_loop(config, log_every: int) -> LoopTiming:
-  """Times `train_and_evaluate` from its own metric writes (see module docstring).
+def full_loop(config, log_every: int):
+  """(LoopTiming, the final TrainState) of `train_and_evaluate`, timed from its own metric writes (see module
+  docstring).
 
   Stamps come at steps L, 2L, ..., (LOOP_INTERVALS + 1) L; a save at step s (a multiple of
   CHECKPOINT_EVERY_INTERVALS * L) runs right after the stamp at s, so its cost falls in the interval (s, s + L].
@@ -230,7 +236,7 @@ def full_loop(config, log_every: int) -> LoopTiming:
   stamps: list = []
   try:
     with _timed_metric_writes(stamps):
-      train_and_evaluate(c, workdir, task)
+      state = train_and_evaluate(c, workdir, task)
   finally:
     shutil.rmtree(workdir, ignore_errors=True)
   if len(stamps) < 3:
@@ -241,7 +247,7 @@ def full_loop(config, log_every: int) -> LoopTiming:
   steady = sum(n for n, _ in clean) / sum(dt for _, dt in clean)
   ckpt = statistics.mean(dt - n / steady for n, dt in saving) if saving else None
   (ta, sa), (tb, sb) = stamps[0], stamps[-1]
-  return LoopTiming(steady, None if ckpt is None else max(ckpt, 0.0), (sb - sa) / (tb - ta))
+  return LoopTiming(steady, None if ckpt is None else max(ckpt, 0.0), (sb - sa) / (tb - ta)), state
 
 
 # --------------------------------------------------------------------------------------------- scaling
@@ -330,10 +336,11 @@ def run(specs, overrides: list[str], log_every: int, repeats: int, scaling_devic
   records = []
   for spec in specs:
     config = load_config(spec, parsed)
-    b = bare_step(config, log_every, repeats)
+    lt, final_state = full_loop(config, log_every)
+    b = bare_step(config, log_every, repeats, state=final_state)
+    del final_state
     bare = _row("bare_step", spec, config, b.devices, b.steps_per_second, compile_seconds=b.compile_seconds)
     _throughput(bare, b.flops_per_device, info)
-    lt = full_loop(config, log_every)
     rate = lt.amortized(int(config.checkpoint_every_steps))
     loop = _row("full_loop", spec, config, b.devices, rate, vs_bare=rate / b.steps_per_second,
                 steady_steps_per_second=lt.steady_steps_per_second, checkpoint_seconds=lt.checkpoint_seconds,

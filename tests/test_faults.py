@@ -137,6 +137,14 @@ def assert_bitwise_equal_to_ref(state, ref) -> None:
   np.testing.assert_array_equal(flat(state.ema_params), ref["ema"])
 
 
+def restored_tree(workdir, step):
+  ckpt = Checkpointer(workdir, async_save=False)
+  try:
+    return ckpt.restore(step)[0]
+  finally:
+    ckpt.close()
+
+
 def copy_run(ref, dst, keep_steps=None) -> str:
   shutil.copytree(ref["workdir"], dst)
   for s in steps_on_disk(dst):
@@ -187,21 +195,23 @@ def test_sigterm_saves_the_current_step_second_run_is_refused_resume_is_bit_for_
 # ---- other device counts, other parallel path ------------------------------------------------------------------
 
 def test_restore_from_8_devices_onto_4_and_1_and_pmap_into_pjit(ref, tmp_path, cache_dir):
-  ref_step2 = flat(Checkpointer(ref["workdir"], async_save=False).restore(2)[0])
+  ref_step2 = flat(restored_tree(ref["workdir"], 2))
   pmap_dir = str(tmp_path / "pmap")
-  run(cfg(parallel="pmap", param_sharding="replicated", num_train_steps=2, **{"mesh.fsdp": 1, "mesh.data": -1}),
-      pmap_dir)
+  on4 = {**CFG, "mesh.data": 2, "mesh.fsdp": 2}
   jobs4 = [{"dump_step": 2, "workdir": copy_run(ref, tmp_path / "w8_dump4", [2]), "out": str(tmp_path / "d4.npy")},
-           {"workdir": copy_run(ref, tmp_path / "w8_to4", [2]), "out": str(tmp_path / "p4.npy"),
-            "overrides": {**CFG, "mesh.data": 2, "mesh.fsdp": 2}},
-           {"workdir": pmap_dir, "out": str(tmp_path / "pp.npy"), "overrides": {**CFG, "mesh.data": 2, "mesh.fsdp": 2}}]
+           {"workdir": copy_run(ref, tmp_path / "w8_to4", [2]), "out": str(tmp_path / "p4.npy"), "overrides": on4}]
   jobs1 = [{"dump_step": 2, "workdir": copy_run(ref, tmp_path / "w8_dump1", [2]), "out": str(tmp_path / "d1.npy")},
            {"workdir": copy_run(ref, tmp_path / "w8_to1", [2]), "out": str(tmp_path / "p1.npy"),
             "overrides": {**CFG, "mesh.data": 1, "mesh.fsdp": 1}}]
-  four = start_worker(["--jobs", json.dumps(jobs4)], 4, cache_dir)
+  four = start_worker(["--jobs", json.dumps(jobs4)], 4, cache_dir)    # these two run while pmap trains here
   one = start_worker(["--jobs", json.dumps(jobs1)], 1, cache_dir)
-  (dump4, train4, pmap4), _ = finish(four)
+  run(cfg(parallel="pmap", param_sharding="replicated", num_train_steps=2, **{"mesh.fsdp": 1, "mesh.data": -1}),
+      pmap_dir)
+  pmap_to_pjit = start_worker(["--jobs", json.dumps([{"workdir": pmap_dir, "out": str(tmp_path / "pp.npy"),
+                                                      "overrides": on4}])], 4, cache_dir)
+  (dump4, train4), _ = finish(four)
   (dump1, train1), _ = finish(one)
+  (pmap4,), _ = finish(pmap_to_pjit)
   assert dump4["devices"] == 4 and dump4["sharded_arrays"] > 0 and dump1["devices"] == 1
   np.testing.assert_array_equal(np.load(tmp_path / "d4.npy"), ref_step2)     # restore itself is exact
   np.testing.assert_array_equal(np.load(tmp_path / "d1.npy"), ref_step2)
@@ -273,10 +283,8 @@ def test_silently_wrong_arrays_are_caught_by_checksums(ref, tmp_path):
   """Orbax alone restores step 4's arrays under step 6's name without an error; the checksums refuse them."""
   workdir = copy_run(ref, tmp_path / "run")
   _swap_in_step_4(os.path.join(workdir, "checkpoints", "6"))
-  ckpt = Checkpointer(workdir, async_save=False)
   with pytest.raises(CheckpointUnreadableError, match="arrays of step 6 fail their checksums"):
-    ckpt.restore(6)
-  ckpt.close()
+    restored_tree(workdir, 6)
 
 
 def test_resume_after_a_damaged_latest_checkpoint_is_bit_for_bit(ref, tmp_path):
@@ -349,9 +357,7 @@ def test_injected_nan_stops_naming_the_step_and_the_last_good_checkpoint_is_inta
   assert steps_on_disk(workdir) == [2, 4]
   logged = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert max(logged) == 4
-  ours = Checkpointer(workdir, async_save=False).restore(4)[0]
-  theirs = Checkpointer(ref["workdir"], async_save=False).restore(4)[0]
-  np.testing.assert_array_equal(flat(ours), flat(theirs))           # verified by its checksums, too
+  np.testing.assert_array_equal(flat(restored_tree(workdir, 4)), flat(restored_tree(ref["workdir"], 4)))
 
 
 # ---- no pickle ---------------------------------------------------------------------------------------------------
@@ -377,7 +383,7 @@ def test_checkpoints_are_arrays_and_json_only_and_load_without_pickle(ref, monke
 
 # ---- bad inputs: one clear error, nothing on disk lost ---------------------------------------------------------
 
-BAD_CONFIGS = {   # override → the error it must raise (run against a copy of a finished run asked to go on to 8)
+BAD_CONFIGS = {   # override → the error it must raise, run on a copy of the finished reference run
     "parallel": (dict(parallel="pmapp"), ValueError, r"parallel='pmapp' is not one of \('pjit', 'pmap'\)"),
     "batch vs devices": (dict(batch_size=12), ValueError, r"batch_size=12 must be divisible by data×fsdp=8"),
     "mesh": ({"mesh.data": -1, "mesh.fsdp": 3}, ValueError, r"mesh=.*'fsdp': 3.* does not divide 8 devices"),
@@ -395,7 +401,8 @@ BAD_CONFIGS = {   # override → the error it must raise (run against a copy of 
                             r"image 8×8 is not divisible by 2\*\*len\(channels\)=16; change model.channels"),
     "text data for an image model": ({"dataset.name": "pydoc"}, ValueError, r"image data set; 'pydoc' is text"),
     "TFDS data set not prepared": ({"dataset.name": "mnist"}, ValueError, r"TFDS data set 'mnist'.*tfds build mnist"),
-    "grad accumulation": (dict(grad_accum_steps=3), ValueError, r"not divisible by grad_accum_steps=3"),
+    "grad accumulation": (dict(grad_accum_steps=3, num_train_steps=8), ValueError,   # found when step 7 traces
+                          r"not divisible by grad_accum_steps=3"),
     "seed": (dict(seed=-1), ValueError, r"seed=-1"),
     "model changed under a run": ({"model.hidden": 64}, CheckpointMismatchError,
                                   r"does not fit this config: .*dec_hidden/bias is float32\(32,\) in the checkpoint "
@@ -424,7 +431,7 @@ def test_bad_config_value_gives_one_clear_error_and_loses_nothing(finished_run, 
   overrides, error, message = BAD_CONFIGS[name]
   try:
     with pytest.raises(error, match=message):
-      run(cfg(**{"num_train_steps": 8, **overrides}), workdir)
+      run(cfg(**overrides), workdir)
   finally:
     assert_nothing_lost(before, workdir)
 
@@ -465,19 +472,17 @@ def test_load_run_names_the_steps_there_are(ref):
     load_run(ref["workdir"], step=5)
 
 
-def test_prompt_longer_than_the_cache_and_unknown_sample_options(ref):
+def test_prompt_longer_than_the_cache_and_unknown_sample_options():
+  """Both are refused before any params are touched (so none are needed here)."""
   from experiments.configs import lm as lm_configs
   from genjax.models import get_task
   c = lm_configs.get_config("pydoc")
   c.model.update(embed_dim=16, num_layers=1, num_heads=2, mlp_dim=32, max_len=32)
-  lm = get_task(c)
-  params = lm.init(jax.random.PRNGKey(0), {"tokens": np.zeros((1, 9), np.int32)})
   with pytest.raises(ValueError, match=r"a prompt of 40 tokens is longer than the KV cache \(32 slots, model "
                                        r"max_len=32\)"):
-    lm.sample_text(params, ["x" * 40], jax.random.PRNGKey(1), max_new_tokens=4)
-  config, vae_params = load_run(ref["workdir"])
+    get_task(c).sample_text({}, ["x" * 40], jax.random.PRNGKey(1), max_new_tokens=4)
   with pytest.raises(ValueError, match=r"unknown VAE sample options \['sampler'\]; valid: \['temperature'\]"):
-    get_task(config).sample_images(vae_params, jax.random.PRNGKey(0), 2, sampler="ddim")
+    get_task(cfg()).sample_images({}, jax.random.PRNGKey(0), 2, sampler="ddim")
 
 
 LAUNCHER_ERRORS = {   # argv after --config → the one line it must print (exit status 1)

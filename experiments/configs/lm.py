@@ -90,6 +90,8 @@ def gpt_small(c):
   c.optimizer.warmup_steps = 1000
 
 
+VARIANTS = {"pydoc": pydoc, "tiny_shakespeare": tiny_shakespeare, "gpt_small": gpt_small}
+
+
 def get_config(arg=None):
-  return pick_variant("lm.py", arg, {"pydoc": pydoc, "tiny_shakespeare": tiny_shakespeare,
-                                     "gpt_small": gpt_small})
+  return pick_variant("lm.py", arg, VARIANTS)

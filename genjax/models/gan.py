@@ -6,6 +6,7 @@ its own optimizer (`config.disc_optimizer` for "disc", `config.optimizer` for "g
     task = genjax.models.gan.task(config)    # params = {"gen": ..., "disc": ...}
     images = task.sample_images(ema_params, rng, 16, truncation=0.7, label=3)
     grid = genjax.models.gan.build(config).interpolation_grid(ema_params, rng, rows=10, cols=8)
+    grid, cols = genjax.models.gan.interpolation_images(config, ema_params, rng)   # what sample.py uses
 
 `config.model` fields: latent_dim; gen_channels (lowest resolution first; the generator doubles the resolution
 len-1 times, so H and W must be divisible by 2**(len-1)); disc_channels (a 3x3 conv at full resolution, then one
@@ -374,6 +375,16 @@ def build(config) -> GAN:
   """The GAN object (modules, losses, interpolation_grid) for a config, shaped by its dataset."""
   info = _image_info(config)
   return GAN(config.model, info.image_shape, info.num_classes, config.get("compute_dtype", "float32"))
+
+
+def interpolation_images(config, params, rng, rows: int | None = None, cols: int = 8, truncation=None, label=None):
+  """(images, cols) for `experiments/sample.py --interpolate`: the GAN's latent interpolation grid, one row per
+  class (the row's label) for conditional models, else 8 rows."""
+  gan = build(config)
+  rows = int(rows or (gan.num_classes or 8))
+  if gan.num_classes and label is None:
+    label = np.arange(rows) % gan.num_classes
+  return gan.interpolation_grid(params, rng, rows, cols, truncation=truncation, label=label), cols
 
 
 def task(config) -> Task:

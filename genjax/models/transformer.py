@@ -208,7 +208,8 @@ def lm_metrics(module: TransformerLM, params, tokens: jax.Array) -> dict:
 
 def sample_text(cfg: LMConfig, params, prompts, rng, **options) -> list[str]:
   """Continuations of text prompts (an empty prompt starts from a newline). Options and defaults:
-  `SAMPLE_OPTIONS`; `num_beams > 1` returns the best beam (deterministic)."""
+  `SAMPLE_OPTIONS`; `num_beams > 1` returns the best beam (deterministic). A row stops early at EOS or when
+  prompt + continuation fill `max_len` positions; a prompt longer than `max_len` bytes is a ValueError."""
   unknown = set(options) - set(SAMPLE_OPTIONS)
   if unknown:
     raise ValueError(f"unknown sampling options {sorted(unknown)}; valid: {sorted(SAMPLE_OPTIONS)}")

@@ -255,6 +255,10 @@ class Checkpointer:
     if integrity is None:
       logging.warning("checkpoint at step %d has no checksums (written by an older genjax); not verified", step)
       return
+    if integrity.get("algorithm") != CHECKSUM_ALGORITHM:
+      logging.warning("checkpoint at step %d has checksums of another kind (%r); not verified", step,
+                      integrity.get("algorithm"))
+      return
     expected, actual = integrity.get("arrays", {}), array_checksums(tree)
     bad = sorted(k for k in expected.keys() | actual.keys() if expected.get(k) != actual.get(k))
     if bad:
