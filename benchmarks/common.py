@@ -3,6 +3,7 @@
     from benchmarks import common
     with common.CompileCounter() as cc:           # counts XLA backend compilations (jax.monitoring events)
       t = common.time_call(lambda: fn(x), repeats=5)   # warm-up call first, then the median of >= 5 timed calls
+    ts = common.time_interleaved({"a": f, "b": g}, repeats=5)   # the same, calls round-robin: for ratios
     t.first_seconds, t.seconds, cc.count, cc.seconds
     common.write_json(records, path); common.print_table(records, columns, title)
     params = common.random_params(jax.eval_shape(module.init, rng, x))   # host-drawn weights, nothing compiled
@@ -161,6 +162,24 @@ def time_call(fn: Callable[[], Any], repeats: int = MIN_REPEATS, warmup: bool = 
     first = _timed(fn) if warmup else math.nan
     samples = [_timed(fn) for _ in range(repeats)]
   return Timing(first, statistics.median(samples), samples, cc.count, cc.seconds)
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int = MIN_REPEATS) -> dict[str, Timing]:
+  """Like `time_call` for several functions whose times will be compared: after one warm-up call each, the timed
+  calls go round-robin (a, b, c, a, b, c, ...), so that load changes on a shared machine hit all of them alike."""
+  if repeats < MIN_REPEATS:
+    raise ValueError(f"repeats={repeats}: the median needs at least {MIN_REPEATS} timed calls")
+  counters = {name: CompileCounter() for name in fns}
+  firsts, samples = {}, {name: [] for name in fns}
+  for name, fn in fns.items():
+    with counters[name]:
+      firsts[name] = _timed(fn)
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      with counters[name]:
+        samples[name].append(_timed(fn))
+  return {name: Timing(firsts[name], statistics.median(samples[name]), samples[name], counters[name].count,
+                       counters[name].seconds) for name in fns}
 
 
 # --------------------------------------------------------------------------------------------- model weights

@@ -19,8 +19,10 @@ decodes all `new_tokens`). Modes, each timed as the median of >= 5 calls after a
                  MLP and vocabulary, random weights), jitted, greedy / top_p 0.9; optional ("peer not installed").
 
 For decode modes tokens_per_second = batch * new_tokens / seconds (prefill included: what a user waits for) and
-decode_tokens_per_second subtracts the measured prefill. Ratios, same process: `speedup_vs_recompute` (cached),
-`vs_greedy` (sampling modes: their overhead over greedy), `vs_genjax` (peer seconds / genjax cached seconds).
+decode_tokens_per_second subtracts the measured prefill. The modes of one (batch, prompt_len, new_tokens) are timed
+round-robin (`common.time_interleaved`), so that their ratios see the same load on a shared machine. Ratios:
+`speedup_vs_recompute` (cached), `vs_greedy` (sampling modes: their overhead over greedy), `vs_genjax` (peer seconds
+/ genjax seconds of the same setting, also timed round-robin).
 `matches_cached` (recompute rows): the fraction of greedy tokens equal to the cached path's.
 """
 from __future__ import annotations
@@ -160,26 +162,27 @@ def run(config, modes, batches, prompt_lens, new_tokens_list, repeats: int = 5, 
   for batch in batches:
     for p in prompt_lens:
       prompts = bench.prompts(batch, p)
-      prefill_s = None
-      if "prefill" in modes:
-        t = common.time_call(lambda: bench.prefill(p + max(new_tokens_list) - 1, bench.params, prompts), repeats)
-        prefill_s = t.seconds
-        records.append(_row("prefill", batch, p, 0, t))
-      for n in new_tokens_list:
-        rows = {}
+      for i, n in enumerate(new_tokens_list):
+        fns = {}
         for mode in modes:
-          if mode == "prefill":
-            continue
-          if mode == "recompute":
-            fn = lambda: bench.recompute(n, bench.params, prompts)  # noqa: E731
+          if mode == "prefill":      # with the cache `generate` allocates for n new tokens
+            fns[mode] = functools.partial(bench.prefill, p + n - 1, bench.params, prompts)
+          elif mode == "recompute":
+            fns[mode] = functools.partial(bench.recompute, n, bench.params, prompts)
           else:
-            fn = functools.partial(bench.generate, prompts, n, rng, **SAMPLING.get(mode, {}))
-          rows[mode] = _row(mode, batch, p, n, common.time_call(fn, repeats))
-          if mode.startswith("cached") and prefill_s is not None and rows[mode]["seconds"] > prefill_s:
-            rows[mode]["decode_tokens_per_second"] = batch * n / (rows[mode]["seconds"] - prefill_s)
+            fns[mode] = functools.partial(bench.generate, prompts, n, rng, **SAMPLING.get(mode, {}))
+        # Round-robin over the modes, so that the ratios between them see the same machine load.
+        timings = common.time_interleaved(fns, repeats)
+        rows = {mode: _row(mode, batch, p, 0 if mode == "prefill" else n, t) for mode, t in timings.items()}
+        prefill = rows.pop("prefill", None)
+        if prefill is not None and i == 0:
+          records.append(prefill)     # one prefill row per (batch, prompt_len)
+        for mode, r in rows.items():
+          if mode.startswith("cached") and prefill is not None and r["seconds"] > prefill["seconds"]:
+            r["decode_tokens_per_second"] = batch * n / (r["seconds"] - prefill["seconds"])
         _ratios(bench, rows, prompts, n)
         records.extend(rows.values())
-        records.extend(_peer_rows(peer, peers, prompts, batch, p, n, rows, repeats))
+        records.extend(_peer_rows(peer, peers, prompts, batch, p, n, fns, repeats))
   return records
 
 
@@ -197,20 +200,24 @@ def _ratios(bench: LMBench, rows: dict, prompts, n: int) -> None:
     rows["recompute"]["matches_cached"] = float(np.mean(a == b))
 
 
-def _peer_rows(peer, wanted, prompts, batch, p, n, rows, repeats) -> list[dict]:
+def _peer_rows(peer, wanted, prompts, batch, p, n, fns, repeats) -> list[dict]:
+  """transformers rows; each is timed round-robin with the genjax mode it is compared with."""
   if not wanted:
     return []
   if peer is None:
     return [_row("transformers_flax", batch, p, n, status="peer not installed (pip install 'genjax-zoo[peers]')")]
   out = []
   for mode, top_p, ours in (("transformers_flax", None, "cached"), ("transformers_flax_top_p", 0.9, "cached_top_p")):
+    pair = {"peer": lambda: peer(prompts, n, top_p)}
+    if ours in fns:
+      pair["genjax"] = fns[ours]
     try:
-      t = common.time_call(lambda: peer(prompts, n, top_p), repeats)
+      t = common.time_interleaved(pair, repeats)
     except Exception as e:  # an incompatible transformers release: say so, keep the genjax figures
       return out + [_row(mode, batch, p, n, status=f"peer failed: {type(e).__name__}: {e}"[:200])]
-    r = _row(mode, batch, p, n, t)
-    if ours in rows:
-      r["vs_genjax"] = t.seconds / rows[ours]["seconds"]
+    r = _row(mode, batch, p, n, t["peer"])
+    if "genjax" in t:
+      r["vs_genjax"] = t["peer"].seconds / t["genjax"].seconds
     out.append(r)
   return out
 

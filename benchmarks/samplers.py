@@ -13,9 +13,11 @@ called the way the library documents for "no recompilation": the model is
 are runtime values.
 
 Per row: `seconds` (median of >= 5 calls after a warm-up), `samples_per_second`, `forward_seconds` (one U-Net
-forward at that batch: the median over >= 5 chains of 10 back-to-back jitted forwards, per forward),
-`overhead_ratio = seconds / (num_steps * forward_seconds)` (1.0 is the physical limit: the sampler's own arithmetic
-and loop cost on top of the model calls; below 1.0 means the fused loop beats separately dispatched forwards),
+forward at that batch: one jitted `fori_loop` of 10 dependent forwards (each output, clipped to [-4, 4], is the
+next input), median of >= 5 calls, divided by 10 — the model-only cost of a sampler step, without per-call
+dispatch; its calls alternate with the sampler's so that both see the same machine load),
+`overhead_ratio = seconds / (num_steps * forward_seconds)` (1.0 is the physical limit; the excess is the sampler's
+own arithmetic, loop and call overhead),
 `compiles` (XLA compilations during the row: its warm-up, its timed calls and, for DDIM, extra calls with eta 0.5
 and 1.0 — after the program was built once for this sampler and batch, so the goal is 0) and `compile_seconds` (the
 wait for that first build: first call minus a steady call).
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -78,7 +80,13 @@ class DiffusionBench:
       return unet.apply(variables, x, t, labels if conditional else None)
 
     self.apply_fn = apply_fn
-    self.forward = jax.jit(apply_fn)
+
+    @jax.jit
+    def forward_chain(variables, labels, x, t):
+      body = lambda i, y: jnp.clip(apply_fn(variables, labels, y, t).astype(jnp.float32), -4.0, 4.0)  # noqa: E731
+      return jax.lax.fori_loop(0, FORWARD_CHAIN, body, x)
+
+    self.forward_chain = forward_chain
     x = jnp.zeros((1,) + self.image_shape, jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
     label = jnp.zeros((1,), jnp.int32) if conditional else None
@@ -91,19 +99,6 @@ class DiffusionBench:
 
   def model_fn(self, labels) -> Callable:
     return jax.tree_util.Partial(self.apply_fn, self.variables, labels)
-
-
-def forward_seconds(bench: DiffusionBench, x, labels, repeats: int) -> float:
-  """Seconds per U-Net forward at this batch: median over `repeats` chains of FORWARD_CHAIN dependent calls."""
-  t = jnp.full((x.shape[0],), bench.schedule.num_timesteps // 2, jnp.int32)
-
-  def chain():
-    y = x
-    for _ in range(FORWARD_CHAIN):
-      y = bench.forward(bench.variables, labels, y, t)
-    return y
-
-  return common.time_call(chain, repeats).seconds / FORWARD_CHAIN
 
 
 def sampler_call(bench: DiffusionBench, name: str, model_fn, x_T, num_steps: int, eta: float = 0.0):
@@ -182,30 +177,33 @@ def run(config, samplers, num_steps_list, batches, repeats: int = 5, peers: bool
   for batch in batches:
     x_T, labels = bench.inputs(batch)
     model_fn = bench.model_fn(labels)
-    fwd = forward_seconds(bench, x_T, labels, repeats)
-    genjax_ddim = {}
+    t_mid = jnp.full((batch,), bench.schedule.num_timesteps // 2, jnp.int32)
+    forward = lambda: bench.forward_chain(bench.variables, labels, x_T, t_mid)  # noqa: E731
+    jax.block_until_ready(forward())     # compile the forward chain before any row counts compilations
     for name in samplers:
       # Build the program once for this sampler and batch; every row after that must compile nothing.
       first = common.first_call(lambda: sampler_call(bench, name, model_fn, x_T, num_steps_list[0]))
       steady_first = None
       for n in num_steps_list:
         with common.CompileCounter() as cc:
-          timing = common.time_call(lambda: sampler_call(bench, name, model_fn, x_T, n), repeats)
+          # Sampler and forward calls alternate, so that the ratio sees the same machine load.
+          t = common.time_interleaved({"sampler": lambda: sampler_call(bench, name, model_fn, x_T, n),
+                                       "forward": forward}, repeats)
           if name == "ddim":
             for eta in DDIM_ETAS:
               jax.block_until_ready(sampler_call(bench, name, model_fn, x_T, n, eta=eta))
-        steady_first = timing.seconds if steady_first is None else steady_first
-        r = _fill(_row(name, batch, n), timing, fwd, n)
+        steady_first = t["sampler"].seconds if steady_first is None else steady_first
+        r = _fill(_row(name, batch, n), t["sampler"], t["forward"].seconds / FORWARD_CHAIN, n)
         r.update(compiles=cc.count, compile_seconds=first.overhead(steady_first),
                  first_call_compiles=first.compiles)
         records.append(r)
-        if name == "ddim":
-          genjax_ddim[n] = timing.seconds
-    records.extend(_peer_rows(peer, peers, labels, x_T, batch, num_steps_list, fwd, genjax_ddim, repeats))
+    ddim = lambda n: sampler_call(bench, "ddim", model_fn, x_T, n)  # noqa: E731
+    records.extend(_peer_rows(peer, peers, labels, x_T, batch, num_steps_list, forward, ddim, repeats))
   return records
 
 
-def _peer_rows(peer, wanted: bool, labels, x_T, batch, num_steps_list, fwd, genjax_ddim, repeats) -> list[dict]:
+def _peer_rows(peer, wanted: bool, labels, x_T, batch, num_steps_list, forward, ddim, repeats) -> list[dict]:
+  """diffusers rows; each step count is timed round-robin with genjax DDIM and the forward chain."""
   if not wanted:
     return []
   if peer is None:
@@ -213,13 +211,13 @@ def _peer_rows(peer, wanted: bool, labels, x_T, batch, num_steps_list, fwd, genj
   rows = []
   for n in num_steps_list:
     try:
-      timing = common.time_call(lambda: peer(labels, x_T, n), repeats)
+      t = common.time_interleaved({"peer": lambda: peer(labels, x_T, n), "genjax": lambda: ddim(n),
+                                   "forward": forward}, repeats)
     except Exception as e:  # an incompatible diffusers release: say so, keep the genjax figures
       return rows + [_row("diffusers_ddim", batch, n, status=f"peer failed: {type(e).__name__}: {e}"[:200])]
-    r = _fill(_row("diffusers_ddim", batch, n), timing, fwd, n)
-    r.update(compiles=timing.compiles, compile_seconds=timing.warmup_overhead_seconds)
-    if n in genjax_ddim:
-      r["vs_genjax"] = timing.seconds / genjax_ddim[n]
+    r = _fill(_row("diffusers_ddim", batch, n), t["peer"], t["forward"].seconds / FORWARD_CHAIN, n)
+    r.update(compiles=t["peer"].compiles, compile_seconds=t["peer"].warmup_overhead_seconds,
+             vs_genjax=t["peer"].seconds / t["genjax"].seconds)
     rows.append(r)
   return rows
 

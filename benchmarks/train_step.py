@@ -55,6 +55,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIGS = ("ddpm.py:digits", "vae.py:digits", "gan.py:digits", "lm.py:pydoc")
 LOOP_INTERVALS = 6                 # measured log intervals of the full loop (plus one that holds compilation)
 CHECKPOINT_EVERY_INTERVALS = 3
+WORKER_TIMEOUT_S = 1800
 SIMULATED_NOTE = "simulated CPU devices sharing the host's cores: shows the data-parallel path, not speed-up"
 
 _CONFIGS = flags.DEFINE_list("train_configs", list(DEFAULT_CONFIGS),
@@ -271,10 +272,17 @@ def scaling_rows(spec: str, overrides: list[str], device_counts: list[int], log_
       cmd = [sys.executable, "-m", "benchmarks.train_step", f"--scaling_worker={n}", f"--train_configs={spec}",
              f"--json={out}", f"--log_every={log_every}", f"--repeats={repeats}"]
       cmd += [f"--train_override={o}" for o in overrides]
-      proc = subprocess.run(cmd, cwd=_REPO, env=_worker_env(n), capture_output=True, text=True)
+      try:
+        proc = subprocess.run(cmd, cwd=_REPO, env=_worker_env(n), capture_output=True, text=True,
+                              timeout=WORKER_TIMEOUT_S)
+      except subprocess.TimeoutExpired:
+        rows.append(_row("scaling", spec, None, n, simulated=True,
+                         status=f"worker timed out after {WORKER_TIMEOUT_S} s"))
+        continue
       if proc.returncode != 0 or not os.path.exists(out):
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        rows.append(_row("scaling", spec, None, n, status=f"worker failed (rc {proc.returncode}): {tail[0]}"[:200]))
+        rows.append(_row("scaling", spec, None, n, simulated=True,
+                         status=f"worker failed (rc {proc.returncode}): {tail[0]}"[:200]))
         continue
       with open(out) as f:
         rows.extend(json.load(f))

@@ -51,6 +51,8 @@ def parse_flags(argv):
   try:
     rest = flags.FLAGS(argv)
     _CONFIG.value.get("family")      # a config file that failed to load raises only when first read
+    if not _WORKDIR.value.strip():
+      raise ValueError(f"--workdir={_WORKDIR.value!r} is empty; name a directory for checkpoints and metrics")
     if len(rest) > 1:
       raise ValueError(f"unexpected arguments: {rest[1:]}")
     return rest

@@ -158,6 +158,26 @@ def test_label_dropout_rate():
   assert abs(rates[1] - 0.3) < 0.03  # binomial std sqrt(.3 * .7 / 4000) = 0.007; 4 sigma
 
 
+def test_loss_draws_per_example_so_the_batch_layout_does_not_matter():
+  """pjit sees the global batch, pmap a shard per device; with example ids every example draws the same t, noise,
+  label drop and dropout mask either way, so the loss of the whole batch is the mean of the shards' losses."""
+  config = tiny_config("digits")
+  config.model.update(ch_mult=(1,), attn_resolutions=(), dropout=0.5)
+  task = diffusion.task(config)
+  params = _unet_params(task, scale=0.2)
+  rng = np.random.default_rng(3)
+  batch = {"image": jnp.asarray(rng.uniform(0, 1, (4, 8, 8, 1)), jnp.float32),
+           "label": jnp.arange(4, dtype=jnp.int32), "example_id": jnp.arange(4, dtype=jnp.int32)}
+  loss_fn = jax.jit(task.phases[0].loss_fn)
+  key = jax.random.key(7)
+  whole = float(loss_fn(params, batch, key, 0)[0])
+  halves = [float(loss_fn(params, jax.tree.map(lambda x: x[sl], batch), key, 0)[0])
+            for sl in (slice(0, 2), slice(2, 4))]
+  np.testing.assert_allclose(whole, np.mean(halves), rtol=1e-5)
+  # ... and the draws do depend on the key (a test that could fail).
+  assert abs(float(loss_fn(params, batch, jax.random.key(8), 0)[0]) - whole) > 1e-4
+
+
 @pytest.mark.parametrize("source", ["epsilon", "v", "x0"])
 @pytest.mark.parametrize("dest", ["epsilon", "v", "x0"])
 def test_training_targets_round_trip_through_sampler_conversions(source, dest):

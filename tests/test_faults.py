@@ -8,7 +8,6 @@ in-process. The long version with 10 random kill points: `python -m benchmarks.f
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import pickle
@@ -27,11 +26,12 @@ import pytest
 import genjax.data
 from experiments.configs import ddpm as ddpm_configs
 from experiments.train import run
-from genjax.train import trainer
 from genjax.train.checkpoint import (CheckpointMismatchError, Checkpointer, CheckpointSaveError,
                                      CheckpointUnreadableError, array_checksums, load_run)
 from genjax.train.trainer import NonFiniteLossError
-from tests.fault_worker import ROOT, hook_train_iterator
+from tests.fault_worker import DAMAGE as WORKER_DAMAGE
+from tests.fault_worker import (ROOT, changed_files, hook_train_iterator, nan_hook, snapshot, steps_on_disk,
+                                swap_in_previous_arrays, worker_env)
 from tests.util import flat, tiny_vae_config
 
 # 6 steps, a checkpoint every 2 (kept: 3), async saves, metrics every step, params sharded data=2 × fsdp=4.
@@ -47,38 +47,8 @@ def cfg(**overrides):
   return tiny_vae_config(**{**CFG, **overrides})
 
 
-def steps_on_disk(workdir) -> list[int]:
-  d = os.path.join(workdir, "checkpoints")
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
-
-
-def snapshot(workdir) -> dict[str, str]:
-  """sha256 of every file (the lock file holds only the holder's pid)."""
-  out = {}
-  for root, _, files in os.walk(workdir):
-    for name in files:
-      path = os.path.join(root, name)
-      if name != ".lock":
-        with open(path, "rb") as f:
-          out[os.path.relpath(path, workdir)] = hashlib.sha256(f.read()).hexdigest()
-  return out
-
-
 def assert_nothing_lost(before: dict, workdir) -> None:
-  after = snapshot(workdir)
-  lost = sorted(k for k in before if k not in after)
-  changed = sorted(k for k in before if k in after and after[k] != before[k])
-  assert not lost and not changed, f"removed {lost}, changed {changed}"
-
-
-def worker_env(devices: int, cache_dir) -> dict:
-  env = dict(os.environ)
-  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
-  env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
-  env.pop("JAX_NUM_CPU_DEVICES", None)
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  return env
+  assert not changed_files(before, workdir), f"removed or changed: {changed_files(before, workdir)}"
 
 
 def start_worker(args: list[str], devices: int, cache_dir) -> subprocess.Popen:
@@ -194,74 +164,41 @@ def test_sigterm_saves_the_current_step_second_run_is_refused_resume_is_bit_for_
 
 # ---- other device counts, other parallel path ------------------------------------------------------------------
 
-def test_restore_from_8_devices_onto_4_and_1_and_pmap_into_pjit(ref, tmp_path, cache_dir):
+def test_restore_from_8_devices_onto_4_and_1_and_pmap_on_8_into_pjit_on_1(ref, tmp_path, cache_dir):
   ref_step2 = flat(restored_tree(ref["workdir"], 2))
   pmap_dir = str(tmp_path / "pmap")
-  on4 = {**CFG, "mesh.data": 2, "mesh.fsdp": 2}
+  pmap_done = str(tmp_path / "pmap_done")
   jobs4 = [{"dump_step": 2, "workdir": copy_run(ref, tmp_path / "w8_dump4", [2]), "out": str(tmp_path / "d4.npy")},
-           {"workdir": copy_run(ref, tmp_path / "w8_to4", [2]), "out": str(tmp_path / "p4.npy"), "overrides": on4}]
+           {"workdir": copy_run(ref, tmp_path / "w8_to4", [2]), "out": str(tmp_path / "p4.npy"),
+            "overrides": {**CFG, "mesh.data": 2, "mesh.fsdp": 2}}]
+  on1 = {**CFG, "mesh.data": 1, "mesh.fsdp": 1}
   jobs1 = [{"dump_step": 2, "workdir": copy_run(ref, tmp_path / "w8_dump1", [2]), "out": str(tmp_path / "d1.npy")},
-           {"workdir": copy_run(ref, tmp_path / "w8_to1", [2]), "out": str(tmp_path / "p1.npy"),
-            "overrides": {**CFG, "mesh.data": 1, "mesh.fsdp": 1}}]
+           {"workdir": copy_run(ref, tmp_path / "w8_to1", [2]), "out": str(tmp_path / "p1.npy"), "overrides": on1},
+           {"workdir": pmap_dir, "out": str(tmp_path / "pp.npy"), "overrides": on1, "wait_for": pmap_done}]
   four = start_worker(["--jobs", json.dumps(jobs4)], 4, cache_dir)    # these two run while pmap trains here
   one = start_worker(["--jobs", json.dumps(jobs1)], 1, cache_dir)
-  run(cfg(parallel="pmap", param_sharding="replicated", num_train_steps=2, **{"mesh.fsdp": 1, "mesh.data": -1}),
-      pmap_dir)
-  pmap_to_pjit = start_worker(["--jobs", json.dumps([{"workdir": pmap_dir, "out": str(tmp_path / "pp.npy"),
-                                                      "overrides": on4}])], 4, cache_dir)
+  try:
+    run(cfg(parallel="pmap", param_sharding="replicated", num_train_steps=2, **{"mesh.fsdp": 1, "mesh.data": -1}),
+        pmap_dir)
+  finally:
+    open(pmap_done, "w").close()
   (dump4, train4), _ = finish(four)
-  (dump1, train1), _ = finish(one)
-  (pmap4,), _ = finish(pmap_to_pjit)
+  (dump1, train1, pmap1), _ = finish(one)
   assert dump4["devices"] == 4 and dump4["sharded_arrays"] > 0 and dump1["devices"] == 1
   np.testing.assert_array_equal(np.load(tmp_path / "d4.npy"), ref_step2)     # restore itself is exact
   np.testing.assert_array_equal(np.load(tmp_path / "d1.npy"), ref_step2)
-  assert train4 == pmap4 == {"devices": 4, "step": 6} and train1 == {"devices": 1, "step": 6}
+  assert train4 == {"devices": 4, "step": 6} and train1 == pmap1 == {"devices": 1, "step": 6}
   for name in ("p4", "p1", "pp"):                                            # training on from there
     np.testing.assert_allclose(np.load(tmp_path / f"{name}.npy"), ref["params"], atol=TOL)
 
 
 # ---- damaged checkpoints ---------------------------------------------------------------------------------------
 
-def _data_files(step_dir):
-  return [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, "state")) for f in fs
-          if os.path.basename(r) == "d"]
-
-
-def _flip(step_dir):
-  for path in _data_files(step_dir):
-    with open(path, "r+b") as f:
-      f.seek(40)
-      b = f.read(1)
-      f.seek(40)
-      f.write(bytes([b[0] ^ 0x01]))
-
-
-def _truncate(step_dir):
-  for path in _data_files(step_dir):
-    os.truncate(path, os.path.getsize(path) // 2)
-
-
-def _write(relpath, text):
-  def damage(step_dir):
-    with open(os.path.join(step_dir, relpath), "w") as f:
-      f.write(text)
-  return damage
-
-
 def _swap_in_step_4(step_dir):
-  """Step 4's (self-consistent) arrays under step 6's name: orbax restores them without complaint."""
-  shutil.rmtree(os.path.join(step_dir, "state"))
-  shutil.copytree(os.path.join(os.path.dirname(step_dir), "4", "state"), os.path.join(step_dir, "state"))
+  swap_in_previous_arrays(step_dir, 4)
 
 
-DAMAGE = {
-    "bit flips in array data": _flip,
-    "truncated array data": _truncate,
-    "deleted OCDBT manifest": lambda d: os.remove(os.path.join(d, "state", "manifest.ocdbt")),
-    "half-written array metadata": _write("state/_METADATA", '{"tree_metadata": {"'),
-    "empty metadata JSON": _write("meta/metadata", ""),
-    "another step's arrays": _swap_in_step_4,
-}
+DAMAGE = {**WORKER_DAMAGE, "another step's arrays": _swap_in_step_4}
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
@@ -289,14 +226,14 @@ def test_silently_wrong_arrays_are_caught_by_checksums(ref, tmp_path):
 
 def test_resume_after_a_damaged_latest_checkpoint_is_bit_for_bit(ref, tmp_path):
   workdir = copy_run(ref, tmp_path / "run")
-  _flip(os.path.join(workdir, "checkpoints", "6"))
+  DAMAGE["bit flips in array data"](os.path.join(workdir, "checkpoints", "6"))
   assert_bitwise_equal_to_ref(run(cfg(), workdir), ref)          # from step 4, steps 5 and 6 again
 
 
 def test_all_checkpoints_damaged_is_an_error_and_touches_nothing(ref, tmp_path):
   workdir = copy_run(ref, tmp_path / "run")
   for s in (2, 4, 6):
-    _write("meta/metadata", "")(os.path.join(workdir, "checkpoints", str(s)))
+    DAMAGE["empty metadata JSON"](os.path.join(workdir, "checkpoints", str(s)))
   before = snapshot(workdir)
   with pytest.raises(CheckpointUnreadableError, match=r"none of the checkpoints \[2, 4, 6\] .* can be read"):
     run(cfg(), workdir)
@@ -343,14 +280,8 @@ def test_failing_async_save_stops_the_run_and_a_rerun_recovers_bit_for_bit(ref, 
 
 
 def test_injected_nan_stops_naming_the_step_and_the_last_good_checkpoint_is_intact(ref, tmp_path, monkeypatch):
-  def poison_fifth_batch(index, batch):
-    if index == 4:                        # batch index 4 feeds step 5
-      batch = {**batch, "image": np.where(np.arange(batch["image"].size).reshape(batch["image"].shape) == 0,
-                                          np.nan, batch["image"]).astype(np.float32)}
-    return batch
-
-  monkeypatch.setattr(genjax.data, "train_iterator", genjax.data.train_iterator)
-  hook_train_iterator(poison_fifth_batch)
+  monkeypatch.setattr(genjax.data, "train_iterator", genjax.data.train_iterator)   # undone after the test
+  hook_train_iterator(nan_hook(4))        # a NaN pixel in batch 4 (0-based), which step 5 trains on
   workdir = str(tmp_path / "run")
   with pytest.raises(NonFiniteLossError, match=r"at step 5; stopped\. Last good checkpoint: step 4"):
     run(cfg(), workdir)
@@ -513,5 +444,6 @@ def test_launcher_flag_errors_are_one_line_and_lose_nothing(finished_run):
     assert child.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), (name, err)
     assert re.search(LAUNCHER_ERRORS[name][1], lines[0]), (name, lines[0])
   assert missing_workdir.returncode == 1
-  assert missing_workdir.stderr.strip() == "error: flag --workdir=None: Flag --workdir must have a value other than None."
+  assert missing_workdir.stderr.strip() == ("error: flag --workdir=None: Flag --workdir must have a value other "
+                                           "than None.")
   assert_nothing_lost(before, workdir)

@@ -6,13 +6,17 @@
   cifar10        32x32x3, the DDPM paper's U-Net shape (ch 128, mults 1-2-2-2, attention at 16x16, dropout 0.1);
                  accelerator-sized, bf16 compute.
   latent_digits  the diffusion model trained in the latent space of a trained VAE run
-                 (`--config.model.vae_workdir=DIR`, e.g. a `vae.py:digits` workdir); samples are decoded by the VAE.
+                 (`--config.model.vae_workdir=DIR`, default /tmp/genjax/vae_digits: train it first with
+                 `python -m experiments.train --config=experiments/configs/vae.py:digits --workdir=DIR`);
+                 samples are decoded by the VAE (frozen; its params are also saved in this run's checkpoints,
+                 but building the task reads the VAE run's config, so keep vae_workdir).
 
 Model fields (`config.model`): the U-Net shape (ch, ch_mult, num_res_blocks, attn_resolutions, num_heads, dropout,
 norm_groups); conditional + label_dropout (classifier-free guidance); prediction ("epsilon" | "v" | "x0");
 schedule ("linear" | "cosine") with num_timesteps, beta_start, beta_end, cosine_s; the default sampler used for
 the loop's sample grids (sampler, num_sample_steps, eta, guidance); clip_denoised; vae_workdir and latent_scale
-(latent diffusion only; latent_scale 0 = measured from the training set at init).
+(latent diffusion only; latent_scale 0 = 1 / std of the VAE encoder means over the training split, measured when
+the task is built).
 """
 from __future__ import annotations
 
@@ -57,12 +61,12 @@ def _digits(c):
                  num_sample_steps=50, guidance=1.0)
   c.optimizer.update(learning_rate=2e-3, warmup_steps=100)
   c.batch_size = 128
-  c.num_train_steps = 2000
+  c.num_train_steps = 1000           # recognisable digits from ~500 steps, clean ones by 1000 (see the README)
   c.ema_decay = 0.995
   c.log_every_steps = 100
-  c.checkpoint_every_steps = 1000
-  c.sample_every_steps = 500
-  c.eval_every_steps = 1000
+  c.checkpoint_every_steps = 500
+  c.sample_every_steps = 250
+  c.eval_every_steps = 500
   c.num_sample_images = 100
   c.num_eval_batches = 2
 
@@ -102,6 +106,7 @@ def _cifar10(c):
 
 def _latent_digits(c):
   _digits(c)
+  c.num_train_steps = 2000           # ~20 steps/s on 2 CPU cores: the latent is a vector
   # The VAE latent is a vector [d], diffused as [1, 1, d]: one level, no downsampling. There is no data range to
   # clip predicted x0 to, so predict v: with the cosine schedule abar_{T-1} ~ 2e-9, and x0 = (x - sigma eps) / alpha
   # from an eps-prediction amplifies its error ~2e4x at the first sampling step (x0 = alpha x - sigma v does not).

@@ -35,6 +35,7 @@ from genjax.models.unet import UNet
 from genjax.samplers.diffusion import classifier_free_guidance, ddim_sample, ddpm_sample, dpm_solver_sample
 from genjax.samplers.schedules import NoiseSchedule, check_prediction
 from genjax.train.optim import make_optimizer
+from genjax.train.random import example_keys
 from genjax.train.task import Phase, Task
 
 SCHEDULES = ("linear", "cosine")
@@ -70,33 +71,47 @@ def make_unet(model_config, num_classes: int, dtype=jnp.float32) -> UNet:
               num_classes=num_classes, dtype=dtype)
 
 
-# A denoiser as the loss sees it: (x_t [B,...], t int32 [B], label int32 [B] | None, dropout rng | None) -> pred.
-ApplyFn = Callable[[jax.Array, jax.Array, Optional[jax.Array], Optional[jax.Array]], jax.Array]
+# A denoiser as the loss sees it: (x_t [B,...], t int32 [B], label int32 [B] | None, keys [B]) -> prediction,
+# `keys` one PRNG key per example (for dropout).
+ApplyFn = Callable[[jax.Array, jax.Array, Optional[jax.Array], jax.Array], jax.Array]
+
+
+def _example_keys(rng: jax.Array, batch: int) -> jax.Array:
+  """`rng` if it already holds one key per example ([B] typed or [B, 2] raw), else split into `batch` keys."""
+  rng = jnp.asarray(rng)
+  single = rng.ndim == (0 if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else 1)
+  keys = jax.random.split(rng, batch) if single else rng
+  if keys.shape[0] != batch:
+    raise ValueError(f"got {keys.shape[0]} per-example keys for a batch of {batch}")
+  return keys
 
 
 def diffusion_loss(apply_fn: ApplyFn, schedule: NoiseSchedule, x0: jax.Array, rng: jax.Array, *,
                    prediction: str = "epsilon", label: Optional[jax.Array] = None, null_label: int = 0,
                    label_dropout: float = 0.0, t: Optional[jax.Array] = None,
                    noise: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
-  """The denoising loss mean_b mean_{pixels} (apply_fn(x_t, t, label) - target)^2 and its metrics.
+  """The denoising loss mean_b mean_{pixels} (apply_fn(x_t, t, label, keys) - target)^2 and its metrics.
 
-  `t` ~ U{0..T-1} and `noise` ~ N(0, I) are drawn from `rng` unless given (tests pass them to check the formula).
-  With `label` given and `label_dropout > 0`, each label becomes `null_label` with that probability.
+  `rng` is one key, or one key per example (`genjax.train.random.example_keys`: then an example draws the same
+  numbers however the batch is laid out over devices). Per example: `t` ~ U{0..T-1}, `noise` ~ N(0, I) (unless
+  given: tests pass them to check the formula), and with `label` and `label_dropout > 0` the label becomes
+  `null_label` with that probability.
   """
   check_prediction(prediction)
   x0 = jnp.asarray(x0, jnp.float32)
   batch = x0.shape[0]
-  t_rng, noise_rng, drop_rng, model_rng = jax.random.split(rng, 4)
+  keys = _example_keys(rng, batch)
+  draw = lambda i, f: jax.vmap(lambda k: f(jax.random.fold_in(k, i)))(keys)
   if t is None:
-    t = jax.random.randint(t_rng, (batch,), 0, schedule.num_timesteps, dtype=jnp.int32)
+    t = draw(0, lambda k: jax.random.randint(k, (), 0, schedule.num_timesteps, dtype=jnp.int32))
   if noise is None:
-    noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
+    noise = draw(1, lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))
   if label is not None and label_dropout > 0:
-    drop = jax.random.bernoulli(drop_rng, label_dropout, (batch,))
+    drop = draw(2, lambda k: jax.random.bernoulli(k, label_dropout))
     label = jnp.where(drop, jnp.int32(null_label), label.astype(jnp.int32))
   x_t = schedule.add_noise(x0, noise, t)
   target = schedule.training_target(x0, noise, t, prediction)
-  pred = apply_fn(x_t, t, label, model_rng).astype(jnp.float32)
+  pred = apply_fn(x_t, t, label, draw(3, lambda k: k)).astype(jnp.float32)
   if pred.shape != target.shape:
     raise ValueError(f"model prediction has shape {pred.shape}, expected the data's shape {target.shape}")
   per_example = jnp.mean(jnp.square(pred - target).reshape(batch, -1), axis=1)
@@ -275,11 +290,18 @@ def task(config) -> Task:
   def objective(params, batch, rng, train: bool):
     x0 = space.encode(params, _check_images(batch["image"], info.image_shape))
     label = jnp.asarray(batch["label"], jnp.int32) if num_classes else None
+    # Per-example keys (from the example's id in the global batch), so pjit == pmap for any device layout.
+    keys = example_keys(rng, batch) if "example_id" in batch else rng
 
-    def apply_fn(x_t, t, lab, drop_rng):
-      return unet.apply(params["unet"], x_t, t, lab, train=train, rngs={"dropout": drop_rng})
+    def apply_fn(x_t, t, lab, keys):
+      if not (train and unet.dropout > 0):
+        return unet.apply(params["unet"], x_t, t, lab)
+      # Dropout masks per example too: apply one example at a time under vmap (batched again by XLA).
+      one = lambda x, tt, ll, k: unet.apply(params["unet"], x[None], tt[None], None if ll is None else ll[None],
+                                            train=True, rngs={"dropout": k})[0]
+      return jax.vmap(one)(x_t, t, lab, keys)
 
-    return diffusion_loss(apply_fn, schedule, x0, rng, prediction=prediction, label=label,
+    return diffusion_loss(apply_fn, schedule, x0, keys, prediction=prediction, label=label,
                           null_label=num_classes, label_dropout=label_dropout if train else 0.0)
 
   def loss_fn(params, batch, rng, step):

@@ -61,7 +61,7 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-  """Pre-norm multi-head self-attention over the H*W positions, residual."""
+  """Pre-norm multi-head self-attention over the H*W positions, residual; gcd(channels, num_heads) heads."""
   num_heads: int = 4
   norm_groups: int = 32
   dtype: Any = jnp.float32

@@ -10,14 +10,14 @@ What survives what:
   device layout the caller's abstract arrays carry: 8 devices → 4 → 1, pmap → pjit. `load_run` restores onto the
   first local device whatever wrote the checkpoint.
 - Damage. Every save records a checksum of each array (wrap-around uint32 sums of the raw and of the hashed
-  bits, independent of how the array is sharded; any changed element changes it) and a SHA-256 of the data-iterator position. A
-  checkpoint that cannot be read or fails a checksum is moved to `<workdir>/damaged_checkpoints/` (never deleted),
-  a warning says so, and the previous checkpoint is used. Orbax/TensorStore alone can restore silently altered
-  values from a flipped byte; the checksums catch that.
+  bits, independent of how the array is sharded; any changed element changes it) and a SHA-256 of the
+  data-iterator position. A checkpoint that cannot be read or fails a checksum is moved to
+  `<workdir>/damaged_checkpoints/` (never deleted), a warning says so, and the previous checkpoint is used.
+  Orbax/TensorStore alone can restore silently altered values from a flipped byte; the checksums catch that.
 - Wrong run. A checkpoint whose arrays do not match this config's shapes/dtypes, or whose metadata names another
   family, raises `CheckpointMismatchError` naming the first differences; nothing is moved or overwritten.
-- Save failures. A failed (async) save raises `CheckpointSaveError` at the next `save`, `check`, `wait` or `close`
-  and on every later call: it is never ignored. A failed save never deletes an older checkpoint.
+- Save failures. A failed (async) save raises `CheckpointSaveError` at the next `save`, `check` or `wait` (and
+  every later one; `close` raises it if nobody was told yet): it is never ignored, and it deletes nothing older.
 - Kill -9. Orbax writes into a temporary directory and renames it when complete, so a process killed mid-save
   leaves the previous checkpoints as they were. `save_config` writes `config.json` atomically too.
 - No pickle. Arrays are TensorStore/OCDBT files, everything else JSON: loading a checkpoint never runs code.

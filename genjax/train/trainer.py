@@ -192,7 +192,9 @@ def _train(config, workdir: str, task: Task, pid: int, nproc: int) -> TrainState
     if pid == 0 and not config_saved:  # config.json is replaced only by a config that got as far as a checkpoint
       save_config(workdir, config)
       config_saved.append(True)
-    ckpt.save(step, eval_view(state) if config.parallel == "pmap" else state, train_it.get_state(), meta)
+    # pmap: one replica as host numpy arrays (host-local device arrays cannot be saved by several processes).
+    ckpt.save(step, jax.device_get(eval_view(state)) if config.parallel == "pmap" else state,
+              train_it.get_state(), meta)
 
   def evaluate(step):
     if eval_jit is None:
