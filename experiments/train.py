@@ -26,7 +26,6 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
 _CPU_COLLECTIVES = flags.DEFINE_string("cpu_collectives", "gloo", "CPU collectives for multi-process CPU runs.")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def init_distributed() -> None:
@@ -41,7 +40,8 @@ def init_distributed() -> None:
 def run(config, workdir: str):
   """get the family's Task → the shared loop. Returns the final TrainState."""
   from genjax.models import get_task
-  from genjax.train.trainer import train_and_evaluate
+  from genjax.train.trainer import check_config, train_and_evaluate
+  check_config(config)   # before the family reads the config: a bad shared value is named, not a traceback
   return train_and_evaluate(config, workdir, get_task(config))
 
 
@@ -92,4 +92,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])   # here, not at import: tests and benchmarks import this
   app.run(main, flags_parser=parse_flags)

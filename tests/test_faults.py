@@ -342,11 +342,7 @@ BAD_CONFIGS = {   # override → the error it must raise, run on a copy of the f
     "dtype typo": (dict(compute_dtype="bf16"), ValueError, r"compute_dtype='bf16' is not one of"),
     "latent size": ({"model.latent_dim": 0}, ValueError, r"latent_dim=0"),
 }
-NOT_YET = {  # found by these tests; the fix belongs in another owner's file (see each reason)
-    "dtype float16": "accepted silently: genjax/train/trainer.py:check_config should check compute_dtype",
-    "dtype typo": "TypeError traceback from jnp.dtype: genjax/train/trainer.py:check_config",
-    "latent size": "ZeroDivisionError traceback: genjax/models/vae.py:vae_model should check model sizes >= 1",
-}
+NOT_YET = {}  # bad inputs found by these tests whose fix is still pending in another file (none now)
 
 
 @pytest.fixture

@@ -14,9 +14,9 @@
 Model fields (`config.model`): the U-Net shape (ch, ch_mult, num_res_blocks, attn_resolutions, num_heads, dropout,
 norm_groups); conditional + label_dropout (classifier-free guidance); prediction ("epsilon" | "v" | "x0");
 schedule ("linear" | "cosine") with num_timesteps, beta_start, beta_end, cosine_s; the default sampler used for
-the loop's sample grids (sampler, num_sample_steps, eta, guidance); clip_denoised; vae_workdir and latent_scale
-(latent diffusion only; latent_scale 0 = 1 / std of the VAE encoder means over the training split, measured when
-the task is built).
+the loop's sample grids (sampler, num_sample_steps, eta, guidance); clip_denoised. Only latent configs have
+vae_workdir (its presence selects latent diffusion) and latent_scale (0 = 1 / std of the VAE encoder means over the
+training split, measured when the task is built).
 """
 from __future__ import annotations
 
@@ -48,8 +48,6 @@ def _ddpm_defaults(c: ml_collections.ConfigDict) -> None:
       eta=0.0,
       guidance=1.0,                   # classifier-free guidance scale (1 = plain conditional model)
       clip_denoised=True,             # clip the predicted x0 to the data range [-1, 1] while sampling
-      vae_workdir="",                 # latent diffusion: the VAE run whose latent space the model lives in
-      latent_scale=0.0,               # latent diffusion: latents are multiplied by this; 0 = 1/std over the data
   ))
   c.optimizer.update(name="adam", learning_rate=2e-4, schedule="constant", warmup_steps=500, grad_clip_norm=1.0)
 
@@ -110,8 +108,9 @@ def _latent_digits(c):
   # The VAE latent is a vector [d], diffused as [1, 1, d]: one level, no downsampling. There is no data range to
   # clip predicted x0 to, so predict v: with the cosine schedule abar_{T-1} ~ 2e-9, and x0 = (x - sigma eps) / alpha
   # from an eps-prediction amplifies its error ~2e4x at the first sampling step (x0 = alpha x - sigma v does not).
-  c.model.update(vae_workdir="/tmp/genjax/vae_digits", latent_scale=0.0, ch=64, ch_mult=(1,), num_res_blocks=2,
-                 attn_resolutions=(), clip_denoised=False, prediction="v")
+  c.model.vae_workdir = "/tmp/genjax/vae_digits"   # the VAE run whose latent space the model lives in
+  c.model.latent_scale = 0.0                       # latents are multiplied by this; 0 = 1 / std over the data
+  c.model.update(ch=64, ch_mult=(1,), num_res_blocks=2, attn_resolutions=(), clip_denoised=False, prediction="v")
   c.optimizer.update(learning_rate=1e-3)
 
 

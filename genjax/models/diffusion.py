@@ -12,7 +12,7 @@ with probability `label_dropout`, so the same network is also the unconditional 
 needs. Schedules ("linear" | "cosine") and every training target come from `genjax.samplers.schedules`; the loop
 keeps the EMA of the params (`config.ema_decay`).
 
-Params: `{"unet": U-Net variables}`; latent diffusion adds the frozen `"vae"` variables and `"latent_scale"` (the
+Params: `{"unet": U-Net variables}`; latent diffusion (a config with `model.vae_workdir`) adds the frozen `"vae"` variables and `"latent_scale"` (the
 single phase trains only `params["unet"]`), so a checkpoint is enough to sample and decode.
 
 Sampling: `sample_images(params, rng, n, sampler=..., num_steps=..., eta=..., guidance=..., label=...)` runs the
@@ -272,7 +272,10 @@ def task(config) -> Task:
   num_classes = int(info.num_classes or 0) if m.conditional else 0
   if m.conditional and num_classes == 0:
     raise ValueError(f"config.model.conditional=True but data set {config.dataset.name!r} has no labels")
-  if m.get("vae_workdir", ""):
+  if "vae_workdir" in m:  # latent diffusion
+    if not m.vae_workdir:
+      raise ValueError("config.model.vae_workdir is empty: latent diffusion needs a trained VAE run's workdir "
+                       "(python -m experiments.train --config=experiments/configs/vae.py:digits --workdir=DIR)")
     space = _latent_space(config, info)
   else:
     space = _pixel_space(info.image_shape, bool(m.clip_denoised))

@@ -30,6 +30,9 @@ from genjax.train.step import TrainState, init_state, make_train_step, select
 from genjax.train.task import Task
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
 class NonFiniteLossError(FloatingPointError):
   pass
 
@@ -96,6 +99,8 @@ def check_config(config) -> None:
   for key in ("num_train_steps", "batch_size", "log_every_steps", "grad_accum_steps", "keep_checkpoints"):
     if int(config[key]) < 1:
       raise ValueError(f"{key}={config[key]!r} must be >= 1")
+  if config.compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"compute_dtype={config.compute_dtype!r} is not one of {COMPUTE_DTYPES}")
   if not 0.0 <= float(config.ema_decay) < 1.0:
     raise ValueError(f"ema_decay={config.ema_decay!r} must be in [0, 1)")
 
