@@ -113,7 +113,7 @@ def vae_model(config) -> VAE:
   for key in ("latent_dim", "hidden"):
     if int(m[key]) < 1:
       raise ValueError(f"model.{key}={m[key]!r} must be >= 1")
-  if not m.channels or min(m.channels) < 1:
+  if not m.channels or not all(isinstance(w, int) and w >= 1 for w in m.channels):
     raise ValueError(f"model.channels={tuple(m.channels)!r} must be a non-empty tuple of positive widths")
   return VAE(image_shape=info.image_shape, latent_dim=int(m.latent_dim), channels=tuple(m.channels),
              hidden=int(m.hidden), dtype=jnp.dtype(config.compute_dtype))
