@@ -100,7 +100,7 @@ def last_logged_step(workdir: str) -> int:
       try:
         steps.append(json.loads(line)["step"])
       except ValueError:          # a line cut short by kill -9
-        pass
+        continue                # skip it: the steps after it are still counted
   return max(steps, default=0)
 
 
