@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
+from genjax.compiles import CompileCounter  # noqa: F401  (re-exported: benchmarks use common.CompileCounter)
+
 JSON = flags.DEFINE_string("json", None, "Write the records (a JSON list of objects) to this path.")
 QUICK = flags.DEFINE_bool("quick", False, "Small CPU-sized run (minutes on a laptop-class CPU).")
 REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per figure after the warm-up (the median is reported; "
@@ -41,7 +43,6 @@ REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per figure after the w
 BATCH_SIZES = flags.DEFINE_list("batch_sizes", None, "Batch sizes to run (default: per benchmark and --quick).")
 PEERS = flags.DEFINE_bool("peers", True, "Time the peer libraries (diffusers / transformers Flax) when installed.")
 
-BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 MIN_REPEATS = 5
 
 # Dense bf16 peak FLOP/s per chip, by `device_kind` prefix (vendor data sheets; no sparsity). MFU is reported against
@@ -88,31 +89,6 @@ def repeats() -> int:
   if REPEATS.value < MIN_REPEATS:
     raise ValueError(f"--repeats={REPEATS.value}: the median needs at least {MIN_REPEATS} timed calls")
   return int(REPEATS.value)
-
-
-# --------------------------------------------------------------------------------------------- compile counting
-class CompileCounter:
-  """Context manager counting XLA backend compilations (and their seconds) while it is open."""
-
-  def __init__(self):
-    self.count = 0
-    self.seconds = 0.0
-    self._open = False
-
-  def _listener(self, event: str, duration: float, **kwargs) -> None:
-    del kwargs
-    if self._open and event == BACKEND_COMPILE_EVENT:
-      self.count += 1
-      self.seconds += float(duration)
-
-  def __enter__(self) -> "CompileCounter":
-    self._open = True
-    jax.monitoring.register_event_duration_secs_listener(self._listener)
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self._open = False
-    jax.monitoring.unregister_event_duration_listener(self._listener)
 
 
 # --------------------------------------------------------------------------------------------- timing

@@ -10,14 +10,18 @@ likelihoods for every family, each beside the number it should be compared with.
 Image families: N samples (default: as many as the eval split holds) drawn in batches with
 `task.sample_images(params, rng, n, **options)`, embedded by the data set's in-repo feature network
 (`genjax.metrics.features`, trained and cached on first use), and compared with the *train* split:
-FD-<data>, KID-<data> (± standard error), precision/recall (k = 3). The floor is the same computation with the
-*eval* split in place of the samples (real vs real, same N), i.e. what a perfect model would score. Every family
+FD-<data>, KID-<data> (± standard error), precision/recall (k = 3). Beside them: the floor, the same computation
+with the *eval* split in place of the samples (real vs real, same N: what a model that generalises perfectly would
+score); the memorizer, N *train* images in place of the samples (what replaying the training set would score: a
+feature score below the floor can mean copying); and the nearest-train-image distance of the samples over that of
+the eval images (`genjax.metrics.memorization`: ~1 generalising, ~0 copies). Every family
 with `task.evaluate` also gets its test-split metrics (mean over the whole split, weighted by batch size); for the
 LM these are loss (nats), bits per byte and perplexity, next to the byte-unigram baselines.
 """
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import math
 import os
@@ -70,17 +74,18 @@ def parse_options(named: Mapping[str, Any], extra: list[str]) -> dict:
 
 
 def draw_samples(task, params, rng, n: int, batch_size: int, options: Mapping[str, Any]):
-  """n images [n, H, W, C] (clipped to [0, 1]) from fixed-size jitted batches (one compilation), and their
-  raw (min, max) before clipping."""
+  """n images [n, H, W, C] (clipped to [0, 1]) from fixed-size batches, and their raw (min, max) before clipping.
+  Each family's `sample_images` jits its own work with the options as runtime values where it can, so one batch
+  size compiles once, and a sweep over sampler steps compiles nothing more."""
   import jax
   import numpy as np
   if n < 1 or batch_size < 1:
     raise ValueError(f"num_samples and sample_batch_size must be >= 1, got {n} and {batch_size}")
   bs = min(batch_size, n)
-  sample = jax.jit(lambda p, r: task.sample_images(p, r, bs, **options))
   parts = []
   for i in range(math.ceil(n / bs)):
-    parts.append(np.asarray(jax.device_get(sample(params, jax.random.fold_in(rng, i))), np.float32))
+    images = task.sample_images(params, jax.random.fold_in(rng, i), bs, **options)
+    parts.append(np.asarray(jax.device_get(images), np.float32))
   images = np.concatenate(parts)[:n]
   if not np.all(np.isfinite(images)):
     raise ValueError(f"the sampler produced {int(np.sum(~np.isfinite(images)))} non-finite pixel values")
@@ -115,35 +120,68 @@ def _split_bytes(config, split: str):
   return np.concatenate([w[:-1] for w in windows] + [windows[-1][-1:]])
 
 
-def image_report(task, params, config, rng, *, options, num_samples, sample_batch_size, feature_cache,
-                 kid_subsets, kid_subset_size, pr_k) -> dict:
+@dataclasses.dataclass(frozen=True)
+class ImageReference:
+  """The real side of the image metrics, computed once and reused for every set of samples scored against it."""
+  name: str                    # data set, and the metrics' suffix (FD-<name>)
+  fx: Any                      # genjax.metrics.FeatureExtractor
+  real_features: Any           # train split [N, D]
+  num_samples: int             # samples to draw per score (default: the eval split's size)
+  floor: dict                  # the metrics of the eval split (real vs real) at that size
+  memorizer: dict              # the metrics of training images scored as samples (what copying would score)
+  train_images: Any            # for the nearest-train-image distances of samples
+  held_out_nn_median: float    # median distance from an eval-split image to its nearest training image
+  info: dict                   # where the numbers come from, for eval.json
+
+
+def image_reference(config, *, num_samples: int = 0, feature_cache: Optional[str] = None,
+                    kid_subsets: int = 100, kid_subset_size: int = 1000, pr_k: int = 3,
+                    feature_extractor=None) -> ImageReference:
+  """The feature network (the cached one for the data set unless `feature_extractor` is given), the train split's
+  features and the real-vs-real floor for `config`'s data set."""
   import numpy as np
   from genjax import data as gdata
   from genjax import metrics
   name, data_dir = config.dataset.name, config.dataset.get("data_dir", None)
-  fx = metrics.load_feature_extractor(name, cache_dir=feature_cache, data_dir=data_dir)
+  fx = feature_extractor or metrics.load_feature_extractor(name, cache_dir=feature_cache, data_dir=data_dir)
   train_split, eval_split = config.dataset.train_split, config.dataset.eval_split
   real = gdata.load_arrays(name, train_split, data_dir=data_dir)["image"]
   held_out = gdata.load_arrays(name, eval_split, data_dir=data_dir)["image"]
   n = num_samples or len(held_out)
-  t0 = time.time()
-  images, (lo, hi) = draw_samples(task, params, rng, n, sample_batch_size, options)
-  sample_seconds = time.time() - t0
-  real_f, fake_f = fx(real), fx(images)
-  rng_np = np.random.default_rng(0)
-  floor_f = fx(held_out if n == len(held_out) else held_out[rng_np.choice(len(held_out), min(n, len(held_out)),
-                                                                          replace=False)])
+  if n < len(held_out):
+    held_out = held_out[np.random.default_rng(0).choice(len(held_out), n, replace=False)]
+  real_f = fx(real)
   kw = dict(kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, k=pr_k)
-  quality = metrics.feature_metrics(real_f, fake_f, name, **kw)
-  floor = metrics.feature_metrics(real_f, floor_f, name, **kw)
-  classes = np.bincount(np.argmax(fx.logits(images), -1), minlength=fx.meta["num_classes"])
+  floor = metrics.feature_metrics(real_f, fx(held_out), name, **kw)
+  copies = np.random.default_rng(1).choice(len(real), min(n, len(real)), replace=False)
+  memorizer = metrics.feature_metrics(real_f, real_f[copies], name, **kw)
+  held_out_nn = float(np.median(metrics.nearest_neighbour_distances(held_out, real)))
+  info = {"reference": f"{name} {train_split} split ({len(real)} images)",
+          "floor_set": f"{name} {eval_split} split ({len(held_out)} images)",
+          "memorizer_set": f"{len(copies)} {name} {train_split}-split images scored as samples",
+          "feature_net": {"dataset": name, "test_accuracy": fx.test_accuracy, "feature_dim": fx.feature_dim}}
+  return ImageReference(name, fx, real_f, n, floor, memorizer, real, held_out_nn, info | {"metric_options": kw})
+
+
+def image_report(task, params, ref: ImageReference, rng, *, options, sample_batch_size: int = 256) -> dict:
+  """Draws `ref.num_samples` images with `options` and scores them against `ref` (the floor beside them)."""
+  import numpy as np
+  from genjax import metrics
+  t0 = time.time()
+  images, (lo, hi) = draw_samples(task, params, rng, ref.num_samples, sample_batch_size, options)
+  sample_seconds = time.time() - t0
+  quality = metrics.feature_metrics(ref.real_features, ref.fx(images), ref.name, **ref.info["metric_options"])
+  classes = np.bincount(np.argmax(ref.fx.logits(images), -1), minlength=ref.fx.meta["num_classes"])
+  nn_median = float(np.median(metrics.nearest_neighbour_distances(images, ref.train_images)))
+  fd = f"FD-{ref.name}"
   return {
-      "num_samples": n, "sample_seconds": round(sample_seconds, 2), "sample_range_before_clip": [lo, hi],
-      "reference": f"{name} {train_split} split ({len(real)} images)",
-      "floor_set": f"{name} {eval_split} split ({len(floor_f)} images)",
-      "feature_net": {"dataset": name, "test_accuracy": fx.test_accuracy, "feature_dim": fx.feature_dim},
-      "metrics": quality, "floor": floor,
-      "ratio_to_floor": {f"FD-{name}": quality[f"FD-{name}"] / max(floor[f"FD-{name}"], 1e-12)},
+      "num_samples": ref.num_samples, "sample_seconds": round(sample_seconds, 2),
+      "sample_range_before_clip": [lo, hi], **{k: v for k, v in ref.info.items() if k != "metric_options"},
+      "metrics": quality, "floor": ref.floor, "memorizer": ref.memorizer,
+      "ratio_to_floor": {fd: quality[fd] / max(ref.floor[fd], 1e-12)},
+      # < 1: samples sit closer to training images than unseen real images do; ~0: copies (pixel space, medians).
+      "memorization": {"nearest_train_distance_ratio": nn_median / ref.held_out_nn_median,
+                       "samples_median_distance": nn_median, "held_out_median_distance": ref.held_out_nn_median},
       "sample_class_histogram": classes.tolist(),
   }
 
@@ -178,10 +216,10 @@ def evaluate_run(workdir: str, *, step: Optional[int] = None, options: Optional[
          "dataset": config.dataset.name, "step": step if step is not None else (steps[-1] if steps else None),
          "sample_options": options, "seed": seed}
   if info.kind == "image" and task.sample_images is not None:
-    out.update(image_report(task, params, config, jax.random.fold_in(rng, 1), options=options,
-                            num_samples=num_samples, sample_batch_size=sample_batch_size,
-                            feature_cache=feature_cache, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
-                            pr_k=pr_k))
+    ref = image_reference(config, num_samples=num_samples, feature_cache=feature_cache, kid_subsets=kid_subsets,
+                          kid_subset_size=kid_subset_size, pr_k=pr_k)
+    out.update(image_report(task, params, ref, jax.random.fold_in(rng, 1), options=options,
+                            sample_batch_size=sample_batch_size))
   elif options:
     raise ValueError(f"sample options {sorted(options)} were given, but the {config.family!r} family on "
                      f"{config.dataset.name!r} is evaluated without sampling")
@@ -223,7 +261,8 @@ def main(argv):
   output = f.output or os.path.join(f.workdir, "eval.json")
   with open(output, "w") as fh:
     json.dump(result, fh, indent=2)
-  print(json.dumps({k: result[k] for k in ("metrics", "floor", "evaluate", "baselines") if k in result}, indent=2))
+  print(json.dumps({k: result[k] for k in ("metrics", "floor", "memorizer", "memorization", "evaluate", "baselines")
+                    if k in result}, indent=2))
   print(f"wrote {output}")
 
 

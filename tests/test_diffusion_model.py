@@ -4,8 +4,6 @@ The loss is checked against its formula with hand-computed targets (alpha-bars r
 betas), the eps / v / x0 targets against the sampler library's conversions, the U-Net's shapes and conditioning,
 every config at tiny size, and the sampling options (validation, no recompiles for runtime options).
 """
-import contextlib
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +11,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import ddpm as ddpm_configs
+from genjax.compiles import CompileCounter
 from genjax.models import diffusion, get_task
 from genjax.models.unet import UNet, timestep_embedding
 from genjax.samplers.schedules import NoiseSchedule
@@ -33,20 +32,6 @@ def _unet_params(task, seed=0, scale=0.05, **extra):
   return {"unet": _random_like(abstract["unet"], seed, scale), **extra}
 
 
-@contextlib.contextmanager
-def count_compiles():
-  """Counts XLA backend compilations in the block (GUIDE §4)."""
-  events = []
-
-  def listener(event, duration_secs, **kwargs):
-    if event == "/jax/core/compile/backend_compile_duration":
-      events.append(duration_secs)
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    yield events
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def tiny_config(variant):
@@ -278,11 +263,11 @@ def test_runtime_options_compile_nothing_new(digits_task):
   rng = jax.random.key(3)
   task.sample_images(params, rng, 6, sampler="ddim", guidance=2.0).block_until_ready()   # warm up
   task.sample_images(params, rng, 6, sampler="ddpm").block_until_ready()
-  with count_compiles() as compiles:
+  with CompileCounter() as compiles:
     task.sample_images(params, rng, 6, sampler="ddim", num_steps=5, eta=0.5, guidance=3.0, label=7)
     task.sample_images(params, rng, 6, sampler="ddim", num_steps=2, eta=0.0, guidance=0.5, label=1)
     task.sample_images(params, rng, 6, sampler="ddpm", num_steps=4, label=2).block_until_ready()
-  assert compiles == [], f"{len(compiles)} new compilations"
+  assert compiles.count == 0, f"{compiles.count} new compilations"
 
 
 @pytest.mark.parametrize("options,match", [

@@ -5,7 +5,6 @@ eps_hat(x, t) = sqrt(1 - a)(x - sqrt(a) mu) / (a s^2 + 1 - a), a = alpha-bar_t. 
 so the exact output law of each sampler (as a chain of affine-Gaussian steps) is computed here in float64 numpy,
 independently of the library, and the exact target of a perfect sampler is N(mu, s^2).
 """
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +13,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jax.tree_util import Partial
 
+from genjax.compiles import CompileCounter
 from genjax.samplers import (NoiseSchedule, classifier_free_guidance, ddim_sample, ddpm_sample,
                              dpm_solver_sample)
 from genjax.samplers.diffusion import log_snr_timesteps, uniform_timesteps
@@ -86,20 +86,6 @@ def affine_fit(x_T, x0):
 
 
 
-@contextlib.contextmanager
-def count_compiles():
-  """Counts XLA backend compilations in the block (GUIDE §4)."""
-  events = []
-
-  def listener(event, duration_secs, **kwargs):
-    if event == "/jax/core/compile/backend_compile_duration":
-      events.append(duration_secs)
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    yield events
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 # ------------------------------------------------------------------------------------------------ schedules
@@ -297,11 +283,11 @@ def test_no_recompile_for_steps_eta_guidance_or_params():
   ]
   for call in calls:
     call(0).block_until_ready()  # warm up: compiles each program once
-  with count_compiles() as compiles:
+  with CompileCounter() as compiles:
     for call in calls:
       for i in (1, 2):
         call(i).block_until_ready()
-  assert compiles == [], f"{len(compiles)} new compilations"
+  assert compiles.count == 0, f"{compiles.count} new compilations"
 
 
 def test_traceable_inside_user_jit_without_recompiles():
@@ -316,10 +302,10 @@ def test_traceable_inside_user_jit_without_recompiles():
   ref = user_sample(*args(20, 0.0, 1.0))
   np.testing.assert_allclose(ref, ddim_sample(Partial(MODELS["epsilon"], gaussian_params(mu=0.4)), SCHED, x_T,
                                               num_steps=20), atol=1e-5)
-  with count_compiles() as compiles:
+  with CompileCounter() as compiles:
     user_sample(*args(50, 0.5, 2.0)).block_until_ready()
     user_sample(*args(5, 1.0, 0.0)).block_until_ready()
-  assert compiles == []
+  assert compiles.count == 0
   with pytest.raises(ValueError, match="traced eta"):
     jax.jit(lambda e: ddim_sample(EPS_MODEL, SCHED, x_T, eta=e))(0.0)
 
@@ -330,10 +316,10 @@ def test_a_new_model_compiles_exactly_one_program():
   ref = ddim_sample(EPS_MODEL, SCHED, X_LINE, num_steps=9)  # also warms the eager argument helpers
   model = lambda x, t: gaussian_model(gaussian_params(), x, t)
   images = X_LINE.reshape(8, 2, 2, 2)
-  with count_compiles() as compiles:
+  with CompileCounter() as compiles:
     ddim_sample(model, SCHED, images, num_steps=3).block_until_ready()
     got = ddim_sample(model, SCHED, images, num_steps=9)
-  assert len(compiles) == 1
+  assert compiles.count == 1
   np.testing.assert_allclose(got.reshape(B, 1), ref, atol=1e-6)
 
 

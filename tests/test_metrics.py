@@ -362,3 +362,28 @@ def test_evaluate_draws_batched_samples_and_averages_the_whole_split():
   assert got["num_examples"] == 297
   assert got["mean_pixel"] == pytest.approx(float(test["image"].mean()), rel=1e-5)
   assert got["mean_label"] == pytest.approx(float(test["label"].mean()), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------- memorization
+
+
+def test_nearest_neighbour_distances_match_brute_force():
+  rng = np.random.default_rng(20)
+  q, r = rng.uniform(size=(1100, 4, 4, 1)), rng.uniform(size=(300, 4, 4, 1))   # > one 1024-row chunk
+  brute = np.sqrt(((q.reshape(1100, 1, 16) - r.reshape(1, 300, 16)) ** 2).sum(-1)).min(1)
+  np.testing.assert_allclose(metrics.nearest_neighbour_distances(q, r), brute, rtol=1e-9, atol=1e-9)
+  with pytest.raises(ValueError, match="16 values per row, references 9"):
+    metrics.nearest_neighbour_distances(q, r[:, :3, :3])
+
+
+def test_nearest_train_distance_ratio_tells_copies_from_new_draws():
+  rng = np.random.default_rng(21)
+  train, held_out, fresh = (rng.uniform(size=(n, 8, 8, 1)) for n in (600, 200, 200))
+  assert metrics.nearest_train_distance_ratio(train[:200], train, held_out) == 0.0   # exact copies
+  # New draws from the data distribution sit as far from the training set as held-out data do.
+  assert metrics.nearest_train_distance_ratio(fresh, train, held_out) == pytest.approx(1.0, abs=0.05)
+  # Training images plus small noise (a near-copier) sit much closer than held-out data.
+  assert metrics.nearest_train_distance_ratio(train[:200] + 0.01 * rng.normal(size=train[:200].shape), train,
+                                              held_out) < 0.1
+  with pytest.raises(ValueError, match="undefined"):
+    metrics.nearest_train_distance_ratio(fresh, train, train[:10])

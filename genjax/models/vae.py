@@ -12,6 +12,7 @@ levels in [0, 1] as Bernoulli means (the usual practice on MNIST-like data); the
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -164,11 +165,15 @@ def task(config) -> Task:
     return {"elbo_nats": elbo, "bits_per_dim": -elbo / (dims * math.log(2)), "kl": jnp.mean(kl),
             "iw_nll_nats": iw_nll}
 
+  @functools.partial(jax.jit, static_argnames="n")
+  def prior_samples(params, rng, temperature, n):
+    z = temperature * jax.random.normal(rng, (n, model.latent_dim))
+    return model.apply({"params": params}, z, method="decode")
+
   def sample_images(params, rng, n, temperature: float = 1.0, **unknown):
     if unknown:
       raise ValueError(f"unknown VAE sample options {sorted(unknown)}; valid: {list(SAMPLE_OPTIONS)}")
-    z = temperature * jax.random.normal(rng, (n, model.latent_dim))
-    return model.apply({"params": params}, z, method="decode")
+    return prior_samples(params, rng, jnp.float32(temperature), n=int(n))
 
   optimizer = make_optimizer(config.optimizer, int(config.num_train_steps))
   return Task(init=init, phases=(Phase("vae", loss_fn, optimizer),), sample_images=sample_images,

@@ -36,7 +36,7 @@ device mesh (batch axis sharded) and the loop runs data-parallel with the same r
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp

@@ -19,6 +19,8 @@ produced; `step` is the int32 training step (for lazy regularisers). A GAN is tw
 `options` are sampler settings a user passes from the command line (`experiments/sample.py --sampler=ddim
 --num_steps=50`, `--temperature=0.8`, ...): a family accepts the ones it understands and raises a ValueError naming
 any it does not. The loop calls `sample_images(params, rng, n)` with no options (the family's defaults).
+`experiments/evaluate.py` calls it outside any jit, so a family jits its own sampling, with options as runtime
+values where it can (a diffusion sweep over `num_steps` then compiles once).
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import fcntl
 import functools
 import os
 import signal
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import numpy as np

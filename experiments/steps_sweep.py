@@ -1,0 +1,153 @@
+r"""Sample quality against sampler steps for a diffusion run: FD-<data> (and KID, precision/recall) of every
+sampler at every step count, as JSON and as a PNG plot with the real-vs-real floor.
+
+  python -m experiments.steps_sweep --workdir=runs/ddpm_digits
+  python -m experiments.steps_sweep --workdir=runs/ddpm_digits --samplers=ddim,dpm_solver --num_steps=10,20,50 \
+      --output=runs/ddpm_digits/fd_vs_steps
+
+Writes `<output>.json` (one record per sampler × steps: the metrics, sampling seconds) and `<output>.png`
+(default output: `<workdir>/fd_vs_steps`). Every point draws the same number of samples (the eval split's size,
+or --num_samples) from the same seed, scored against the same train-split features as `experiments.evaluate`;
+the feature network, the train features and the floor are computed once. The run's sample options other than
+sampler/num_steps (guidance, eta, label) keep the config's defaults unless --option sets them. The plot needs
+matplotlib (`pip install -e ".[plot]"`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+SAMPLER_LABELS = {"ddpm": "DDPM (ancestral)", "ddim": "DDIM (eta=0)", "dpm_solver": "DPM-Solver++(2M)"}
+
+
+def define_flags() -> None:
+  flags.DEFINE_string("workdir", None, "Diffusion run directory written by experiments.train.")
+  flags.DEFINE_string("output", None, "Output path without extension (default <workdir>/fd_vs_steps).")
+  flags.DEFINE_list("samplers", ["ddpm", "ddim", "dpm_solver"], "Samplers to sweep.")
+  flags.DEFINE_list("num_steps", ["10", "20", "50", "100", "250"], "Step counts to sweep.")
+  flags.DEFINE_integer("num_samples", 0, "Samples per point; 0 = the size of the eval split.")
+  flags.DEFINE_integer("sample_batch_size", 512, "Samples per sampler call.")
+  flags.DEFINE_integer("seed", 0, "Sampling seed (the same for every point).")
+  flags.DEFINE_multi_string("option", [], "Other sample options as key=value, e.g. --option=guidance=2.0.")
+  flags.DEFINE_string("feature_cache", None, "Feature network cache directory.")
+  flags.mark_flags_as_required(["workdir"])
+
+
+def sweep(task, params, ref, samplers, num_steps, *, sample_batch_size: int = 512, seed: int = 0, options=None,
+          log=print) -> list[dict]:
+  """One record per sampler × step count: the metrics against `ref` (an `evaluate.ImageReference`), sampling
+  seconds, and the XLA compilations the point caused (the first point of a sampler compiles its program; the
+  other step counts should compile nothing)."""
+  import jax
+  from experiments import evaluate as ev
+  from genjax.compiles import CompileCounter
+  from genjax.models.diffusion import SAMPLERS
+  bad = [s for s in samplers if s not in SAMPLERS]
+  if bad or not samplers:
+    raise ValueError(f"unknown samplers {bad or list(samplers)}; valid: {list(SAMPLERS)}")
+  if not num_steps or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in num_steps):
+    raise ValueError(f"num_steps must be positive ints, got {list(num_steps)}")
+  fd = f"FD-{ref.name}"
+  points = []
+  for sampler in samplers:
+    for n in num_steps:
+      with CompileCounter() as cc:
+        r = ev.image_report(task, params, ref, jax.random.PRNGKey(seed),
+                            options={**(options or {}), "sampler": sampler, "num_steps": n},
+                            sample_batch_size=sample_batch_size)
+      points.append({"sampler": sampler, "num_steps": n, "metrics": r["metrics"],
+                     "sample_seconds": r["sample_seconds"], "compiles": cc.count})
+      log(f"{sampler:>10} {n:>5} steps: {fd} {r['metrics'][fd]:8.2f} ({r['metrics'][fd] / ref.floor[fd]:.2f}x "
+          f"floor) | {r['sample_seconds']:.1f} s | {cc.count} compilations")
+  return points
+
+
+def sweep_run(workdir: str, samplers, num_steps, *, num_samples: int = 0, sample_batch_size: int = 512,
+              seed: int = 0, options=None, feature_cache=None, log=print) -> dict:
+  """`sweep` over a trained diffusion run: {"points": [...], "floor": ..., "metric": "FD-<data>", ...}."""
+  from experiments import evaluate as ev
+  from genjax.models import get_task
+  from genjax.train.checkpoint import load_run
+  if not os.path.isdir(workdir):
+    raise ValueError(f"--workdir={workdir!r} is not a directory")
+  config, params = load_run(workdir)
+  if config.family != "diffusion":
+    raise ValueError(f"{workdir!r} holds a {config.family!r} run; the steps sweep needs a diffusion run")
+  task = get_task(config)
+  ref = ev.image_reference(config, num_samples=num_samples, feature_cache=feature_cache)
+  fd = f"FD-{ref.name}"
+  log(f"floor (real vs real, {ref.num_samples} images): {fd} {ref.floor[fd]:.2f}")
+  points = sweep(task, params, ref, samplers, num_steps, sample_batch_size=sample_batch_size, seed=seed,
+                 options=options, log=log)
+  return {"workdir": os.path.abspath(workdir), "variant": config.get("variant", ""), "metric": fd,
+          "num_samples": ref.num_samples, "seed": seed, "options": dict(options or {}), "floor": ref.floor,
+          **{k: v for k, v in ref.info.items() if k != "metric_options"}, "points": points}
+
+
+def plot(result: dict, path: str) -> None:
+  """FD against steps (log axis), a line per sampler, the floor dashed."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    raise ImportError("the plot needs matplotlib: pip install -e '.[plot]' (the JSON was written)") from None
+  metric = result["metric"]
+  fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+  for sampler in dict.fromkeys(p["sampler"] for p in result["points"]):
+    pts = [p for p in result["points"] if p["sampler"] == sampler]
+    ax.plot([p["num_steps"] for p in pts], [p["metrics"][metric] for p in pts], marker="o",
+            label=SAMPLER_LABELS.get(sampler, sampler))
+  ax.axhline(result["floor"][metric], color="gray", linestyle="--", label="floor: real vs real")
+  ax.set_xscale("log")
+  steps = sorted({p["num_steps"] for p in result["points"]})
+  ax.set_xticks(steps, [str(s) for s in steps])
+  ax.set_yscale("log")
+  ax.set_xlabel("sampler steps")
+  ax.set_ylabel(f"{metric} (lower is better)")
+  ax.set_title(f"{result.get('variant') or 'diffusion'}: {metric} vs steps ({result['num_samples']} samples)")
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from experiments.evaluate import parse_options
+  from genjax.train.report import quiet_library_logs
+  quiet_library_logs()
+  f = FLAGS
+  try:
+    steps = [int(s) for s in f.num_steps]
+  except ValueError:
+    print(f"error: --num_steps={','.join(f.num_steps)} must be a comma-separated list of ints", file=sys.stderr)
+    sys.exit(1)
+  t0 = time.time()
+  try:
+    result = sweep_run(f.workdir, f.samplers, steps, num_samples=f.num_samples,
+                       sample_batch_size=f.sample_batch_size, seed=f.seed, options=parse_options({}, f.option),
+                       feature_cache=f.feature_cache)
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  result["seconds"] = round(time.time() - t0, 1)
+  result["command"] = "python -m experiments.steps_sweep " + " ".join(sys.argv[1:])
+  out = f.output or os.path.join(f.workdir, "fd_vs_steps")
+  with open(out + ".json", "w") as fh:
+    json.dump(result, fh, indent=2)
+  plot(result, out + ".png")
+  print(f"wrote {out}.json and {out}.png")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
