@@ -163,6 +163,12 @@ def image_reference(config, *, num_samples: int = 0, feature_cache: Optional[str
   return ImageReference(name, fx, real_f, n, floor, memorizer, real, held_out_nn, info | {"metric_options": kw})
 
 
+def sampling_key(seed: int):
+  """The key samples are drawn with for `seed` (shared with experiments.steps_sweep: equal seeds, equal samples)."""
+  import jax
+  return jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+
+
 def image_report(task, params, ref: ImageReference, rng, *, options, sample_batch_size: int = 256) -> dict:
   """Draws `ref.num_samples` images with `options` and scores them against `ref` (the floor beside them)."""
   import numpy as np
@@ -218,7 +224,7 @@ def evaluate_run(workdir: str, *, step: Optional[int] = None, options: Optional[
   if info.kind == "image" and task.sample_images is not None:
     ref = image_reference(config, num_samples=num_samples, feature_cache=feature_cache, kid_subsets=kid_subsets,
                           kid_subset_size=kid_subset_size, pr_k=pr_k)
-    out.update(image_report(task, params, ref, jax.random.fold_in(rng, 1), options=options,
+    out.update(image_report(task, params, ref, sampling_key(seed), options=options,
                             sample_batch_size=sample_batch_size))
   elif options:
     raise ValueError(f"sample options {sorted(options)} were given, but the {config.family!r} family on "

@@ -7,7 +7,7 @@ sampler at every step count, as JSON and as a PNG plot with the real-vs-real flo
 
 Writes `<output>.json` (one record per sampler × steps: the metrics, sampling seconds) and `<output>.png`
 (default output: `<workdir>/fd_vs_steps`). Every point draws the same number of samples (the eval split's size,
-or --num_samples) from the same seed, scored against the same train-split features as `experiments.evaluate`;
+or --num_samples) from the same seed as `experiments.evaluate --seed` (so the two agree on a shared point), scored against the same train-split features as `experiments.evaluate`;
 the feature network, the train features and the floor are computed once. The run's sample options other than
 sampler/num_steps (guidance, eta, label) keep the config's defaults unless --option sets them. The plot needs
 matplotlib (`pip install -e ".[plot]"`).
@@ -43,7 +43,6 @@ def sweep(task, params, ref, samplers, num_steps, *, sample_batch_size: int = 51
   """One record per sampler × step count: the metrics against `ref` (an `evaluate.ImageReference`), sampling
   seconds, and the XLA compilations the point caused (the first point of a sampler compiles its program; the
   other step counts should compile nothing)."""
-  import jax
   from experiments import evaluate as ev
   from genjax.compiles import CompileCounter
   from genjax.models.diffusion import SAMPLERS
@@ -57,7 +56,7 @@ def sweep(task, params, ref, samplers, num_steps, *, sample_batch_size: int = 51
   for sampler in samplers:
     for n in num_steps:
       with CompileCounter() as cc:
-        r = ev.image_report(task, params, ref, jax.random.PRNGKey(seed),
+        r = ev.image_report(task, params, ref, ev.sampling_key(seed),
                             options={**(options or {}), "sampler": sampler, "num_steps": n},
                             sample_batch_size=sample_batch_size)
       points.append({"sampler": sampler, "num_steps": n, "metrics": r["metrics"],

@@ -92,6 +92,9 @@ class HookedIterator:
   def set_state(self, state):
     return self._it.set_state(state)
 
+  def close(self):
+    return self._it.close()
+
 
 def hook_train_iterator(hook: Callable[[int, dict], dict]) -> Callable[[], None]:
   """Makes the loop's `genjax.data.train_iterator` hand out hooked iterators; returns the undo function."""

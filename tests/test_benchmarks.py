@@ -17,7 +17,7 @@ import pytest
 from absl import flags
 from absl.testing import flagsaver
 
-# Libraries that register absl flags when first imported (grain, orbax) are imported here, before any flagsaver
+# Libraries that register absl flags when first imported (orbax, tensorflow_datasets) are imported here, before any flagsaver
 # snapshot: flagsaver restores the flag registry it saw, which would drop flags registered inside its context.
 import genjax.data  # noqa: F401,E402
 import genjax.models.diffusion  # noqa: F401,E402

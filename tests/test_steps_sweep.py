@@ -7,7 +7,6 @@ same computation for every point, and changing the step count compiles nothing.
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 
@@ -37,7 +36,7 @@ def test_sweep_scores_every_point_and_compiles_once_per_sampler(setup):
   assert points[0]["compiles"] >= 1 and points[3]["compiles"] >= 1
   assert [p["compiles"] for p in points if p["num_steps"] != 2] == [0, 0, 0, 0]
   # A point is exactly what experiments.evaluate reports for the same sampler, steps and seed.
-  again = ev.image_report(task, params, ref, jax.random.PRNGKey(0), options={"sampler": "ddim", "num_steps": 3},
+  again = ev.image_report(task, params, ref, ev.sampling_key(0), options={"sampler": "ddim", "num_steps": 3},
                           sample_batch_size=24)
   assert again["metrics"] == points[1]["metrics"]
   assert points[1]["metrics"] != points[2]["metrics"]           # the step count really changes the samples

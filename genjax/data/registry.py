@@ -70,6 +70,17 @@ class ImageSource:
     r = self._records[i]
     return {"image": np.asarray(r["image"], np.float32) / self._scale, "label": np.int32(r["label"])}
 
+  def get_batch(self, indices: np.ndarray) -> dict:
+    """Examples `indices` stacked: one fancy-indexing op for in-memory arrays, a read per record for TFDS (the
+    training pipeline runs it in its prefetch thread)."""
+    if isinstance(self._records, _ArrayRecords):
+      images, labels = self._records.images[indices], self._records.labels[indices]
+    else:
+      records = [self._records[int(i)] for i in indices]
+      images = np.stack([np.asarray(r["image"]) for r in records])
+      labels = np.asarray([r["label"] for r in records])
+    return {"image": images.astype(np.float32) / self._scale, "label": labels.astype(np.int32)}
+
 
 class _ArrayRecords:
   def __init__(self, images: np.ndarray, labels: np.ndarray):
@@ -99,6 +110,21 @@ class TextWindows:
   def __getitem__(self, i: int) -> dict:
     start = i * self._seq_len
     return {"tokens": self._data[start:start + self._seq_len + 1].astype(np.int32)}
+
+  def get_batch(self, indices: np.ndarray) -> dict:
+    starts = np.asarray(indices, np.int64)[:, None] * self._seq_len
+    return {"tokens": self._data[starts + np.arange(self._seq_len + 1)].astype(np.int32)}
+
+
+def get_examples(source: Any, indices) -> dict:
+  """Examples `indices` of `source` as one dict of stacked arrays: the source's own `get_batch` when it has one
+  (genjax's sources do), else `source[i]` per index, stacked."""
+  indices = np.asarray(indices, np.int64)
+  get_batch = getattr(source, "get_batch", None)
+  if get_batch is not None:
+    return get_batch(indices)
+  examples = [source[int(i)] for i in indices]
+  return {k: np.stack([np.asarray(e[k]) for e in examples]) for k in examples[0]}
 
 
 @functools.lru_cache(maxsize=1)
@@ -156,8 +182,7 @@ def load_arrays(name: str, split: str, data_dir: Optional[str] = None, max_examp
     raise ValueError(f"load_arrays is for image data sets; {name!r} is {info.kind}")
   src = get_source(_DatasetConfig(name=name, data_dir=data_dir), split)
   n = len(src) if max_examples is None else min(len(src), max_examples)
-  examples = [src[i] for i in range(n)]
-  return {"image": np.stack([e["image"] for e in examples]), "label": np.array([e["label"] for e in examples])}
+  return get_examples(src, np.arange(n))
 
 
 class _DatasetConfig(dict):

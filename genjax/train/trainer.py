@@ -275,6 +275,7 @@ def _train(config, workdir: str, task: Task, pid: int, nproc: int) -> TrainState
       signal.signal(signal.SIGTERM, previous_handler)
     ckpt.close()
     writer.close()
+    train_it.close()
   return eval_view(state) if config.parallel == "pmap" else state
 
 
