@@ -232,16 +232,33 @@ def test_generate_sampling_distribution_of_first_token():
 def test_runtime_settings_compile_nothing_new():
   params = _params(5)
   kw = dict(max_new_tokens=N, eos_id=EOS)
-  generate(COUNTING, params, PROMPTS, jax.random.key(0), **kw)
+  settings = [dict(temperature=0.5), dict(top_k=3, top_p=0.5), dict(temperature=0.0, top_k=1),
+              dict(repetition_penalty=1.3, presence_penalty=0.2, frequency_penalty=0.1, min_tokens_to_keep=2),
+              dict(greedy=True, row_ids=[5, 6, 7, 8]), dict(temperature=[0.1, 0.2, 1.0, 0.0], eos_id=3),
+              dict(greedy=True, repetition_penalty=1.2)]
+  for setting in settings:   # compiles the four specialisations: all rows greedy or not x penalties off or not
+    generate(COUNTING, params, PROMPTS, jax.random.key(1), **{**kw, **setting})
   traces = TRACES["n"]
   assert traces > 0
-  for settings in [dict(temperature=0.5), dict(top_k=3, top_p=0.5), dict(temperature=0.0, top_k=1),
-                   dict(repetition_penalty=1.3, presence_penalty=0.2, frequency_penalty=0.1, min_tokens_to_keep=2),
-                   dict(greedy=True, row_ids=[5, 6, 7, 8]), dict(temperature=[0.1, 0.2, 1.0, 0.0], eos_id=3)]:
-    generate(COUNTING, params, PROMPTS, jax.random.key(1), **{**kw, **settings})
+  for setting in settings + [dict(temperature=0.9, top_p=0.8, top_k=2), dict(greedy=True, frequency_penalty=0.5)]:
+    generate(COUNTING, params, PROMPTS, jax.random.key(2), **{**kw, **setting})
   assert TRACES["n"] == traces
   generate(COUNTING, params, PROMPTS, jax.random.key(1), max_new_tokens=N + 1)   # a new output shape compiles
   assert TRACES["n"] > traces
+
+
+def test_greedy_and_penalty_free_specialisations_agree_with_the_general_program():
+  params = _params(5)
+  kw = dict(max_new_tokens=N, eos_id=EOS)
+  greedy = generate(COUNTING, params, PROMPTS, **kw, greedy=True)                         # argmax-only program
+  mixed = generate(COUNTING, params, PROMPTS, jax.random.key(3), **kw, temperature=[0.0, 0.0, 0.0, 1.0])
+  np.testing.assert_array_equal(mixed.tokens[:3], greedy.tokens[:3])                      # the greedy rows
+  penalised = generate(COUNTING, params, PROMPTS, **kw, greedy=True, repetition_penalty=[1.0, 1.0, 1.0, 1.5])
+  np.testing.assert_array_equal(penalised.tokens[:3], greedy.tokens[:3])                  # rows at the defaults
+  sampled = generate(COUNTING, params, PROMPTS, jax.random.key(4), **kw, temperature=0.8, top_p=0.9)
+  also = generate(COUNTING, params, PROMPTS, jax.random.key(4), **kw, temperature=0.8, top_p=0.9,
+                  presence_penalty=[0.0, 0.0, 0.0, 0.5])
+  np.testing.assert_array_equal(also.tokens[:3], sampled.tokens[:3])
 
 
 def test_cache_limits():

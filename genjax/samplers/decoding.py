@@ -23,8 +23,10 @@ Usage (the transformer LM provides its DecodingModel: `transformer.decoding_mode
 Prompts are a list of id lists or an int array [B, P] right-padded with `prompt_lengths` [B] (each >= 1).
 Each call is one jitted program (prefill + `while_loop` decode) over a preallocated cache of `cache_len` slots
 (default: prompt width + max_new_tokens - 1, capped at `model.max_len`). Static: the model, the prompt shape,
-max_new_tokens, cache_len, num_beams. Runtime (no recompilation): temperature, top_k, top_p, min_tokens_to_keep,
-the penalties, length_penalty, eos/pad ids — scalars or one value per row.
+max_new_tokens, cache_len, num_beams, and for `generate` two facts about the settings: whether any row samples
+(all rows greedy: argmax only) and whether any penalty is on (all off: no bookkeeping) — at most four programs,
+each compiled once. Runtime (no recompilation): temperature, top_k, top_p, min_tokens_to_keep, the penalties,
+length_penalty, eos/pad ids — scalars or one value per row.
 
 Randomness is per row: row i draws its t-th token with `fold_in(fold_in(rng, row_ids[i]), t)`; `row_ids` defaults
 to `arange(B)`, so passing a row's id makes its output independent of the rest of the batch.
@@ -127,7 +129,7 @@ def _prefill(model: DecodingModel, params, prompts, lengths, cache_len: int):
   return last, cache
 
 
-def _generate_impl(model, max_new_tokens, cache_len, params, prompts, lengths, row_keys, s):
+def _generate_impl(model, max_new_tokens, cache_len, sample, penalize, params, prompts, lengths, row_keys, s):
   batch, width = prompts.shape
   rows = jnp.arange(batch)
   logits, cache = _prefill(model, params, prompts, lengths, cache_len)
@@ -144,19 +146,25 @@ def _generate_impl(model, max_new_tokens, cache_len, params, prompts, lengths, r
 
   def body(state):
     t, out, logits, seen, counts, done, n, cache = state
-    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, t)
-    logits = apply_penalties(logits, seen, counts, s["repetition_penalty"], s["presence_penalty"],
-                             s["frequency_penalty"])
-    tok = choose_tokens(logits, keys, s["temperature"], s["top_k"], s["top_p"], s["min_tokens_to_keep"])
+    if penalize:
+      logits = apply_penalties(logits, seen, counts, s["repetition_penalty"], s["presence_penalty"],
+                               s["frequency_penalty"])
+    if sample:
+      keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, t)
+      tok = choose_tokens(logits, keys, s["temperature"], s["top_k"], s["top_p"], s["min_tokens_to_keep"])
+    else:
+      tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     tok = jnp.where(done, s["pad_id"], tok)
     out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, t))
-    hot = jax.nn.one_hot(tok, vocab, dtype=jnp.int32) * (~done)[:, None]
+    if penalize:
+      hot = jax.nn.one_hot(tok, vocab, dtype=jnp.int32) * (~done)[:, None]
+      seen, counts = seen | (hot > 0), counts + hot
     n = n + (~done).astype(jnp.int32)
     # A row ends at EOS, or when token t's position lengths + t falls outside the cache.
     done = done | (tok == s["eos_id"]) | (lengths + t >= cache_len)
     pos = jnp.minimum(lengths + t, cache_len - 1)
     logits, cache = model.step_fn(params, tok[:, None], pos[:, None], cache)
-    return t + 1, out, logits[:, 0].astype(jnp.float32), seen | (hot > 0), counts + hot, done, n, cache
+    return t + 1, out, logits[:, 0].astype(jnp.float32), seen, counts, done, n, cache
 
   out = jnp.full((batch, max_new_tokens), s["pad_id"], jnp.int32)
   zeros = jnp.zeros((batch,), jnp.int32)
@@ -165,7 +173,15 @@ def _generate_impl(model, max_new_tokens, cache_len, params, prompts, lengths, r
   return GenerateOutput(out, n)
 
 
-_generate_jit = jax.jit(_generate_impl, static_argnums=(0, 1, 2))
+_generate_jit = jax.jit(_generate_impl, static_argnums=(0, 1, 2, 3, 4))
+
+
+def _everywhere(values: jax.Array, predicate) -> bool:
+  """True when `predicate(values)` holds for every row of a concrete vector (False for traced values)."""
+  try:
+    return bool(np.all(predicate(np.asarray(values))))
+  except jax.errors.TracerArrayConversionError:
+    return False
 
 
 def generate(model: DecodingModel, params, prompts, rng=None, *, max_new_tokens: int, prompt_lengths=None,
@@ -205,8 +221,14 @@ def generate(model: DecodingModel, params, prompts, rng=None, *, max_new_tokens:
       frequency_penalty=_row_vector(frequency_penalty, batch, jnp.float32, "frequency_penalty"),
       eos_id=jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32),
       pad_id=jnp.asarray(pad_id, jnp.int32))
-  return _generate_jit(model, int(max_new_tokens), cache_len, params, jnp.asarray(tokens), jnp.asarray(lengths),
-                       row_keys, settings)
+  # Two specialisations, each compiled once: every row greedy (argmax only: no sort, no random draw) or not;
+  # penalties at their defaults in every row (no bookkeeping of seen ids) or not.
+  sample = not _everywhere(settings["temperature"], lambda t: t <= 0)
+  penalize = not (_everywhere(settings["repetition_penalty"], lambda r: r == 1)
+                  and _everywhere(settings["presence_penalty"], lambda p: p == 0)
+                  and _everywhere(settings["frequency_penalty"], lambda f: f == 0))
+  return _generate_jit(model, int(max_new_tokens), cache_len, sample, penalize, params, jnp.asarray(tokens),
+                       jnp.asarray(lengths), row_keys, settings)
 
 
 def _beam_search_impl(model, num_beams, max_new_tokens, cache_len, params, prompts, lengths, length_penalty,
