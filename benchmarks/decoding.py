@@ -11,8 +11,10 @@ decodes all `new_tokens`). Modes, each timed as the median of >= 5 calls after a
 
   prefill        the prompt through the model into a fresh KV cache (what `generate` does first);
                  tokens_per_second = batch * prompt_len / seconds.
-  cached         `genjax.samplers.generate(..., greedy=True)`: prefill + KV-cached decode loop, one program.
-  cached_top_k   the same with temperature 1, top_k 40 (sampling);  cached_top_p: temperature 1, top_p 0.9.
+  cached         `genjax.samplers.generate(..., greedy=True)`: prefill + KV-cached decode loop, one program
+                 (generate's argmax-only specialisation).
+  cached_top_k   the same with temperature 1, top_k 40 (sampling);  cached_top_p: temperature 1, top_p 0.9. The
+                 two share generate's sampling program (the first of them to run compiles it).
   recompute      greedy decoding without a cache: every new token runs the whole model over a fixed
                  [batch, prompt_len + new_tokens - 1] buffer (causal mask; static shapes, one program).
   transformers_flax[_top_p]  the peer: `FlaxGPT2LMHeadModel.generate` (GPT-2 of the same width, depth, heads,

@@ -104,8 +104,9 @@ def test_decoding_quick(tmp_path):
   assert cached["tokens_per_second"] == pytest.approx(2 * 6 / cached["seconds"])
   assert cached["speedup_vs_recompute"] == pytest.approx(recompute["seconds"] / cached["seconds"])
   assert recompute["matches_cached"] == 1.0        # greedy without a cache == greedy with the KV cache
-  for mode in decoding.SAMPLING:
-    assert by_mode[mode]["compiles"] == 0            # sampling settings are runtime values of one program
+  # Greedy ("cached") has its own argmax-only program; top-k and top-p are runtime values of one sampling program,
+  # compiled by whichever of them runs first.
+  assert sorted(by_mode[mode]["compiles"] for mode in decoding.SAMPLING) == [0, 1]
   if importlib.util.find_spec("transformers") is None:
     assert by_mode["transformers_flax"]["status"].startswith("peer not installed")
 

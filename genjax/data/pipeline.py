@@ -39,6 +39,8 @@ class TrainIterator:
   def __init__(self, source: Any, *, global_batch: int, seed: int, process_index: int = 0, process_count: int = 1,
                prefetch: int = 2):
     self._local = _local_batch_size(global_batch, process_count)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+      raise ValueError(f"seed={seed!r} must be an int >= 0")
     if len(source) < self._local:
       raise ValueError(f"the data set has {len(source)} examples, fewer than one local batch of {self._local}")
     self._source, self._size, self._seed = source, len(source), int(seed)

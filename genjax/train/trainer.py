@@ -99,6 +99,8 @@ def check_config(config) -> None:
   for key in ("num_train_steps", "batch_size", "log_every_steps", "grad_accum_steps", "keep_checkpoints"):
     if int(config[key]) < 1:
       raise ValueError(f"{key}={config[key]!r} must be >= 1")
+  if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
+    raise ValueError(f"seed={config.seed!r} must be an int >= 0")
   if config.compute_dtype not in COMPUTE_DTYPES:
     raise ValueError(f"compute_dtype={config.compute_dtype!r} is not one of {COMPUTE_DTYPES}")
   if not 0.0 <= float(config.ema_decay) < 1.0:
