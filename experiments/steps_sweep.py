@@ -85,6 +85,7 @@ def sweep_run(workdir: str, samplers, num_steps, *, num_samples: int = 0, sample
                  options=options, log=log)
   return {"workdir": os.path.abspath(workdir), "variant": config.get("variant", ""), "metric": fd,
           "num_samples": ref.num_samples, "seed": seed, "options": dict(options or {}), "floor": ref.floor,
+          "memorizer": ref.memorizer,
           **{k: v for k, v in ref.info.items() if k != "metric_options"}, "points": points}
 
 
@@ -92,6 +93,7 @@ def plot(result: dict, path: str) -> None:
   """FD against steps (log axis), a line per sampler, the floor dashed."""
   try:
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
   except ImportError:
@@ -102,11 +104,15 @@ def plot(result: dict, path: str) -> None:
     pts = [p for p in result["points"] if p["sampler"] == sampler]
     ax.plot([p["num_steps"] for p in pts], [p["metrics"][metric] for p in pts], marker="o",
             label=SAMPLER_LABELS.get(sampler, sampler))
-  ax.axhline(result["floor"][metric], color="gray", linestyle="--", label="floor: real vs real")
+  ax.axhline(result["floor"][metric], color="gray", linestyle="--", label="floor: test split vs train")
+  if "memorizer" in result:
+    ax.axhline(result["memorizer"][metric], color="gray", linestyle=":", label="memorizer: train images")
   ax.set_xscale("log")
   steps = sorted({p["num_steps"] for p in result["points"]})
   ax.set_xticks(steps, [str(s) for s in steps])
   ax.set_yscale("log")
+  ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+  ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
   ax.set_xlabel("sampler steps")
   ax.set_ylabel(f"{metric} (lower is better)")
   ax.set_title(f"{result.get('variant') or 'diffusion'}: {metric} vs steps ({result['num_samples']} samples)")
