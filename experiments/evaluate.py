@@ -131,6 +131,7 @@ class ImageReference:
   memorizer: dict              # the metrics of training images scored as samples (what copying would score)
   train_images: Any            # for the nearest-train-image distances of samples
   held_out_nn_median: float    # median distance from an eval-split image to its nearest training image
+  metric_options: dict         # KID subsets, precision/recall k: the same for samples, floor and memorizer
   info: dict                   # where the numbers come from, for eval.json
 
 
@@ -160,7 +161,7 @@ def image_reference(config, *, num_samples: int = 0, feature_cache: Optional[str
           "floor_set": f"{name} {eval_split} split ({len(held_out)} images)",
           "memorizer_set": f"{len(copies)} {name} {train_split}-split images scored as samples",
           "feature_net": {"dataset": name, "test_accuracy": fx.test_accuracy, "feature_dim": fx.feature_dim}}
-  return ImageReference(name, fx, real_f, n, floor, memorizer, real, held_out_nn, info | {"metric_options": kw})
+  return ImageReference(name, fx, real_f, n, floor, memorizer, real, held_out_nn, kw, info)
 
 
 def sampling_key(seed: int):
@@ -176,13 +177,13 @@ def image_report(task, params, ref: ImageReference, rng, *, options, sample_batc
   t0 = time.time()
   images, (lo, hi) = draw_samples(task, params, rng, ref.num_samples, sample_batch_size, options)
   sample_seconds = time.time() - t0
-  quality = metrics.feature_metrics(ref.real_features, ref.fx(images), ref.name, **ref.info["metric_options"])
+  quality = metrics.feature_metrics(ref.real_features, ref.fx(images), ref.name, **ref.metric_options)
   classes = np.bincount(np.argmax(ref.fx.logits(images), -1), minlength=ref.fx.meta["num_classes"])
   nn_median = float(np.median(metrics.nearest_neighbour_distances(images, ref.train_images)))
   fd = f"FD-{ref.name}"
   return {
       "num_samples": ref.num_samples, "sample_seconds": round(sample_seconds, 2),
-      "sample_range_before_clip": [lo, hi], **{k: v for k, v in ref.info.items() if k != "metric_options"},
+      "sample_range_before_clip": [lo, hi], **ref.info,
       "metrics": quality, "floor": ref.floor, "memorizer": ref.memorizer,
       "ratio_to_floor": {fd: quality[fd] / max(ref.floor[fd], 1e-12)},
       # < 1: samples sit closer to training images than unseen real images do; ~0: copies (pixel space, medians).

@@ -86,7 +86,7 @@ def sweep_run(workdir: str, samplers, num_steps, *, num_samples: int = 0, sample
   return {"workdir": os.path.abspath(workdir), "variant": config.get("variant", ""), "metric": fd,
           "num_samples": ref.num_samples, "seed": seed, "options": dict(options or {}), "floor": ref.floor,
           "memorizer": ref.memorizer,
-          **{k: v for k, v in ref.info.items() if k != "metric_options"}, "points": points}
+          **ref.info, "points": points}
 
 
 def plot(result: dict, path: str) -> None:
