@@ -31,14 +31,14 @@ def define_flags() -> None:
   flags.DEFINE_list("samplers", ["ddpm", "ddim", "dpm_solver"], "Samplers to sweep.")
   flags.DEFINE_list("num_steps", ["10", "20", "50", "100", "250"], "Step counts to sweep.")
   flags.DEFINE_integer("num_samples", 0, "Samples per point; 0 = the size of the eval split.")
-  flags.DEFINE_integer("sample_batch_size", 512, "Samples per sampler call.")
+  flags.DEFINE_integer("sample_batch_size", 256, "Samples per sampler call (as experiments.evaluate: equal samples).")
   flags.DEFINE_integer("seed", 0, "Sampling seed (the same for every point).")
   flags.DEFINE_multi_string("option", [], "Other sample options as key=value, e.g. --option=guidance=2.0.")
   flags.DEFINE_string("feature_cache", None, "Feature network cache directory.")
   flags.mark_flags_as_required(["workdir"])
 
 
-def sweep(task, params, ref, samplers, num_steps, *, sample_batch_size: int = 512, seed: int = 0, options=None,
+def sweep(task, params, ref, samplers, num_steps, *, sample_batch_size: int = 256, seed: int = 0, options=None,
           log=print) -> list[dict]:
   """One record per sampler × step count: the metrics against `ref` (an `evaluate.ImageReference`), sampling
   seconds, and the XLA compilations the point caused (the first point of a sampler compiles its program; the
@@ -66,7 +66,7 @@ def sweep(task, params, ref, samplers, num_steps, *, sample_batch_size: int = 51
   return points
 
 
-def sweep_run(workdir: str, samplers, num_steps, *, num_samples: int = 0, sample_batch_size: int = 512,
+def sweep_run(workdir: str, samplers, num_steps, *, num_samples: int = 0, sample_batch_size: int = 256,
               seed: int = 0, options=None, feature_cache=None, log=print) -> dict:
   """`sweep` over a trained diffusion run: {"points": [...], "floor": ..., "metric": "FD-<data>", ...}."""
   from experiments import evaluate as ev

@@ -162,6 +162,21 @@ def test_dpm_solver_markedly_beats_ddim_at_20_steps():
   assert abs(dpm[0] - exact_slope()) < abs(ddim[0] - exact_slope()) / 5
 
 
+def test_dpm_solver_grid_skips_the_empty_tail_of_the_cosine_schedule():
+  """The cosine schedule ends at log-SNR -19.8: a grid uniform from there spent 2 of 5 steps on t = 999 -> 998 ->
+  943, where nothing changes (slope 0.338 at 5 steps, measured before the floor). From max(lambda_T, -10.5) it
+  reaches the linear schedule's accuracy (0.400 at 5 steps, 0.507 at 20; exact 0.5)."""
+  cosine = NoiseSchedule.cosine(1000)
+  ts = np.asarray(log_snr_timesteps(cosine, jnp.int32(5)))[:5]
+  assert ts[0] == 999 and ts[1] < 990 and ts[-1] == 0, ts
+  model = Partial(MODELS["epsilon"], gaussian_params(sched=cosine))
+  for n, tol in ((5, 0.12), (20, 0.012)):
+    slope = affine_fit(X_LINE, dpm_solver_sample(model, cosine, X_LINE, num_steps=n))[0]
+    assert abs(slope - exact_slope()) < tol, (n, slope)
+  # The linear schedule (lambda_T = -10.1 > -10.5) keeps its grid: uniform from its own end.
+  assert np.asarray(log_snr_timesteps(SCHED, jnp.int32(5)))[:5].tolist() == [999, 722, 302, 30, 0]
+
+
 @pytest.mark.parametrize("n", [1000, 50])
 def test_ddpm_reproduces_the_gaussian_in_distribution(n):
   """Full DDPM ~ N(mu, s^2); strided DDPM == the law of the strided posterior chain (prev = previous visited t)."""

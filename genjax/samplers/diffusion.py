@@ -201,15 +201,25 @@ def uniform_timesteps(num_steps, num_timesteps: int) -> jax.Array:
   return jnp.where(i < num_steps, ts, -1)
 
 
+# The log-SNR grid starts no lower than this. Below it (SNR < 3e-5) the data term of x_t is lost in the noise and a
+# step changes nothing: the linear DDPM schedule ends at -10.1, but the cosine schedule at -19.8, where a grid
+# uniform from lambda_T would spend 2 of 5 steps (t = 999 -> 998 -> 943). DPM-Solver's reference code truncates
+# its cosine schedule at t = 0.9946 (lambda ~ -9.6) for the same reason. The first step still starts at T - 1.
+LOG_SNR_FLOOR = -10.5
+
+
 def log_snr_timesteps(sched: NoiseSchedule, num_steps) -> jax.Array:
-  """int32 [T + 1]: `num_steps` timesteps uniform in log-SNR from T-1 to 0 (rounded to integers, made strictly
-  decreasing), then -1 (clean) padding."""
+  """int32 [T + 1]: `num_steps` timesteps from T-1 to 0, the ones after T-1 uniform in log-SNR between
+  max(lambda_{T-1}, LOG_SNR_FLOOR) and lambda_0 (rounded to integers, made strictly decreasing), then -1 (clean)
+  padding."""
   T = sched.num_timesteps
   lam = sched.log_snr  # decreasing in t
   i = jnp.arange(T + 1, dtype=jnp.int32)
   frac = i.astype(jnp.float32) / jnp.maximum(num_steps - 1, 1).astype(jnp.float32)
-  target = lam[T - 1] + frac * (lam[0] - lam[T - 1])
+  start = jnp.maximum(lam[T - 1], LOG_SNR_FLOOR)
+  target = start + frac * (lam[0] - start)
   t = jnp.round(jnp.interp(-target, -lam, jnp.arange(T, dtype=jnp.float32))).astype(jnp.int32)
+  t = jnp.where(i == 0, T - 1, t)
   t = jnp.maximum(t, num_steps - 1 - i)  # leave room for the remaining steps ...
   t = jax.lax.cummin(t + i) - i  # ... and make the table strictly decreasing
   return jnp.where(i < num_steps, t, -1)
