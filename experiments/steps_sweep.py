@@ -38,6 +38,15 @@ def define_flags() -> None:
   flags.mark_flags_as_required(["workdir"])
 
 
+def check_arguments(samplers, num_steps) -> None:
+  from genjax.models.diffusion import SAMPLERS
+  bad = [s for s in samplers if s not in SAMPLERS]
+  if bad or not samplers:
+    raise ValueError(f"unknown samplers {bad or list(samplers)}; valid: {list(SAMPLERS)}")
+  if not num_steps or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in num_steps):
+    raise ValueError(f"num_steps must be positive ints, got {list(num_steps)}")
+
+
 def sweep(task, params, ref, samplers, num_steps, *, sample_batch_size: int = 256, seed: int = 0, options=None,
           log=print) -> list[dict]:
   """One record per sampler × step count: the metrics against `ref` (an `evaluate.ImageReference`), sampling
@@ -45,12 +54,7 @@ def sweep(task, params, ref, samplers, num_steps, *, sample_batch_size: int = 25
   other step counts should compile nothing)."""
   from experiments import evaluate as ev
   from genjax.compiles import CompileCounter
-  from genjax.models.diffusion import SAMPLERS
-  bad = [s for s in samplers if s not in SAMPLERS]
-  if bad or not samplers:
-    raise ValueError(f"unknown samplers {bad or list(samplers)}; valid: {list(SAMPLERS)}")
-  if not num_steps or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in num_steps):
-    raise ValueError(f"num_steps must be positive ints, got {list(num_steps)}")
+  check_arguments(samplers, num_steps)
   fd = f"FD-{ref.name}"
   points = []
   for sampler in samplers:
@@ -72,6 +76,7 @@ def sweep_run(workdir: str, samplers, num_steps, *, num_samples: int = 0, sample
   from experiments import evaluate as ev
   from genjax.models import get_task
   from genjax.train.checkpoint import load_run
+  check_arguments(samplers, num_steps)
   if not os.path.isdir(workdir):
     raise ValueError(f"--workdir={workdir!r} is not a directory")
   config, params = load_run(workdir)
