@@ -13,8 +13,8 @@ into per-example PRNG keys (randomness independent of device layout).
 
 Batch b is a pure function of (seed, b), so the state is one number (`next_index`: batches handed out) and a
 background thread can read the next `prefetch` batches while the current step runs. A batch is read with one
-`get_batch(indices)` call on the source (one fancy-indexing op for in-memory data, one batched read for TFDS):
-per-example Python work would cost more than a small model's step.
+`get_batch(indices)` call on the source (one fancy-indexing op for in-memory data; a read per record for TFDS, in
+the prefetch thread): per-example Python work in the loop would cost more than a small model's step.
 """
 from __future__ import annotations
 
