@@ -17,8 +17,15 @@ decodes all `new_tokens`). Modes, each timed as the median of >= 5 calls after a
                  two share generate's sampling program (the first of them to run compiles it).
   recompute      greedy decoding without a cache: every new token runs the whole model over a fixed
                  [batch, prompt_len + new_tokens - 1] buffer (causal mask; static shapes, one program).
-  transformers_flax[_top_p]  the peer: `FlaxGPT2LMHeadModel.generate` (GPT-2 of the same width, depth, heads,
-                 MLP and vocabulary, random weights), jitted, greedy / top_p 0.9; optional ("peer not installed").
+
+The peer (`--peer=hf`, default; needs transformers <= 4.57 with Flax: the `peers` extra) runs on ONE model: GPT-2
+(`FlaxGPT2LMHeadModel`, random weights, the LM config's width / depth / heads / MLP, `--hf_vocab` ids) decoded by
+HF's own jitted `generate` and by `genjax.samplers.generate` through `benchmarks.hf_gpt2.gpt2_decoding_model` (the
+documented wrapper for a cache with a shared write index), greedy and top_p 0.9, timed round-robin:
+  transformers_flax[_top_p]   HF generate;   genjax_gpt2[_top_p]   genjax generate, end to end (host work included);
+  vs_genjax = HF seconds / genjax seconds (goal >= 1.3); host_seconds = genjax end to end - its compiled program
+  alone (the same arguments, captured from one call), host_fraction = host_seconds / program seconds (goal <= 0.1);
+  compiles_new_batch = programs compiled by the first call at a batch size not seen before (goal: 1).
 
 For decode modes tokens_per_second = batch * new_tokens / seconds (prefill included: what a user waits for) and
 decode_tokens_per_second subtracts the measured prefill. The modes of one (batch, prompt_len, new_tokens) are timed
@@ -51,9 +58,12 @@ _LM_CONFIG = config_flags.DEFINE_config_file(
 _MODES = flags.DEFINE_list("decode_modes", list(MODES), f"Decoding modes to time, from {list(MODES)}.")
 _PROMPT_LENS = flags.DEFINE_list("prompt_lens", None, "Prompt lengths (default 16 with --quick, else 64,256).")
 _NEW_TOKENS = flags.DEFINE_list("new_tokens", None, "New tokens per row (default 32,256).")
+_PEER = flags.DEFINE_enum("peer", "hf", ["hf", "none"], "hf: also time HF Flax GPT-2 generate vs genjax on it.")
+_HF_VOCAB = flags.DEFINE_integer("hf_vocab", 50257, "Vocabulary of the peer GPT-2 (GPT-2's own by default).")
+_HF_NEW_TOKENS = flags.DEFINE_integer("hf_new_tokens", 128, "New tokens per row in the peer comparison.")
 
 COLUMNS = ("mode", "batch", "prompt_len", "new_tokens", "seconds", "tokens_per_second", "decode_tokens_per_second",
-           "speedup_vs_recompute", "vs_greedy", "vs_genjax", "matches_cached", "compiles")
+           "speedup_vs_recompute", "vs_greedy", "vs_genjax", "host_fraction", "compiles_new_batch", "compiles")
 
 
 class LMBench:
@@ -64,7 +74,7 @@ class LMBench:
     from genjax.models import transformer as tr
     self.cfg = tr.lm_config(config)
     self.module = tr.TransformerLM(self.cfg)
-    self.model = tr.decoding_model(self.cfg)
+    self.model = tr.decoding_model(self.cfg, max_len=self.cfg.max_len)   # random weights: no trained context
     tokens = jnp.zeros((1, 8), jnp.int32)
     abstract = nn.unbox(jax.eval_shape(self.module.init, jax.random.key(0), tokens)["params"])
     self.params = common.random_params(abstract, seed)
@@ -111,36 +121,95 @@ def _recompute_greedy(model, new_tokens: int, params, prompts):
 
 
 # --------------------------------------------------------------------------------------------- the peer
-def transformers_gpt2(cfg) -> Optional[Callable]:
-  """`generate(prompts, new_tokens, top_p=None)` with transformers' FlaxGPT2LMHeadModel at the LM's size, or None
-  when transformers (with Flax models) is not importable."""
-  try:
+class HFPeer:
+  """One GPT-2 (transformers' FlaxGPT2LMHeadModel at the LM's size), decoded by HF generate and by genjax."""
+
+  def __init__(self, cfg, vocab: int):
     from transformers import FlaxGPT2LMHeadModel, GPT2Config
-  except Exception:  # not installed, or a release without Flax
-    return None
-  from genjax.tokenizer import BOS_ID, PAD_ID
-  never = int(cfg.vocab_size)                # an EOS id argmax can never return: every row decodes all tokens
-  conf = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_len, n_embd=cfg.embed_dim,
-                    n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.mlp_dim, bos_token_id=BOS_ID,
-                    eos_token_id=never, pad_token_id=PAD_ID)
-  model = FlaxGPT2LMHeadModel(conf, seed=0, dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32)
-  params = model.params
+    from benchmarks.hf_gpt2 import gpt2_decoding_model
+    self.never = vocab                  # an EOS id argmax can never return: every row decodes all tokens
+    conf = GPT2Config(vocab_size=vocab, n_positions=cfg.max_len, n_embd=cfg.embed_dim, n_layer=cfg.num_layers,
+                      n_head=cfg.num_heads, n_inner=cfg.mlp_dim, bos_token_id=0, eos_token_id=self.never,
+                      pad_token_id=0)
+    self.hf = FlaxGPT2LMHeadModel(conf, seed=0, _do_init=False)
+    abstract = jax.eval_shape(lambda: self.hf.init_weights(jax.random.PRNGKey(0), (1, 8)))
+    self.params = common.random_params(abstract, 0)
+    self.model = gpt2_decoding_model(self.hf)
+    self.vocab = vocab
 
-  @functools.partial(jax.jit, static_argnames=("new_tokens", "top_p"))
-  def run(params, prompts, new_tokens, top_p):
-    kw = dict(do_sample=False) if top_p is None else dict(do_sample=True, top_p=top_p, top_k=0, temperature=1.0,
-                                                           prng_key=jax.random.PRNGKey(0))
-    return model.generate(prompts, params=params, max_new_tokens=new_tokens, pad_token_id=PAD_ID,
-                          eos_token_id=never, **kw).sequences
+    @functools.partial(jax.jit, static_argnames=("new_tokens", "top_p"))
+    def hf_generate(params, prompts, new_tokens, top_p):
+      kw = dict(do_sample=False) if top_p is None else dict(do_sample=True, top_p=top_p, top_k=0, temperature=1.0,
+                                                             prng_key=jax.random.PRNGKey(0))
+      return self.hf.generate(prompts, params=params, max_new_tokens=new_tokens, pad_token_id=0,
+                              eos_token_id=self.never, **kw).sequences
+    self._hf_generate = hf_generate
 
-  return lambda prompts, new_tokens, top_p=None: run(params, prompts, new_tokens=new_tokens, top_p=top_p)
+  def prompts(self, batch: int, prompt_len: int, seed: int = 1):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, self.vocab, (batch, prompt_len), dtype=np.int32))
+
+  def hf_fn(self, prompts, new_tokens: int, top_p):
+    return lambda: self._hf_generate(self.params, prompts, new_tokens=new_tokens, top_p=top_p)
+
+  def genjax_fn(self, prompts, new_tokens: int, top_p):
+    from genjax.samplers import generate
+    kw = dict(greedy=True) if top_p is None else dict(temperature=1.0, top_p=top_p)
+    rng = jax.random.key(0)
+    return lambda: generate(self.model, self.params, np.asarray(prompts), rng, max_new_tokens=new_tokens,
+                            pad_id=0, **kw).tokens
+
+
+def _program_only(call: Callable):
+  """genjax's compiled decode program alone, with the arguments one `generate` call passed it (captured)."""
+  from genjax.samplers import decoding
+  jitted, captured = decoding._generate_jit, []
+  decoding._generate_jit = lambda *args: captured.append(args) or jitted(*args)
+  try:
+    jax.block_until_ready(call())
+  finally:
+    decoding._generate_jit = jitted
+  args = captured[0]
+  return lambda: jitted(*args).tokens
+
+
+def peer_records(cfg, batches, prompt_len: int, new_tokens: int, repeats: int, vocab: int) -> list[dict]:
+  """HF generate vs genjax generate on one GPT-2 (see module docstring); a status row when HF is unavailable."""
+  try:
+    peer = HFPeer(cfg, vocab)
+  except ImportError as e:  # not installed, or a release without Flax
+    return [_row("transformers_flax", batches[0], prompt_len, new_tokens,
+                 status=f"peer not installed (pip install 'genjax-zoo[peers]'): {e}"[:200])]
+  from genjax.compiles import CompileCounter
+  out = []
+  for batch in batches:
+    prompts = peer.prompts(batch, prompt_len)
+    for suffix, top_p in (("", None), ("_top_p", 0.9)):
+      ours = peer.genjax_fn(prompts, new_tokens, top_p)
+      fns = {"hf": peer.hf_fn(prompts, new_tokens, top_p), "genjax": ours}
+      fns["program"] = _program_only(ours)
+      t = common.time_interleaved(fns, repeats)
+      hf_row = _row("transformers_flax" + suffix, batch, prompt_len, new_tokens, t["hf"])
+      ours_row = _row("genjax_gpt2" + suffix, batch, prompt_len, new_tokens, t["genjax"])
+      hf_row["vs_genjax"] = ours_row["vs_genjax"] = t["hf"].seconds / t["genjax"].seconds
+      ours_row["program_seconds"] = t["program"].seconds
+      ours_row["host_seconds"] = t["genjax"].seconds - t["program"].seconds
+      ours_row["host_fraction"] = ours_row["host_seconds"] / t["program"].seconds
+      new_batch = peer.prompts(batch + 1, prompt_len)
+      for row, fn in ((ours_row, peer.genjax_fn(new_batch, new_tokens, top_p)),
+                      (hf_row, peer.hf_fn(new_batch, new_tokens, top_p))):
+        with CompileCounter() as cc:
+          jax.block_until_ready(fn())
+        row["compiles_new_batch"] = cc.count
+      out += [hf_row, ours_row]
+  return out
 
 
 # --------------------------------------------------------------------------------------------- the benchmark
 def _row(mode, batch, prompt_len, new_tokens, timing: Optional[common.Timing] = None, **extra) -> dict:
   r = dict(mode=mode, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, seconds=None,
            tokens_per_second=None, decode_tokens_per_second=None, speedup_vs_recompute=None, vs_greedy=None,
-           vs_genjax=None, matches_cached=None, compiles=None, compile_seconds=None, status="ok")
+           vs_genjax=None, matches_cached=None, host_fraction=None, compiles_new_batch=None, compiles=None,
+           compile_seconds=None, status="ok")
   if timing is not None:
     produced = batch * (new_tokens if new_tokens else prompt_len)
     r.update(seconds=timing.seconds, tokens_per_second=produced / timing.seconds, compiles=timing.compiles,
@@ -149,7 +218,8 @@ def _row(mode, batch, prompt_len, new_tokens, timing: Optional[common.Timing] = 
   return r
 
 
-def run(config, modes, batches, prompt_lens, new_tokens_list, repeats: int = 5, peers: bool = True) -> list[dict]:
+def run(config, modes, batches, prompt_lens, new_tokens_list, repeats: int = 5, peers: bool = True,
+        hf_new_tokens: int = 128, hf_vocab: int = 50257) -> list[dict]:
   """Times every (batch, prompt_len, mode, new_tokens); returns the records (see module docstring)."""
   unknown = sorted(set(modes) - set(MODES))
   if unknown:
@@ -158,7 +228,6 @@ def run(config, modes, batches, prompt_lens, new_tokens_list, repeats: int = 5, 
   longest = max(prompt_lens) + max(new_tokens_list) - 1
   if longest > bench.cfg.max_len:
     raise ValueError(f"prompt_len + new_tokens - 1 = {longest} exceeds the model's max_len={bench.cfg.max_len}")
-  peer = transformers_gpt2(bench.cfg) if peers else None
   rng = jax.random.key(3)
   records = []
   for batch in batches:
@@ -184,7 +253,8 @@ def run(config, modes, batches, prompt_lens, new_tokens_list, repeats: int = 5, 
             r["decode_tokens_per_second"] = batch * n / (r["seconds"] - prefill["seconds"])
         _ratios(bench, rows, prompts, n)
         records.extend(rows.values())
-        records.extend(_peer_rows(peer, peers, prompts, batch, p, n, fns, repeats))
+  if peers:
+    records.extend(peer_records(bench.cfg, batches, min(prompt_lens), hf_new_tokens, repeats, hf_vocab))
   return records
 
 
@@ -202,28 +272,6 @@ def _ratios(bench: LMBench, rows: dict, prompts, n: int) -> None:
     rows["recompute"]["matches_cached"] = float(np.mean(a == b))
 
 
-def _peer_rows(peer, wanted, prompts, batch, p, n, fns, repeats) -> list[dict]:
-  """transformers rows; each is timed round-robin with the genjax mode it is compared with."""
-  if not wanted:
-    return []
-  if peer is None:
-    return [_row("transformers_flax", batch, p, n, status="peer not installed (pip install 'genjax-zoo[peers]')")]
-  out = []
-  for mode, top_p, ours in (("transformers_flax", None, "cached"), ("transformers_flax_top_p", 0.9, "cached_top_p")):
-    pair = {"peer": lambda: peer(prompts, n, top_p)}
-    if ours in fns:
-      pair["genjax"] = fns[ours]
-    try:
-      t = common.time_interleaved(pair, repeats)
-    except Exception as e:  # an incompatible transformers release: say so, keep the genjax figures
-      return out + [_row(mode, batch, p, n, status=f"peer failed: {type(e).__name__}: {e}"[:200])]
-    r = _row(mode, batch, p, n, t["peer"])
-    if "genjax" in t:
-      r["vs_genjax"] = t["peer"].seconds / t["genjax"].seconds
-    out.append(r)
-  return out
-
-
 def summary(records: list[dict]) -> list[str]:
   """Goal lines: cached >= 5x recompute at 256 new tokens; faster than the transformers-Flax peer."""
   lines = []
@@ -236,8 +284,12 @@ def summary(records: list[dict]) -> list[str]:
       if r["status"] != "ok":
         lines.append(f"{r['mode']} (batch {r['batch']}): {r['status']}")
       elif r["vs_genjax"] is not None:
-        lines.append(f"{r['mode']} / genjax at batch {r['batch']}, {r['new_tokens']} new tokens: "
-                     f"{r['vs_genjax']:.2f}x the time (goal > 1)")
+        lines.append(f"{r['mode']} / genjax on the same GPT-2 at batch {r['batch']}, {r['new_tokens']} new tokens: "
+                     f"{r['vs_genjax']:.2f}x the time (goal >= 1.3)")
+    if r["mode"].startswith("genjax_gpt2") and r.get("host_fraction") is not None:
+      lines.append(f"{r['mode']} batch {r['batch']}: host work {1e3 * r['host_seconds']:.2f} ms = "
+                   f"{100 * r['host_fraction']:.1f}% of the program (goal <= 10%); a new batch size compiled "
+                   f"{r['compiles_new_batch']} program(s) (goal 1)")
   return lines
 
 
@@ -250,7 +302,8 @@ def main(argv):
   new_tokens = common.parse_ints(_NEW_TOKENS.value or (32, 256), "new_tokens")
   info = common.device_info()
   records = common.stamp(run(_LM_CONFIG.value, list(_MODES.value), batches, prompt_lens, new_tokens,
-                             common.repeats(), common.PEERS.value), "decoding", info)
+                             common.repeats(), common.PEERS.value and _PEER.value == "hf", _HF_NEW_TOKENS.value,
+                             _HF_VOCAB.value), "decoding", info)
   variant = _LM_CONFIG.value.get("variant", "?")
   common.print_table(records, COLUMNS, f"Decoding, LM of lm.py:{variant}, on {common.device_label(info)}; "
                      f"seconds = median of {common.repeats()} after warm-up")

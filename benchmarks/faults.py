@@ -4,12 +4,13 @@ save, NaN, a second run on one workdir and bad inputs — printed as a table of 
   python -m benchmarks.faults                                  # 10 random kill -9 points, every scenario
   python -m benchmarks.faults --kills=3 --steps=30 --seed=1 --json=faults.json --keep=/tmp/soak
 
-Every training process is `tests/fault_worker.py` (the tiny digits VAE of tests/util.py through
-`experiments.train.run`, 8 simulated CPU devices with params sharded data=2 × fsdp=4 unless a row says otherwise;
+Every training process is `benchmarks/fault_worker.py` (the tiny digits VAE, `vae.py:tiny`, through
+`genjax.train.trainer.train_and_evaluate`, 8 simulated CPU devices with params sharded data=2 × fsdp=4 unless a row
+says otherwise;
 async checkpoints every `--every` steps, 3 kept); bad inputs go through the real launcher `python -m
 experiments.train`. "Bit-for-bit" compares the final params with one uninterrupted run of the same length on the
 same device count; other device counts are compared to 1e-5 (another summation order). Needs a source checkout
-(tests/ beside genjax/); takes ~10–30 min on 2 CPU cores.
+(benchmarks/ and experiments/ beside genjax/); takes ~10–30 min on 2 CPU cores.
 """
 from __future__ import annotations
 
@@ -27,10 +28,8 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from tests.fault_worker import (DAMAGE, changed_files, snapshot, steps_on_disk,  # noqa: E402  (needs ROOT on path)
-                                swap_in_previous_arrays, worker_env)
+from benchmarks.fault_worker import (DAMAGE, ROOT, changed_files, snapshot, steps_on_disk, swap_in_previous_arrays,
+                                     worker_env)
 
 TOL = 1e-5
 TINY_FLAGS = ["--config.model.latent_dim=4", "--config.model.channels=(8,16)", "--config.model.hidden=32",
@@ -114,8 +113,9 @@ class Soak:
                 "param_sharding": "fsdp", "mesh.data": 2, "mesh.fsdp": 4}
     self.rows: list[dict] = []
 
-  def start(self, args: list[str], devices: int = 8, module: str = "tests.fault_worker") -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=worker_env(devices, self.cache), text=True,
+  def start(self, args: list[str], devices: int = 8, module: str = "benchmarks.fault_worker") -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=worker_env(devices, self.cache),
+                            text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
   def train(self, workdir: str, devices: int = 8, extra: list[str] = (), **overrides) -> tuple[int, str, str]:
@@ -204,7 +204,7 @@ class Soak:
     saved = f"SIGTERM: saved a checkpoint at step {pause_at + 1}" in err
     self.row("SIGTERM (pre-emption)", f"during step {pause_at + 1}",
              f"exit {child.returncode}, checkpoints {steps_on_disk(workdir)}",
-             child.returncode == 0 and saved and steps_on_disk(workdir) == [pause_at + 1])
+             child.returncode == 143 and saved and steps_on_disk(workdir) == [pause_at + 1])
     rc, _, err = self.train(workdir, checkpoint_every_steps=10 ** 6)
     ok, how = self.same(workdir) if rc == 0 else (False, err[-300:])
     self.row("SIGTERM: rerun to the end", f"from step {pause_at + 1}", how, ok)
@@ -299,8 +299,8 @@ class Soak:
     with open(not_a_dir, "w") as f:
       f.write("a file the user already had")
     cases = [(name, argv, pattern, owner, None) for name, argv, pattern, owner in BAD_INPUTS]
-    cases.append(("workdir is a file", TINY, r"File exists: '.*not_a_directory'",
-                  "genjax/train/trainer.py:train_and_evaluate (say: not a directory)", not_a_dir))
+    cases.append(("workdir is a file", TINY, r"not_a_directory' is a file, not a directory",
+                  "genjax/train/workdir.py:check_workdir", not_a_dir))
     passed, gaps = 0, []
     for i, (name, argv, pattern, owner, workdir) in enumerate(cases):
       if workdir is None:
@@ -310,7 +310,7 @@ class Soak:
       rc, err = self.launcher([*argv, f"--workdir={workdir}"] if not any(a.startswith("--workdir") for a in argv)
                               else argv)
       lines = err.strip().splitlines()
-      one_line = (rc == 1 and "Traceback" not in err and bool(lines) and lines[-1].startswith("error: ")
+      one_line = (rc == 2 and "Traceback" not in err and bool(lines) and lines[-1].startswith("error: ")
                   and re.search(pattern, lines[-1]) is not None)
       kept = unchanged(before, workdir) if os.path.isdir(workdir) else before == {"": open(workdir).read()}
       passed += one_line and kept

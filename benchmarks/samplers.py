@@ -1,9 +1,10 @@
-r"""Diffusion sampler benchmark: DDPM / DDIM / DPM-Solver++ x num_steps x batch, driven by a real genjax U-Net.
+r"""Diffusion sampler benchmark: every genjax sampler x num_steps x batch, driven by a real genjax U-Net.
 
   python -m benchmarks.samplers --quick --json=/tmp/samplers.json               # CPU-sized
   python -m benchmarks.samplers --ddpm_config=experiments/configs/ddpm.py:cifar10 --batch_sizes=1,16,64 \
       --json=samplers_gpu.json                                                   # on an accelerator
   python -m benchmarks.samplers --ddpm_config.model.ch=8 --num_steps=2,4         # any config field overrides
+  python -m benchmarks.samplers --diffusers_model=ddpm-cifar10-32 --batch_sizes=16 # a diffusers DDPM checkpoint
 
 The U-Net is the one `experiments/configs/ddpm.py:<variant>` trains (`--ddpm_config`, default `:digits`), with
 random weights drawn on the host (`common.random_params`: no compilation spent on initialisation, and no
@@ -12,12 +13,17 @@ called the way the library documents for "no recompilation": the model is
 `jax.tree_util.Partial(apply_fn, variables, labels)` with one `apply_fn` for the whole run, so num_steps and eta
 are runtime values.
 
+Samplers (`SAMPLER_CALLS`): ddpm, ddim, dpm_solver (2M), dpm_solver_3m, dpm_solver_sde (2M-SDE), unipc, euler,
+heun, euler_ancestral (EDM / Karras grid: the U-Net gets float t), flow_euler, flow_heun, flow_midpoint (the U-Net
+stands in for a velocity model), each with its defaults.
+
 Per row: `seconds` (median of >= 5 calls after a warm-up), `samples_per_second`, `forward_seconds` (one U-Net
 forward at that batch: one jitted `fori_loop` of 10 dependent forwards (each output, clipped to [-4, 4], is the
 next input), median of >= 5 calls, divided by 10 — the model-only cost of a sampler step, without per-call
 dispatch; its calls alternate with the sampler's so that both see the same machine load),
-`overhead_ratio = seconds / (num_steps * forward_seconds)` (1.0 is the physical limit; the excess is the sampler's
-own arithmetic, loop and call overhead),
+`model_calls` (per sample: num_steps, 2 num_steps - 1 for Heun, 2 num_steps for flow Heun / midpoint),
+`overhead_ratio = seconds / (model_calls * forward_seconds)` (1.0 is the physical limit; the excess is the
+sampler's own arithmetic, loop and call overhead),
 `compiles` (XLA compilations during the row: its warm-up, its timed calls and, for DDIM, extra calls with eta 0.5
 and 1.0 — after the program was built once for this sampler and batch, so the goal is 0) and `compile_seconds` (the
 wait for that first build: first call minus a steady call).
@@ -41,7 +47,14 @@ from ml_collections import config_flags
 from benchmarks import common
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLERS = ("ddpm", "ddim", "dpm_solver")
+# Model calls per sample for `num_steps` steps, per sampler (the overhead ratio divides by these).
+SAMPLER_CALLS = {
+    "ddpm": lambda n: n, "ddim": lambda n: n, "dpm_solver": lambda n: n, "dpm_solver_3m": lambda n: n,
+    "dpm_solver_sde": lambda n: n, "unipc": lambda n: n, "euler": lambda n: n, "heun": lambda n: 2 * n - 1,
+    "euler_ancestral": lambda n: n, "flow_euler": lambda n: n, "flow_heun": lambda n: 2 * n,
+    "flow_midpoint": lambda n: 2 * n,
+}
+SAMPLERS = tuple(SAMPLER_CALLS)
 DEFAULT_NUM_STEPS = (10, 20, 50, 100)
 DDIM_ETAS = (0.5, 1.0)          # extra DDIM calls per row: a changed eta must not compile anything
 FORWARD_CHAIN = 10              # back-to-back forwards per forward-time sample
@@ -51,6 +64,9 @@ _DDPM_CONFIG = config_flags.DEFINE_config_file(
     "The diffusion config whose U-Net drives the samplers (fields overridable: --ddpm_config.model.ch=8).",
     lock_config=False)
 _SAMPLERS = flags.DEFINE_list("samplers", list(SAMPLERS), f"Samplers to time, from {list(SAMPLERS)}.")
+_DIFFUSERS_MODEL = flags.DEFINE_string(
+    "diffusers_model", None, "A diffusers UNet2DModel / DDPM pipeline directory whose U-Net (its real weights, "
+    "schedule and prediction type) drives the samplers instead of --ddpm_config's.")
 _NUM_STEPS = flags.DEFINE_list("num_steps", [str(n) for n in DEFAULT_NUM_STEPS], "Model calls per sample.")
 
 COLUMNS = ("sampler", "batch", "num_steps", "seconds", "samples_per_second", "forward_seconds", "overhead_ratio",
@@ -101,17 +117,46 @@ class DiffusionBench:
     return jax.tree_util.Partial(self.apply_fn, self.variables, labels)
 
 
+class DiffusersBench(DiffusionBench):
+  """The same bench around a diffusers `UNet2DModel` directory (`--diffusers_model`), loaded by
+  `genjax.interop.diffusers.load_pipeline`: its weights, training schedule, prediction type and clipping."""
+
+  def __init__(self, path: str):  # pylint: disable=super-init-not-called
+    from genjax.interop.diffusers import load_pipeline
+    pipe = load_pipeline(path)
+    self.num_classes, self.image_shape, self.schedule = 0, pipe.image_shape(), pipe.schedule
+    self.prediction, self.clip = pipe.options["prediction"], pipe.options["clip_denoised"]
+    unet_apply = pipe.apply_fn
+    self.apply_fn = lambda variables, labels, x, t: unet_apply(variables, x, t)  # noqa: E731
+    self.forward_chain = jax.jit(lambda variables, labels, x, t: jax.lax.fori_loop(
+        0, FORWARD_CHAIN, lambda i, y: jnp.clip(unet_apply(variables, y, t).astype(jnp.float32), -4.0, 4.0), x))
+    self.variables = pipe.params
+
+
 def sampler_call(bench: DiffusionBench, name: str, model_fn, x_T, num_steps: int, eta: float = 0.0):
-  from genjax.samplers import ddim_sample, ddpm_sample, dpm_solver_sample
+  """One call of sampler `name` (a key of SAMPLER_CALLS) with the bench's prediction/clip and a fixed rng."""
+  from genjax.samplers import diffusion as d, edm, flow
+  if name not in SAMPLER_CALLS:
+    raise ValueError(f"unknown sampler {name!r}; valid: {list(SAMPLERS)}")
   kw = dict(prediction=bench.prediction, clip_denoised=bench.clip)
-  rng = jax.random.key(7)
-  if name == "ddpm":
-    return ddpm_sample(model_fn, bench.schedule, x_T, rng, num_steps=num_steps, **kw)
-  if name == "ddim":
-    return ddim_sample(model_fn, bench.schedule, x_T, num_steps=num_steps, eta=eta, rng=rng, **kw)
-  if name == "dpm_solver":
-    return dpm_solver_sample(model_fn, bench.schedule, x_T, num_steps=num_steps, **kw)
-  raise ValueError(f"unknown sampler {name!r}; valid: {list(SAMPLERS)}")
+  sched, rng, n = bench.schedule, jax.random.key(7), num_steps
+  calls = {
+      "ddpm": lambda: d.ddpm_sample(model_fn, sched, x_T, rng=rng, num_steps=n, **kw),
+      "ddim": lambda: d.ddim_sample(model_fn, sched, x_T, num_steps=n, eta=eta, rng=rng, **kw),
+      "dpm_solver": lambda: d.dpm_solver_sample(model_fn, sched, x_T, num_steps=n, **kw),
+      "dpm_solver_3m": lambda: d.dpm_solver_sample(model_fn, sched, x_T, num_steps=n, order=3, **kw),
+      "dpm_solver_sde": lambda: d.dpm_solver_sample(model_fn, sched, x_T, num_steps=n, stochastic=True, rng=rng,
+                                                    **kw),
+      "unipc": lambda: d.unipc_sample(model_fn, sched, x_T, num_steps=n, **kw),
+      "euler": lambda: edm.euler_sample(model_fn, sched, x_T, num_steps=n, **kw),
+      "heun": lambda: edm.heun_sample(model_fn, sched, x_T, num_steps=n, **kw),
+      "euler_ancestral": lambda: edm.euler_ancestral_sample(model_fn, sched, x_T, num_steps=n, rng=rng, **kw),
+      # The U-Net stands in for a velocity model (float t in [0, 1]): the cost is the same.
+      "flow_euler": lambda: flow.flow_sample(model_fn, x_T, num_steps=n, method="euler"),
+      "flow_heun": lambda: flow.flow_sample(model_fn, x_T, num_steps=n, method="heun"),
+      "flow_midpoint": lambda: flow.flow_sample(model_fn, x_T, num_steps=n, method="midpoint"),
+  }
+  return calls[name]()
 
 
 # --------------------------------------------------------------------------------------------- the peer
@@ -149,29 +194,32 @@ def diffusers_ddim(bench: DiffusionBench) -> Optional[Callable]:
 
 def _row(sampler: str, batch: int, num_steps: Optional[int], **extra) -> dict:
   r = dict(sampler=sampler, batch=batch, num_steps=num_steps, seconds=None, samples_per_second=None,
-           forward_seconds=None, overhead_ratio=None, compiles=None, compile_seconds=None, vs_genjax=None,
-           status="ok")
+           forward_seconds=None, model_calls=None, overhead_ratio=None, compiles=None, compile_seconds=None,
+           vs_genjax=None, status="ok")
   r.update(extra)
   return r
 
 
-def _fill(r: dict, timing: common.Timing, fwd: float, num_steps: int) -> dict:
+def _fill(r: dict, timing: common.Timing, fwd: float, model_calls: int) -> dict:
   r.update(seconds=timing.seconds, samples_per_second=r["batch"] / timing.seconds, forward_seconds=fwd,
-           overhead_ratio=timing.seconds / (num_steps * fwd))
+           model_calls=model_calls, overhead_ratio=timing.seconds / (model_calls * fwd))
   return r
 
 
 # --------------------------------------------------------------------------------------------- the benchmark
-def run(config, samplers, num_steps_list, batches, repeats: int = 5, peers: bool = True) -> list[dict]:
-  """Times every (batch, sampler, num_steps); returns the records (see module docstring for the fields)."""
+def run(config, samplers, num_steps_list, batches, repeats: int = 5, peers: bool = True,
+        diffusers_model: Optional[str] = None) -> list[dict]:
+  """Times every (batch, sampler, num_steps); returns the records (see module docstring for the fields).
+  `diffusers_model`: a diffusers UNet2DModel directory to drive the samplers instead of `config`'s U-Net."""
   unknown = sorted(set(samplers) - set(SAMPLERS))
   if unknown:
     raise ValueError(f"unknown samplers {unknown}; valid: {list(SAMPLERS)}")
-  T = int(config.model.num_timesteps)
+  bench = DiffusersBench(diffusers_model) if diffusers_model else None
+  T = bench.schedule.num_timesteps if bench else int(config.model.num_timesteps)
   bad = [n for n in num_steps_list if not 1 <= n <= T]
   if bad:
     raise ValueError(f"num_steps {bad} outside [1, {T}] (the schedule length)")
-  bench = DiffusionBench(config)
+  bench = bench or DiffusionBench(config)
   peer = diffusers_ddim(bench) if peers else None
   records = []
   for batch in batches:
@@ -193,7 +241,7 @@ def run(config, samplers, num_steps_list, batches, repeats: int = 5, peers: bool
             for eta in DDIM_ETAS:
               jax.block_until_ready(sampler_call(bench, name, model_fn, x_T, n, eta=eta))
         steady_first = t["sampler"].seconds if steady_first is None else steady_first
-        r = _fill(_row(name, batch, n), t["sampler"], t["forward"].seconds / FORWARD_CHAIN, n)
+        r = _fill(_row(name, batch, n), t["sampler"], t["forward"].seconds / FORWARD_CHAIN, SAMPLER_CALLS[name](n))
         r.update(compiles=cc.count, compile_seconds=first.overhead(steady_first),
                  first_call_compiles=first.compiles)
         records.append(r)
@@ -229,6 +277,13 @@ def summary(records: list[dict]) -> list[str]:
   for r in ours:
     if r["sampler"] == "ddim" and r["num_steps"] == 50:
       lines.append(f"DDIM-50 overhead_ratio at batch {r['batch']}: {r['overhead_ratio']:.3f} (goal <= 1.05)")
+  for batch in dict.fromkeys(r["batch"] for r in ours):
+    per = {}
+    for r in ours:
+      if r["batch"] == batch:   # the largest step count of each sampler
+        per[r["sampler"]] = r
+    lines.append(f"overhead_ratio per sampler at batch {batch}, {max(r['num_steps'] for r in per.values())} steps: "
+                 + ", ".join(f"{s} {r['overhead_ratio']:.2f} ({r['compiles']} recompiles)" for s, r in per.items()))
   peer = [r for r in records if r["sampler"] == "diffusers_ddim"]
   for r in peer:
     if r["status"] != "ok":
@@ -246,9 +301,10 @@ def main(argv):
   num_steps_list = common.parse_ints(_NUM_STEPS.value, "num_steps")
   info = common.device_info()
   records = common.stamp(run(_DDPM_CONFIG.value, list(_SAMPLERS.value), num_steps_list, batches,
-                             common.repeats(), common.PEERS.value), "samplers", info)
+                             common.repeats(), common.PEERS.value, _DIFFUSERS_MODEL.value), "samplers", info)
   variant = _DDPM_CONFIG.value.get("variant", "?")
-  common.print_table(records, COLUMNS, f"Diffusion samplers, U-Net of ddpm.py:{variant}, on "
+  unet = f"diffusers {_DIFFUSERS_MODEL.value}" if _DIFFUSERS_MODEL.value else f"ddpm.py:{variant}"
+  common.print_table(records, COLUMNS, f"Diffusion samplers, U-Net of {unet}, on "
                      f"{common.device_label(info)}; seconds = median of {common.repeats()} after warm-up")
   print("\n".join(summary(records)))
   common.write_json(records, common.JSON.value)

@@ -8,13 +8,13 @@ r"""Training throughput per family: the bare jitted step vs the full shared loop
 For each config (`--train_configs`, files in experiments/configs/, default one per family: ddpm, vae, gan, lm on
 their offline data sets), at the config's global batch:
 
-  bare_step   the loop's own step function (`genjax.train.step.make_train_step`), jitted with the loop's pjit
-              shardings and donation, fed one device-resident batch: steps/s = median over >= 5 runs of
+  bare_step   the loop's own step function from the loop's builder (`genjax.train.builder.build`: the pjit
+              shardings and donation the loop uses), fed one device-resident batch: steps/s = median over >= 5 runs of
               `log_every` back-to-back steps (blocked at the end of each run).
   full_loop   `genjax.train.trainer.train_and_evaluate` as users run it: data pipeline, host-to-device batches,
               metrics logging every `log_every` steps (metrics.jsonl + TensorBoard) and async orbax checkpoints, in a
-              temporary workdir; timed from the loop's own metric writes (the benchmark wraps the loop's
-              MetricsWriter to timestamp them), so compilation (before the first write) is excluded. The run saves
+              temporary workdir; timed by the loop's "log" hook (called right after each metrics write), so
+              compilation (before the first write) is excluded. The run saves
               every 3 log intervals so that the save cost can be measured: `steady_steps_per_second` (intervals
               without a save), `checkpoint_seconds` (the extra time of an interval holding a save), and
               `steps_per_second` = the two combined at the config's own `checkpoint_every_steps`
@@ -32,10 +32,8 @@ their offline data sets), at the config's global batch:
 from __future__ import annotations
 
 import ast
-import contextlib
 import copy
 import dataclasses
-import functools
 import json
 import os
 import shutil
@@ -139,37 +137,25 @@ class BareStep:
 
 
 def bare_step(config, log_every: int, repeats: int, state=None) -> BareStep:
-  """The loop's step, jitted as the loop's pjit path jits it, on one device-resident batch (see docstring).
+  """The loop's step from the loop's own builder (`genjax.train.builder.build`: shardings, donation), on one
+  device-resident batch (see docstring).
 
   `state`: a TrainState to start from with the loop's shardings (the full loop's final state: saves compiling the
   initialisation a second time); None = initialise as the loop does.
   """
-  from genjax import data as gdata
   from genjax.models import get_task
-  from genjax.train import parallel
-  from genjax.train.step import init_state, make_train_step
-  from genjax.train.trainer import state_shardings
-  task = get_task(config)
-  src = gdata.get_source(config.dataset, config.dataset.train_split)
-  batch = next(gdata.train_iterator(src, global_batch=int(config.batch_size), seed=int(config.seed)))
-  example = {k: v[:1] for k, v in batch.items()}
-  rng = jax.random.PRNGKey(int(config.seed))
-  ema_decay = float(config.ema_decay)
-  init_fn = functools.partial(init_state, task, ema_decay=ema_decay)
-  mesh = parallel.make_mesh(config.mesh)
-  if int(config.batch_size) % (mesh.shape["data"] * mesh.shape["fsdp"]):
-    raise ValueError(f"batch_size={config.batch_size} is not divisible by the {mesh.devices.size} devices")
-  repl, batch_sh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  abstract = jax.eval_shape(init_fn, rng, example)
-  param_sh = parallel.param_shardings(jax.eval_shape(task.init, rng, example), mesh, config.param_sharding)
-  state_sh = state_shardings(task, abstract, param_sh, repl)
+  from genjax.train.builder import build
+  from genjax.train.throughput import compiled_flops
+  from genjax.train.trainer import make_train_iterator
+  batches = make_train_iterator(config)
+  batch = next(batches)
+  batches.close()
+  built = build(config, get_task(config), {k: v[:1] for k, v in batch.items()})
   if state is None:
-    state = jax.jit(init_fn, out_shardings=state_sh)(rng, example)
-  step = jax.jit(make_train_step(task, ema_decay=ema_decay, grad_accum_steps=int(config.grad_accum_steps)),
-                 in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl), donate_argnums=0)
-  device_batch = parallel.global_batch(batch, batch_sh)
+    state = built.init_fn(jax.random.PRNGKey(int(config.seed)))
+  device_batch = built.put_batch(batch)
   start = time.perf_counter()
-  compiled = step.lower(state, device_batch).compile()
+  compiled = built.step_fn.lower(state, device_batch).compile()
   state, _ = compiled(state, device_batch)
   jax.block_until_ready(state)
   compile_seconds = time.perf_counter() - start
@@ -180,29 +166,11 @@ def bare_step(config, log_every: int, repeats: int, state=None) -> BareStep:
       state, metrics = compiled(state, device_batch)
     jax.block_until_ready((state, metrics))
     samples.append(log_every / (time.perf_counter() - start))
-  return BareStep(statistics.median(samples), common.compiled_flops(compiled), compile_seconds, mesh.devices.size)
+  devices = built.mesh.devices.size if built.mesh is not None else jax.device_count()
+  return BareStep(statistics.median(samples), compiled_flops(compiled), compile_seconds, devices)
 
 
 # --------------------------------------------------------------------------------------------- the full loop
-@contextlib.contextmanager
-def _timed_metric_writes(stamps: list):
-  """Wraps the loop's MetricsWriter so that every training-metrics write is timestamped as (time, step)."""
-  from genjax.train import trainer
-  original = trainer.MetricsWriter
-
-  class TimedWriter(original):
-    def write(self, step, metrics):
-      if not any(str(k).startswith("eval/") for k in metrics):
-        stamps.append((time.perf_counter(), int(step)))
-      return super().write(step, metrics)
-
-  trainer.MetricsWriter = TimedWriter
-  try:
-    yield
-  finally:
-    trainer.MetricsWriter = original
-
-
 @dataclasses.dataclass
 class LoopTiming:
   steady_steps_per_second: float       # log intervals with no checkpoint save in them
@@ -216,8 +184,7 @@ class LoopTiming:
 
 
 def full_loop(config, log_every: int):
-  """(LoopTiming, the final TrainState) of `train_and_evaluate`, timed from its own metric writes (see module
-  docstring).
+  """(LoopTiming, the final TrainState) of `train_and_evaluate`, timed by its "log" hook (see module docstring).
 
   Stamps come at steps L, 2L, ..., (LOOP_INTERVALS + 1) L; a save at step s (a multiple of
   CHECKPOINT_EVERY_INTERVALS * L) runs right after the stamp at s, so its cost falls in the interval (s, s + L].
@@ -235,9 +202,13 @@ def full_loop(config, log_every: int):
   task = dataclasses.replace(get_task(c), evaluate=None, sample_images=None, sample_text=None)
   workdir = tempfile.mkdtemp(prefix="genjax_bench_loop_")
   stamps: list = []
+
+  def stamp(event: str, step: int, info: dict) -> None:
+    if event == "log":
+      stamps.append((time.perf_counter(), int(step)))
+
   try:
-    with _timed_metric_writes(stamps):
-      state = train_and_evaluate(c, workdir, task)
+    state = train_and_evaluate(c, workdir, task, hooks=(stamp,))
   finally:
     shutil.rmtree(workdir, ignore_errors=True)
   if len(stamps) < 3:

@@ -1,10 +1,10 @@
 r"""Evaluate a trained run offline and write `eval.json`: sample quality for image families, test-split
-likelihoods for every family, each beside the number it should be compared with.
+likelihoods for every family, each beside the number it should be compared with. Run from the repository root:
 
   python -m experiments.evaluate --workdir=runs/ddpm_digits                   # the family's default sampler
   python -m experiments.evaluate --workdir=runs/ddpm_digits --sampler=dpm_solver --num_steps=20 \
       --output=runs/ddpm_digits/eval_dpm20.json
-  python -m experiments.evaluate --workdir=runs/gan_digits --option=truncation=0.7
+  python -m experiments.evaluate --workdir=runs/gan_digits --truncation=0.7
   python -m experiments.evaluate --workdir=runs/lm_pydoc
 
 Image families: N samples (default: as many as the eval split holds) drawn in batches with
@@ -20,6 +20,12 @@ LM these are loss (nats), bits per byte and perplexity, next to the byte-unigram
 """
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:   # `python experiments/evaluate.py` from anywhere: run as the module
+  import os as _os, runpy as _runpy, sys as _sys
+  _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+  _runpy.run_module("experiments.evaluate", run_name="__main__", alter_sys=True)
+  _sys.exit()
+
 import ast
 import dataclasses
 import json
@@ -29,7 +35,10 @@ import sys
 import time
 from typing import Any, Mapping, Optional
 
-from absl import app, flags, logging
+from absl import flags
+
+from experiments import cli
+from genjax.errors import UserError
 
 FLAGS = flags.FLAGS
 
@@ -44,13 +53,10 @@ def define_flags() -> None:
   flags.DEFINE_integer("sample_batch_size", 256, "Samples per sampler call.")
   flags.DEFINE_integer("eval_batch_size", 0, "Batch size for task.evaluate; 0 = config.batch_size.")
   flags.DEFINE_integer("seed", 0, "Seed for sampling and evaluation.")
-  flags.DEFINE_string("sampler", None, "Sampler option (diffusion: ddpm | ddim | dpm_solver).")
-  flags.DEFINE_integer("num_steps", None, "Sampler steps option.")
-  flags.DEFINE_float("eta", None, "DDIM eta option.")
-  flags.DEFINE_float("guidance", None, "Classifier-free guidance scale option.")
-  flags.DEFINE_float("temperature", None, "Temperature option (VAE latent scale).")
+  cli.define_sample_option_flags()
+  flags.adopt_module_key_flags(cli)          # listed by --help, not only --helpfull
   flags.DEFINE_multi_string("option", [], "Any other sample option as key=value (value: a Python literal or a "
-                            "string), e.g. --option=truncation=0.7.")
+                            "string), e.g. --option=guidance=2.0.")
   flags.DEFINE_string("feature_cache", None, "Feature network cache directory (default $GENJAX_FEATURE_CACHE or "
                       "~/.cache/genjax/features).")
   flags.DEFINE_integer("kid_subsets", 100, "KID subsets.")
@@ -65,7 +71,7 @@ def parse_options(named: Mapping[str, Any], extra: list[str]) -> dict:
   for item in extra:
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
-      raise ValueError(f"--option={item!r} must look like key=value, e.g. --option=truncation=0.7")
+      raise UserError(f"--option={item!r} must look like key=value, e.g. --option=truncation=0.7")
     try:
       options[key.strip()] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
@@ -80,7 +86,7 @@ def draw_samples(task, params, rng, n: int, batch_size: int, options: Mapping[st
   import jax
   import numpy as np
   if n < 1 or batch_size < 1:
-    raise ValueError(f"num_samples and sample_batch_size must be >= 1, got {n} and {batch_size}")
+    raise UserError(f"num_samples and sample_batch_size must be >= 1, got {n} and {batch_size}")
   bs = min(batch_size, n)
   parts = []
   for i in range(math.ceil(n / bs)):
@@ -88,7 +94,8 @@ def draw_samples(task, params, rng, n: int, batch_size: int, options: Mapping[st
     parts.append(np.asarray(jax.device_get(images), np.float32))
   images = np.concatenate(parts)[:n]
   if not np.all(np.isfinite(images)):
-    raise ValueError(f"the sampler produced {int(np.sum(~np.isfinite(images)))} non-finite pixel values")
+    raise UserError(f"the sampler produced {int(np.sum(~np.isfinite(images)))} non-finite pixel values with "
+                    f"options {dict(options)}")
   return np.clip(images, 0.0, 1.0), (float(images.min()), float(images.max()))
 
 
@@ -164,19 +171,32 @@ def image_reference(config, *, num_samples: int = 0, feature_cache: Optional[str
   return ImageReference(name, fx, real_f, n, floor, memorizer, real, held_out_nn, kw, info)
 
 
+def progress(message: str) -> None:
+  """A line before each slow phase, on stderr (stdout carries the results)."""
+  print(message, file=sys.stderr, flush=True)
+
+
 def sampling_key(seed: int):
   """The key samples are drawn with for `seed` (shared with experiments.steps_sweep: equal seeds, equal samples)."""
   import jax
   return jax.random.fold_in(jax.random.PRNGKey(seed), 1)
 
 
-def image_report(task, params, ref: ImageReference, rng, *, options, sample_batch_size: int = 256) -> dict:
-  """Draws `ref.num_samples` images with `options` and scores them against `ref` (the floor beside them)."""
+def timed_draw(task, params, rng, n: int, batch_size: int, options: Mapping[str, Any]):
+  """(images, (min, max) before clipping, seconds) of `draw_samples`."""
+  t0 = time.time()
+  images, value_range = draw_samples(task, params, rng, n, batch_size, options)
+  return images, value_range, time.time() - t0
+
+
+def image_report(task, params, ref: ImageReference, rng, *, options, sample_batch_size: int = 256,
+                 drawn=None) -> dict:
+  """Draws `ref.num_samples` images with `options` (or takes `drawn`, a `timed_draw` result of that many) and
+  scores them against `ref` (the floor beside them)."""
   import numpy as np
   from genjax import metrics
-  t0 = time.time()
-  images, (lo, hi) = draw_samples(task, params, rng, ref.num_samples, sample_batch_size, options)
-  sample_seconds = time.time() - t0
+  drawn = drawn or timed_draw(task, params, rng, ref.num_samples, sample_batch_size, options)
+  images, (lo, hi), sample_seconds = drawn
   quality = metrics.feature_metrics(ref.real_features, ref.fx(images), ref.name, **ref.metric_options)
   classes = np.bincount(np.argmax(ref.fx.logits(images), -1), minlength=ref.fx.meta["num_classes"])
   nn_median = float(np.median(metrics.nearest_neighbour_distances(images, ref.train_images)))
@@ -212,7 +232,8 @@ def evaluate_run(workdir: str, *, step: Optional[int] = None, options: Optional[
   from genjax.train.checkpoint import load_run
   options = dict(options or {})
   if not os.path.isdir(workdir):
-    raise ValueError(f"--workdir={workdir!r} is not a directory")
+    what = "a file" if os.path.exists(workdir) else "missing"
+    raise UserError(f"--workdir={workdir!r} is {what}, not a run directory")
   config, params = load_run(workdir, step=step)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(ckpt_dir) else []
@@ -223,15 +244,22 @@ def evaluate_run(workdir: str, *, step: Optional[int] = None, options: Optional[
          "dataset": config.dataset.name, "step": step if step is not None else (steps[-1] if steps else None),
          "sample_options": options, "seed": seed}
   if info.kind == "image" and task.sample_images is not None:
-    ref = image_reference(config, num_samples=num_samples, feature_cache=feature_cache, kid_subsets=kid_subsets,
+    # Samples first: a bad sample option is named before the feature network is built (a minute the first time).
+    n = num_samples or len(gdata.get_source(config.dataset, config.dataset.eval_split))
+    progress(f"drawing {n} samples ({options or 'default options'}) from {config.family} step {out['step']}")
+    drawn = timed_draw(task, params, sampling_key(seed), n, sample_batch_size, options)
+    progress(f"scoring against the {config.dataset.name} {config.dataset.train_split} split (its feature network, "
+             f"the real-vs-real floor, the memorizer)")
+    ref = image_reference(config, num_samples=n, feature_cache=feature_cache, kid_subsets=kid_subsets,
                           kid_subset_size=kid_subset_size, pr_k=pr_k)
     out.update(image_report(task, params, ref, sampling_key(seed), options=options,
-                            sample_batch_size=sample_batch_size))
+                            sample_batch_size=sample_batch_size, drawn=drawn))
   elif options:
-    raise ValueError(f"sample options {sorted(options)} were given, but the {config.family!r} family on "
+    raise UserError(f"sample options {sorted(options)} were given, but the {config.family!r} family on "
                      f"{config.dataset.name!r} is evaluated without sampling")
   if task.evaluate is not None:
     bs = eval_batch_size or int(config.batch_size)
+    progress(f"test-split metrics on {config.dataset.name} {config.dataset.eval_split}")
     out["evaluate"] = evaluate_split(task, params, config, config.dataset.eval_split, bs, jax.random.fold_in(rng, 2))
     out["evaluate_split"] = config.dataset.eval_split
   if info.kind == "text":
@@ -246,23 +274,14 @@ def evaluate_run(workdir: str, *, step: Optional[int] = None, options: Optional[
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from genjax.train.report import quiet_library_logs
-  quiet_library_logs()
+  del argv
   f = FLAGS
-  try:
-    options = parse_options(dict(sampler=f.sampler, num_steps=f.num_steps, eta=f.eta, guidance=f.guidance,
-                                 temperature=f.temperature), f.option)
-    t0 = time.time()
-    result = evaluate_run(f.workdir, step=f.step, options=options, num_samples=f.num_samples,
-                          sample_batch_size=f.sample_batch_size, eval_batch_size=f.eval_batch_size, seed=f.seed,
-                          feature_cache=f.feature_cache, kid_subsets=f.kid_subsets,
-                          kid_subset_size=f.kid_subset_size, pr_k=f.pr_k)
-  except (ValueError, KeyError, FileNotFoundError) as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  options = parse_options(cli.sample_options_from_flags(), f.option)
+  t0 = time.time()
+  result = evaluate_run(f.workdir, step=f.step, options=options, num_samples=f.num_samples,
+                        sample_batch_size=f.sample_batch_size, eval_batch_size=f.eval_batch_size, seed=f.seed,
+                        feature_cache=f.feature_cache, kid_subsets=f.kid_subsets,
+                        kid_subset_size=f.kid_subset_size, pr_k=f.pr_k)
   result["eval_seconds"] = round(time.time() - t0, 2)
   result["command"] = "python -m experiments.evaluate " + " ".join(sys.argv[1:])
   output = f.output or os.path.join(f.workdir, "eval.json")
@@ -275,4 +294,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -1,41 +1,42 @@
 r"""Sample from a trained run: a PNG grid + `.npz` for image families, printed continuations for the LM.
 
-  python -m experiments.sample --workdir=runs/vae
-  python -m experiments.sample --workdir=runs/ddpm --sampler=ddim --num_steps=50 --eta=0 --guidance=3 --label=7
-  python -m experiments.sample --workdir=runs/gan --truncation=0.7 --interpolate
-  python -m experiments.sample --workdir=runs/lm --prompt="The return statement" --max_new_tokens=200 \
-      --temperature=0.8 --top_p=0.9
+Run from the repository root:
 
-Only the sampler flags you set are passed to the family (`task.sample_images(params, rng, n, **options)` or
-`task.sample_text(params, prompts, rng, **options)`); a family names any option it does not understand.
-`--interpolate` also writes a latent-interpolation grid for families that have one (VAE: between test images;
-GAN: between random latents).
+  python -m experiments.sample --workdir=runs/vae_digits
+  python -m experiments.sample --workdir=runs/ddpm_digits --sampler=ddim --num_steps=50 --eta=0 --guidance=3 --label=7
+  python -m experiments.sample --workdir=runs/gan_digits --truncation=0.7 --label=3 --interpolate
+  python -m experiments.sample --workdir=runs/lm_pydoc --prompt="The return statement" --max_new_tokens=200 \
+      --temperature=0.8 --top_p=0.9
+  python -m experiments.sample --diffusers_model=ddpm-cifar10-32 --sampler=dpm_solver --num_steps=20
+  python -m experiments.sample --hf_model=path/to/gpt2 --prompt="The return statement" --max_new_tokens=50
+
+Only the sample options you set (`experiments.cli.SAMPLE_OPTIONS`, the same flags as `experiments.evaluate`) are
+passed to the family (`task.sample_images(params, rng, n, **options)` or `task.sample_text(params, prompts, rng,
+**options)`); a family names any option it does not understand. Image files are named from the checkpoint step,
+the number of images, the seed and the options (`samples/sample_step2000_n64_seed0_sampler-ddim_num_steps-50.png`),
+so samples drawn with other options never overwrite each other. `--interpolate` also writes a latent-interpolation
+grid for families that have one (VAE: between test images; GAN: between random latents, with --label and
+--truncation).
 """
 from __future__ import annotations
 
-import os
-import sys
+if __name__ == "__main__" and not __package__:   # `python experiments/sample.py` from anywhere: run as the module
+  import os as _os, runpy as _runpy, sys as _sys
+  _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+  _runpy.run_module("experiments.sample", run_name="__main__", alter_sys=True)
+  _sys.exit()
 
-from absl import app, flags, logging
+import os
+from typing import Optional
+
+from absl import flags
+
+from experiments import cli
+from genjax.errors import UserError
 
 FLAGS = flags.FLAGS
-# name -> (kind, help). Each becomes a flag whose value reaches the family only when given on the command line.
-SAMPLER_FLAGS = {
-    "sampler": ("string", "diffusion: ddpm | ddim | dpm_solver"),
-    "num_steps": ("integer", "diffusion sampler steps"),
-    "eta": ("float", "DDIM eta (0 = deterministic)"),
-    "guidance": ("float", "classifier-free guidance scale"),
-    "label": ("integer", "class label for conditional models"),
-    "truncation": ("float", "GAN truncation"),
-    "temperature": ("float", "LM sampling temperature / VAE latent scale"),
-    "top_k": ("integer", "LM top-k"),
-    "top_p": ("float", "LM nucleus p"),
-    "repetition_penalty": ("float", "LM repetition penalty (HF-style)"),
-    "presence_penalty": ("float", "LM presence penalty"),
-    "frequency_penalty": ("float", "LM frequency penalty"),
-    "num_beams": ("integer", "LM beam search width (1 = sampling)"),
-    "max_new_tokens": ("integer", "LM tokens to generate"),
-}
+DIFFUSERS_OPTIONS = ("sampler", "num_steps", "eta")   # the sample options that apply to --diffusers_model
+INTERPOLATION_OPTIONS = ("label", "truncation")   # sample options the families' interpolation grids accept
 
 
 def define_flags() -> None:
@@ -43,17 +44,55 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_samples", 64, "Images to draw.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-  flags.DEFINE_string("output", None, "Output path stem (default <workdir>/samples/sample_<sampler>).")
+  flags.DEFINE_string("output", None, "Output path stem (default <workdir>/samples/sample_<step, n, seed, options>).")
   flags.DEFINE_multi_string("prompt", [], "LM prompt(s); repeat the flag for a batch.")
-  flags.DEFINE_bool("interpolate", False, "Also write a latent-interpolation grid (VAE, GAN).")
-  for name, (kind, help_) in SAMPLER_FLAGS.items():
-    getattr(flags, f"DEFINE_{kind}")(name, None, help_)
-  flags.mark_flags_as_required(["workdir"])
+  flags.DEFINE_bool("interpolate", False, "Also write a latent-interpolation grid (VAE, GAN; honours --label and "
+                    "--truncation).")
+  flags.DEFINE_string("diffusers_model", None, "Sample a diffusers UNet2DModel / DDPM pipeline directory (config.json "
+                      "+ diffusion_pytorch_model.safetensors, scheduler_config.json; flat or unet/ + scheduler/) "
+                      "instead of a run, with --sampler (any of genjax.interop.diffusers.SAMPLERS; default "
+                      "dpm_solver), --num_steps (default 20), --eta.")
+  flags.DEFINE_string("hf_model", None, "Decode a Hugging Face causal LM directory (GPT-2 / Llama / Mistral / Qwen2 "
+                      "as save_pretrained writes it, with tokenizer.json) instead of a run: --prompt and the LM "
+                      "sampling flags; EOS/pad ids come from its config files.")
+  cli.define_sample_option_flags()
+  flags.adopt_module_key_flags(cli)          # listed by --help, not only --helpfull
+  flags.register_multi_flags_validator(
+      ["workdir", "diffusers_model", "hf_model"], lambda given: sum(v is not None for v in given.values()) == 1,
+      message="give exactly one of --workdir (a genjax run), --diffusers_model (a diffusers directory) or "
+              "--hf_model (a Hugging Face LM directory)")
+
+
+def output_stem(workdir: str, step: Optional[int], num_samples: int, seed: int, options: dict) -> str:
+  """<workdir>/samples/sample_step<S>_n<N>_seed<K>[_<option>-<value>...]: a file per distinct request."""
+  parts = [f"step{step}" if step is not None else "latest", f"n{num_samples}", f"seed{seed}"]
+  parts += [f"{k}-{options[k]}" for k in cli.SAMPLE_OPTIONS if k in options]
+  parts += [f"{k}-{options[k]}" for k in sorted(options) if k not in cli.SAMPLE_OPTIONS]
+  return os.path.join(workdir, "samples", "sample_" + "_".join(parts))
+
+
+def latest_step(workdir: str) -> Optional[int]:
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(ckpt_dir) else []
+  return steps[-1] if steps else None
+
+
+def check_request(workdir: str, *, num_samples: int, prompts, output) -> None:
+  """What can be checked before any checkpoint is read."""
+  if not os.path.isdir(workdir):
+    what = "a file" if os.path.exists(workdir) else "missing"
+    raise UserError(f"--workdir={workdir!r} is {what}, not a run directory (train one with "
+                    f"`python -m experiments.train --config=... --workdir=<a new directory>`)")
+  if num_samples < 1:
+    raise UserError(f"--num_samples={num_samples} must be >= 1")
+  if output is not None and os.path.isdir(output):
+    raise UserError(f"--output={output!r} is a directory; give a path stem such as {output.rstrip('/')}/grid")
 
 
 def sample_run(workdir: str, *, options: dict, num_samples: int = 64, seed: int = 0, step=None, output=None,
                prompts=(), interpolate: bool = False) -> dict:
   """Loads the run, samples, writes files; returns {"images" | "texts": ..., "paths": [...]}."""
+  check_request(workdir, num_samples=num_samples, prompts=prompts, output=output)
   import jax
   import numpy as np
   from genjax.models import family_module, get_task
@@ -63,47 +102,92 @@ def sample_run(workdir: str, *, options: dict, num_samples: int = 64, seed: int 
   config, params = load_run(workdir, step=step)
   task = get_task(config)
   rng = jax.random.PRNGKey(seed)
-  stem = output or os.path.join(workdir, "samples", "sample_" + str(options.get("sampler", "default")))
-  os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
   if task.sample_text is not None:
     if not prompts:
-      raise ValueError("this is a text model: give at least one --prompt")
+      raise UserError("this is a text model: give at least one --prompt")
+    if interpolate:
+      raise UserError("--interpolate is for image families (VAE, GAN); this is a text model")
     texts = task.sample_text(params, list(prompts), rng, **options)
     for p, t in zip(prompts, texts):
       print(f"--- prompt: {p!r}\n{p}{t}\n")
     return {"texts": texts, "paths": []}
   if task.sample_images is None:
-    raise ValueError(f"family {config.family!r} has no sampler")
-  if num_samples < 1:
-    raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    raise UserError(f"family {config.family!r} has no sampler")
+  module = family_module(config.family)
+  if interpolate and not hasattr(module, "interpolation_images"):
+    raise UserError(f"--interpolate: family {config.family!r} has no interpolation grid")
+  # The family checks its options on the host (labels, truncation, ...) and jits its own sampler.
   images = np.asarray(jax.jit(lambda p, r: task.sample_images(p, r, num_samples, **options))(params, rng))
+  grid = None
+  if interpolate:
+    kw = {k: options[k] for k in INTERPOLATION_OPTIONS if k in options}
+    grid, cols = module.interpolation_images(config, params, jax.random.fold_in(rng, 1))
+  stem = output or output_stem(workdir, step if step is not None else latest_step(workdir), num_samples, seed,
+                               options)
+  os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
   paths = [save_image_grid(images, stem + ".png")]
   np.savez(stem + ".npz", images=images)
   paths.append(stem + ".npz")
-  module = family_module(config.family)
-  if interpolate:
-    if not hasattr(module, "interpolation_images"):
-      raise ValueError(f"family {config.family!r} has no interpolation grid")
-    grid, cols = module.interpolation_images(config, params, jax.random.fold_in(rng, 1))
+  if grid is not None:
     paths.append(save_image_grid(np.asarray(grid), stem + "_interpolation.png", columns=cols))
   return {"images": images, "paths": paths}
 
 
+def sample_diffusers(model_dir: str, *, options: dict, num_samples: int = 64, seed: int = 0, output=None) -> dict:
+  """Samples a diffusers DDPM directory with a genjax sampler (default dpm_solver, 20 steps); writes <stem>.png and
+  <stem>.npz, stem default samples/diffusers_<dir name>_n<N>_seed<K>[_<option>-<value>...]."""
+  extra = [k for k in options if k not in DIFFUSERS_OPTIONS]
+  if extra:
+    raise UserError(f"--{extra[0]} does not apply to --diffusers_model; valid: --" + ", --".join(DIFFUSERS_OPTIONS))
+  if num_samples < 1:
+    raise UserError(f"--num_samples={num_samples} must be >= 1")
+  import jax
+  import numpy as np
+  from genjax.interop.diffusers import load_pipeline, sample_images
+  from genjax.train.report import save_image_grid
+  images = sample_images(load_pipeline(model_dir), jax.random.PRNGKey(seed), num_samples, **options)
+  name = os.path.basename(os.path.normpath(model_dir))
+  parts = [f"diffusers_{name}", f"n{num_samples}", f"seed{seed}"] + [f"{k}-{options[k]}" for k in DIFFUSERS_OPTIONS
+                                                                    if k in options]
+  stem = output or os.path.join("samples", "_".join(parts))
+  os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+  np.savez(stem + ".npz", images=images)
+  return {"images": images, "paths": [save_image_grid(images, stem + ".png"), stem + ".npz"]}
+
+
+def sample_hf(model_dir: str, *, options: dict, prompts, seed: int = 0) -> dict:
+  """Continuations of `prompts` by the Hugging Face LM in `model_dir`, decoded with its own tokenizer."""
+  if not prompts:
+    raise UserError("--hf_model is a text model: give at least one --prompt")
+  import jax
+  from genjax.interop import hf
+  from genjax.models import transformer
+  cfg, params = hf.load_lm(model_dir)
+  texts = transformer.sample_text(cfg, params, list(prompts), jax.random.PRNGKey(seed),
+                                  tokenizer=hf.load_tokenizer(model_dir), **options)
+  for p, t in zip(prompts, texts):
+    print(f"--- prompt: {p!r}\n{p}{t}\n")
+  return {"texts": texts, "paths": []}
+
+
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  options = {name: FLAGS[name].value for name in SAMPLER_FLAGS if FLAGS[name].present}
-  try:
-    out = sample_run(FLAGS.workdir, options=options, num_samples=FLAGS.num_samples, seed=FLAGS.seed,
-                     step=FLAGS.step, output=FLAGS.output, prompts=FLAGS.prompt, interpolate=FLAGS.interpolate)
-  except (ValueError, KeyError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  del argv
+  if FLAGS.hf_model is not None:
+    sample_hf(FLAGS.hf_model, options=cli.sample_options_from_flags(), prompts=FLAGS.prompt, seed=FLAGS.seed)
+    return
+  if FLAGS.diffusers_model is not None:
+    out = sample_diffusers(FLAGS.diffusers_model, options=cli.sample_options_from_flags(),
+                           num_samples=FLAGS.num_samples, seed=FLAGS.seed, output=FLAGS.output)
+    for p in out["paths"]:
+      print(f"wrote {p}")
+    return
+  out = sample_run(FLAGS.workdir, options=cli.sample_options_from_flags(), num_samples=FLAGS.num_samples,
+                   seed=FLAGS.seed, step=FLAGS.step, output=FLAGS.output, prompts=FLAGS.prompt,
+                   interpolate=FLAGS.interpolate)
   for p in out["paths"]:
-    logging.info("wrote %s", p)
-    print(p)
+    print(f"wrote {p}")
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

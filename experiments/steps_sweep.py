@@ -4,6 +4,7 @@ sampler at every step count, as JSON and as a PNG plot with the real-vs-real flo
   python -m experiments.steps_sweep --workdir=runs/ddpm_digits
   python -m experiments.steps_sweep --workdir=runs/ddpm_digits --samplers=ddim,dpm_solver --num_steps=10,20,50 \
       --output=runs/ddpm_digits/fd_vs_steps
+  python -m experiments.steps_sweep --diffusers_model=ddpm-cifar10-32 --samplers=ddim,heun --num_samples=64
 
 Writes `<output>.json` (one record per sampler × steps: the metrics, sampling seconds) and `<output>.png`
 (default output: `<workdir>/fd_vs_steps`). Every point draws the same number of samples (the eval split's size,
@@ -14,47 +15,68 @@ matplotlib (`pip install -e ".[plot]"`).
 """
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:   # `python experiments/steps_sweep.py` from anywhere: as the module
+  import os as _os, runpy as _runpy, sys as _sys
+  _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+  _runpy.run_module("experiments.steps_sweep", run_name="__main__", alter_sys=True)
+  _sys.exit()
+
+import functools
 import json
 import os
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags
+
+from experiments import cli
+from genjax.errors import UserError
 
 FLAGS = flags.FLAGS
-SAMPLER_LABELS = {"ddpm": "DDPM (ancestral)", "ddim": "DDIM (eta=0)", "dpm_solver": "DPM-Solver++(2M)"}
+SAMPLER_LABELS = {"ddpm": "DDPM (ancestral)", "ddim": "DDIM (eta=0)", "dpm_solver": "DPM-Solver++(2M)",
+                  "dpm_solver_3m": "DPM-Solver++(3M)", "dpm_solver_sde": "DPM-Solver++(2M-SDE)", "unipc": "UniPC-2",
+                  "euler": "Euler (Karras)", "heun": "Heun (Karras, 2 calls/step)",
+                  "euler_ancestral": "Euler-ancestral (Karras)", "midpoint": "midpoint (2 calls/step)"}
+# Every sampler of a diffusion run (genjax.models.diffusion.SAMPLERS; a test keeps the two equal).
+DEFAULT_SAMPLERS = ("ddpm", "ddim", "dpm_solver", "dpm_solver_3m", "dpm_solver_sde", "unipc", "euler", "heun",
+                    "euler_ancestral")
 
 
 def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Diffusion run directory written by experiments.train.")
   flags.DEFINE_string("output", None, "Output path without extension (default <workdir>/fd_vs_steps).")
-  flags.DEFINE_list("samplers", ["ddpm", "ddim", "dpm_solver"], "Samplers to sweep.")
+  flags.DEFINE_list("samplers", list(DEFAULT_SAMPLERS), "Samplers to sweep (default: all of a diffusion run's).")
   flags.DEFINE_list("num_steps", ["10", "20", "50", "100", "250"], "Step counts to sweep.")
   flags.DEFINE_integer("num_samples", 0, "Samples per point; 0 = the size of the eval split.")
   flags.DEFINE_integer("sample_batch_size", 256, "Samples per sampler call (as experiments.evaluate: equal samples).")
   flags.DEFINE_integer("seed", 0, "Sampling seed (the same for every point).")
   flags.DEFINE_multi_string("option", [], "Other sample options as key=value, e.g. --option=guidance=2.0.")
   flags.DEFINE_string("feature_cache", None, "Feature network cache directory.")
-  flags.mark_flags_as_required(["workdir"])
+  flags.DEFINE_string("diffusers_model", None, "A diffusers UNet2DModel / DDPM pipeline directory to sweep instead "
+                      "of a run: FD on the in-repo digits features when it makes 8x8x1 images, else timing only.")
+  flags.register_multi_flags_validator(
+      ["workdir", "diffusers_model"], lambda given: sum(v is not None for v in given.values()) == 1,
+      message="give exactly one of --workdir (a genjax diffusion run) or --diffusers_model (a diffusers directory)")
 
 
-def check_arguments(samplers, num_steps) -> None:
+def check_arguments(samplers, num_steps, valid_samplers=None) -> None:
   from genjax.models.diffusion import SAMPLERS
-  bad = [s for s in samplers if s not in SAMPLERS]
+  valid = valid_samplers or SAMPLERS
+  bad = [s for s in samplers if s not in valid]
   if bad or not samplers:
-    raise ValueError(f"unknown samplers {bad or list(samplers)}; valid: {list(SAMPLERS)}")
+    raise UserError(f"unknown samplers {bad or list(samplers)}; valid: {list(valid)}")
   if not num_steps or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in num_steps):
-    raise ValueError(f"num_steps must be positive ints, got {list(num_steps)}")
+    raise UserError(f"num_steps must be positive ints, got {list(num_steps)}")
 
 
 def sweep(task, params, ref, samplers, num_steps, *, sample_batch_size: int = 256, seed: int = 0, options=None,
-          log=print) -> list[dict]:
+          log=print, valid_samplers=None) -> list[dict]:
   """One record per sampler × step count: the metrics against `ref` (an `evaluate.ImageReference`), sampling
   seconds, and the XLA compilations the point caused (the first point of a sampler compiles its program; the
   other step counts should compile nothing)."""
   from experiments import evaluate as ev
   from genjax.compiles import CompileCounter
-  check_arguments(samplers, num_steps)
+  check_arguments(samplers, num_steps, valid_samplers)
   fd = f"FD-{ref.name}"
   points = []
   for sampler in samplers:
@@ -78,10 +100,11 @@ def sweep_run(workdir: str, samplers, num_steps, *, num_samples: int = 0, sample
   from genjax.train.checkpoint import load_run
   check_arguments(samplers, num_steps)
   if not os.path.isdir(workdir):
-    raise ValueError(f"--workdir={workdir!r} is not a directory")
+    what = "a file" if os.path.exists(workdir) else "missing"
+    raise UserError(f"--workdir={workdir!r} is {what}, not a run directory")
   config, params = load_run(workdir)
   if config.family != "diffusion":
-    raise ValueError(f"{workdir!r} holds a {config.family!r} run; the steps sweep needs a diffusion run")
+    raise UserError(f"{workdir!r} holds a {config.family!r} run; the steps sweep needs a diffusion run")
   task = get_task(config)
   ref = ev.image_reference(config, num_samples=num_samples, feature_cache=feature_cache)
   fd = f"FD-{ref.name}"
@@ -94,6 +117,52 @@ def sweep_run(workdir: str, samplers, num_steps, *, num_samples: int = 0, sample
           **ref.info, "points": points}
 
 
+def sweep_diffusers(model_dir: str, samplers, num_steps, *, num_samples: int = 0, sample_batch_size: int = 256,
+                    seed: int = 0, options=None, feature_cache=None, log=print) -> dict:
+  """The sweep over a diffusers DDPM directory (any genjax sampler). FD needs a feature network for the images'
+  domain: a model of 8x8x1 images is scored on the in-repo digits features like a genjax run; any other size is
+  timed only (`metric` None, `fd_skipped` says why; FID needs the user's own Inception features)."""
+  import dataclasses
+  import types
+  from experiments import evaluate as ev
+  from experiments.configs import ddpm
+  from genjax.compiles import CompileCounter
+  from genjax.data import dataset_info
+  from genjax.interop import diffusers
+  check_arguments(samplers, num_steps, diffusers.SAMPLERS)
+  extra = [k for k in (options or {}) if k != "eta"]
+  if extra:
+    raise UserError(f"--option={extra[0]}=... does not apply to --diffusers_model (valid: eta)")
+  pipe = diffusers.load_pipeline(model_dir)
+  task = types.SimpleNamespace(sample_images=lambda params, rng, n, **o: diffusers.sample_images(
+      dataclasses.replace(pipe, params=params), rng, n, **o))
+  head = {"diffusers_model": os.path.abspath(model_dir), "variant": os.path.basename(os.path.normpath(model_dir)),
+          "seed": seed, "options": dict(options or {})}
+  digits = tuple(dataset_info("digits").image_shape)
+  if pipe.image_shape() == digits:
+    config = ddpm.get_config("digits")
+    ref = ev.image_reference(config, num_samples=num_samples, feature_cache=feature_cache)
+    fd = f"FD-{ref.name}"
+    log(f"floor (real vs real, {ref.num_samples} images): {fd} {ref.floor[fd]:.2f}")
+    points = sweep(task, pipe.params, ref, samplers, num_steps, sample_batch_size=sample_batch_size, seed=seed,
+                   options=options, log=log, valid_samplers=diffusers.SAMPLERS)
+    return {**head, "metric": fd, "num_samples": ref.num_samples, "floor": ref.floor, "memorizer": ref.memorizer,
+            **ref.info, "points": points}
+  reason = (f"FD skipped: {model_dir!r} makes {'x'.join(map(str, pipe.image_shape()))} images and the in-repo "
+            f"feature network scores digits ({'x'.join(map(str, digits))}); FID needs your own Inception features")
+  log(reason)
+  n, points = num_samples or 64, []
+  for sampler in samplers:
+    for steps in num_steps:
+      with CompileCounter() as cc:
+        _, _, seconds = ev.timed_draw(task, pipe.params, ev.sampling_key(seed), n, sample_batch_size,
+                                      {**(options or {}), "sampler": sampler, "num_steps": steps})
+      points.append({"sampler": sampler, "num_steps": steps, "sample_seconds": round(seconds, 2),
+                     "compiles": cc.count})
+      log(f"{sampler:>10} {steps:>5} steps: {seconds:.1f} s for {n} samples | {cc.count} compilations")
+  return {**head, "metric": None, "fd_skipped": reason, "num_samples": n, "points": points}
+
+
 def plot(result: dict, path: str) -> None:
   """FD against steps (log axis), a line per sampler, the floor dashed."""
   try:
@@ -102,7 +171,7 @@ def plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
   except ImportError:
-    raise ImportError("the plot needs matplotlib: pip install -e '.[plot]' (the JSON was written)") from None
+    raise UserError("the plot needs matplotlib: pip install -e '.[plot]' (the JSON was written)") from None
   metric = result["metric"]
   fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
   for sampler in dict.fromkeys(p["sampler"] for p in result["points"]):
@@ -129,35 +198,32 @@ def plot(result: dict, path: str) -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv
   from experiments.evaluate import parse_options
-  from genjax.train.report import quiet_library_logs
-  quiet_library_logs()
   f = FLAGS
-  try:
-    steps = [int(s) for s in f.num_steps]
-  except ValueError:
-    print(f"error: --num_steps={','.join(f.num_steps)} must be a comma-separated list of ints", file=sys.stderr)
-    sys.exit(1)
+  if not all(s.strip().isdigit() for s in f.num_steps):
+    raise UserError(f"--num_steps={','.join(f.num_steps)} must be a comma-separated list of positive ints")
+  steps = [int(s) for s in f.num_steps]
   t0 = time.time()
-  try:
-    result = sweep_run(f.workdir, f.samplers, steps, num_samples=f.num_samples,
-                       sample_batch_size=f.sample_batch_size, seed=f.seed, options=parse_options({}, f.option),
-                       feature_cache=f.feature_cache)
-  except (ValueError, KeyError, FileNotFoundError) as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  run = functools.partial(sweep_diffusers, f.diffusers_model) if f.diffusers_model else \
+      functools.partial(sweep_run, f.workdir)
+  result = run(f.samplers, steps, num_samples=f.num_samples, sample_batch_size=f.sample_batch_size, seed=f.seed,
+               options=parse_options({}, f.option), feature_cache=f.feature_cache)
   result["seconds"] = round(time.time() - t0, 1)
   result["command"] = "python -m experiments.steps_sweep " + " ".join(sys.argv[1:])
-  out = f.output or os.path.join(f.workdir, "fd_vs_steps")
+  default_out = os.path.join("samples", f"fd_vs_steps_{result['variant']}") if f.diffusers_model else \
+      os.path.join(f.workdir, "fd_vs_steps")
+  out = f.output or default_out
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out + ".json", "w") as fh:
     json.dump(result, fh, indent=2)
+  if result["metric"] is None:
+    print(f"wrote {out}.json (no plot: {result['fd_skipped']})")
+    return
   plot(result, out + ".png")
   print(f"wrote {out}.json and {out}.png")
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

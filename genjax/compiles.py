@@ -5,7 +5,7 @@
       sample(params, rng, num_steps=20)
     print(cc.count, cc.seconds)          # backend compilations in the block, and their summed XLA seconds
 
-Counts `jax.monitoring`'s backend-compile events (GUIDE §4); a persistent-cache hit is not a compilation.
+Counts `jax.monitoring`'s backend-compile events; a persistent-cache hit is not a compilation.
 Used by the benchmarks, `experiments/steps_sweep.py` and the tests.
 """
 from __future__ import annotations

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import numpy as np
+from genjax.errors import UserError
 
 NUM_BYTES = 256
 PAD_ID = 256
@@ -29,7 +30,7 @@ SPECIAL_IDS = {"pad": PAD_ID, "bos": BOS_ID, "eos": EOS_ID}
 def padded_vocab_size(multiple: int = 64) -> int:
   """`VOCAB_SIZE` rounded up to a multiple of `multiple` (embedding tables that shard evenly)."""
   if multiple < 1:
-    raise ValueError(f"multiple must be >= 1, got {multiple}")
+    raise UserError(f"multiple must be >= 1, got {multiple}")
   return -(-VOCAB_SIZE // multiple) * multiple
 
 
@@ -42,7 +43,7 @@ class ByteTokenizer:
 
   def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
     if not isinstance(text, str):
-      raise ValueError(f"encode expects a str, got {type(text).__name__}")
+      raise UserError(f"encode expects a str, got {type(text).__name__}")
     ids = list(text.encode("utf-8"))
     return ([BOS_ID] if add_bos else []) + ids + ([EOS_ID] if add_eos else [])
 
@@ -55,19 +56,19 @@ class ByteTokenizer:
       if 0 <= i < NUM_BYTES:
         out.append(int(i))
       elif i < 0:
-        raise ValueError(f"token id {int(i)} is negative")
+        raise UserError(f"token id {int(i)} is negative")
     return out.decode("utf-8", errors="replace")
 
   def encode_batch(self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False,
                    pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded int32 [B, L] ids (L = longest, or `pad_to`) and int32 [B] lengths."""
     if isinstance(texts, str):
-      raise ValueError("encode_batch expects a list of str, got a single str")
+      raise UserError("encode_batch expects a list of str, got a single str")
     seqs = [self.encode(t, add_bos=add_bos, add_eos=add_eos) for t in texts]
     lengths = np.array([len(s) for s in seqs], dtype=np.int32)
     width = int(lengths.max(initial=0)) if pad_to is None else int(pad_to)
     if lengths.size and lengths.max() > width:
-      raise ValueError(f"a text encodes to {int(lengths.max())} ids, longer than pad_to={width}")
+      raise UserError(f"a text encodes to {int(lengths.max())} ids, longer than pad_to={width}")
     out = np.full((len(seqs), width), PAD_ID, dtype=np.int32)
     for i, s in enumerate(seqs):
       out[i, :len(s)] = s

@@ -75,22 +75,35 @@ def test_peak_flops_table_and_json_nan():
   assert common._jsonable(float("nan")) is None
 
 
+QUICK_SAMPLERS = ("ddpm", "ddim", "heun", "flow_euler")   # one of each family (DDPM/DDIM share a program)
+
+
 def test_samplers_quick(tmp_path):
-  records = _run(samplers, tmp_path, "--batch_sizes=2", "--num_steps=2,3", config_flag="ddpm_config",
-                 model=dict(ch=8, ch_mult=(1,), attn_resolutions=(), num_res_blocks=1))
+  records = _run(samplers, tmp_path, "--batch_sizes=2", "--num_steps=2,3", f"--samplers={','.join(QUICK_SAMPLERS)}",
+                 config_flag="ddpm_config", model=dict(ch=8, ch_mult=(1,), attn_resolutions=(), num_res_blocks=1))
   _has_keys(records, ["sampler", "num_steps", "batch", "seconds", "forward_seconds", "overhead_ratio", "compiles",
-                      "samples_per_second", "compile_seconds", "device"])
+                      "samples_per_second", "compile_seconds", "device", "model_calls"])
   ours = [r for r in records if r["sampler"] in samplers.SAMPLERS]
-  assert {(r["sampler"], r["num_steps"]) for r in ours} == {(s, n) for s in samplers.SAMPLERS for n in (2, 3)}
-  assert sum(r["first_call_compiles"] for r in ours) >= 2   # the first calls did compile (DDPM/DDIM share one)
+  assert {(r["sampler"], r["num_steps"]) for r in ours} == {(s, n) for s in QUICK_SAMPLERS for n in (2, 3)}
+  assert sum(r["first_call_compiles"] for r in ours) >= 3   # the first calls did compile (DDPM/DDIM share one)
   for r in ours:
     assert r["compiles"] == 0, r                    # num_steps / eta changes compile nothing new
-    assert r["overhead_ratio"] == pytest.approx(r["seconds"] / (r["num_steps"] * r["forward_seconds"]))
+    # Heun's last step is Euler: 2 n - 1 model calls; the overhead ratio divides by the calls.
+    assert r["model_calls"] == (2 * r["num_steps"] - 1 if r["sampler"] == "heun" else r["num_steps"])
+    assert r["overhead_ratio"] == pytest.approx(r["seconds"] / (r["model_calls"] * r["forward_seconds"]))
     assert r["samples_per_second"] == pytest.approx(2 / r["seconds"])
   peer = [r for r in records if r["sampler"] == "diffusers_ddim"]
   assert peer
   if importlib.util.find_spec("diffusers") is None:
     assert peer[0]["status"].startswith("peer not installed") and peer[0]["seconds"] is None
+
+
+def test_every_sampler_is_benchmarked():
+  from genjax.models.diffusion import SAMPLERS
+  from genjax.samplers.flow import FLOW_METHODS
+  assert set(SAMPLERS) | {f"flow_{m}" for m in FLOW_METHODS} == set(samplers.SAMPLERS)
+  with pytest.raises(ValueError, match="unknown sampler 'ddmi'"):
+    samplers.sampler_call(None, "ddmi", None, None, 2)
 
 
 def test_decoding_quick(tmp_path):

@@ -1,5 +1,6 @@
 """Tests for genjax.samplers decoding: logit filters on closed cases, penalties, generate (greedy reference, batch
-invariance, EOS rows, cache limits, no recompilation) and beam search (greedy equivalence, known best sequences).
+invariance, EOS rows, stop sequences, log-probs, n samples per prompt, the context guard, validation, the cache
+contract, no recompilation) and beam search (greedy equivalence, known best sequences).
 
 The model here is a hand-built "bag of tokens" LM in pure jax with a token cache, and an independent numpy
 reference: logits at position t = A[x_t] + mean(one_hot(x_0..x_t)) @ Bm. Transformer-specific decoding tests
@@ -15,9 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from genjax.samplers import beam_search, generate, top_k_logits, top_p_logits
-from genjax.samplers.decoding import DecodingModel
-from genjax.samplers.logits import apply_penalties, choose_tokens, filter_logits
+from genjax.compiles import CompileCounter
+from genjax.errors import UserError
+from genjax.samplers import DecodingModel, beam_search, generate, top_k_logits, top_p_logits
+from genjax.samplers.logits import apply_penalties, choose_tokens, filter_logits, min_p_logits
 
 V = 7
 EOS = 6
@@ -156,6 +158,51 @@ def test_temperature_then_top_k_then_top_p():
   assert np.isfinite(np.asarray(filter_logits(logits, 1.0, 2, 0.7))).sum() == 1
 
 
+def test_min_p_closed_case_and_min_tokens_to_keep():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  # threshold 0.2 * 0.5 = 0.1: keeps 0.5, 0.3, 0.15, drops 0.05; min_tokens_to_keep=4 keeps all.
+  np.testing.assert_array_equal(np.isfinite(min_p_logits(logits, 0.2)), [[True, True, True, False]])
+  np.testing.assert_array_equal(np.isfinite(min_p_logits(logits, 0.2, 4)), [[True] * 4])
+  np.testing.assert_array_equal(min_p_logits(logits, 0.0), logits)          # 0 = off
+  np.testing.assert_array_equal(np.isfinite(min_p_logits(logits, 1.0)), [[True, False, False, False]])
+  # After top-p 0.6 (keeps 0.5, 0.3), min-p 0.7 compares with the top token: 0.3 < 0.35 is dropped.
+  np.testing.assert_array_equal(np.isfinite(filter_logits(logits, 1.0, 0, 0.6, 0.7)), [[True, False, False, False]])
+
+
+def _hf_chain(logits, temperature, top_k, top_p, min_p, min_keep):
+  torch = pytest.importorskip("torch")
+  lp = pytest.importorskip("transformers.generation.logits_process")
+  x = torch.tensor(np.asarray(logits, np.float32))
+  warpers = [lp.TemperatureLogitsWarper(temperature)]
+  if top_k > 0:
+    warpers.append(lp.TopKLogitsWarper(top_k, min_tokens_to_keep=min_keep))
+  if top_p < 1:
+    warpers.append(lp.TopPLogitsWarper(top_p, min_tokens_to_keep=min_keep))
+  warpers.append(lp.MinPLogitsWarper(min_p, min_tokens_to_keep=min_keep))
+  for w in warpers:
+    x = w(None, x)
+  return np.isfinite(x.numpy())
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p,min_keep",
+                         [(1.0, 0, 1.0, 0.1, 1), (0.7, 0, 1.0, 0.3, 1), (1.3, 20, 0.9, 0.05, 1),
+                          (1.0, 0, 0.8, 0.2, 3), (1.0, 3, 1.0, 0.5, 5), (0.5, 0, 1.0, 0.99, 2)])
+def test_min_p_chain_matches_transformers_on_random_logits(temperature, top_k, top_p, min_p, min_keep):
+  x = np.asarray(jax.random.normal(jax.random.key(11), (16, 50))) * 3
+  ours = np.isfinite(np.asarray(filter_logits(x, temperature, top_k, top_p, min_p, min_keep)))
+  np.testing.assert_array_equal(ours, _hf_chain(x, temperature, top_k, top_p, min_p, min_keep))
+
+
+def test_min_p_matches_transformers_on_tied_logits():
+  # Ties at the top all survive; ties below the threshold go together (min_tokens_to_keep cuts no tie here).
+  x = np.array([[2.0, 2.0, 1.0, 1.0, 0.0, 0.0, -3.0],
+                [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                [1.0, 3.0, 1.0, 3.0, 3.0, -1.0, 1.0]], np.float32)
+  for min_p, keep in ((0.3, 1), (0.5, 1), (0.1, 2), (1.0, 1), (0.05, 1)):
+    ours = np.isfinite(np.asarray(min_p_logits(x, min_p, keep)))
+    np.testing.assert_array_equal(ours, _hf_chain(x, 1.0, 0, 1.0, min_p, keep), err_msg=str((min_p, keep)))
+
+
 def test_penalties_closed_values():
   logits = jnp.array([[2.0, -2.0, 1.0, 0.5]])
   seen = jnp.array([[True, True, False, False]])
@@ -261,23 +308,151 @@ def test_greedy_and_penalty_free_specialisations_agree_with_the_general_program(
   np.testing.assert_array_equal(also.tokens[:3], sampled.tokens[:3])
 
 
-def test_cache_limits():
+def test_context_guard_replaces_the_silent_stop():
   params = _params(6)
   full = list(range(1, 6)) * 2 + [1, 2]                 # 12 tokens == LIMITED.max_len
-  out = generate(LIMITED, params, [full, [1, 2]], greedy=True, max_new_tokens=20, pad_id=PAD)
-  # The full row gets exactly one token (from the prefill), the other fills its cache: 12 - 2 + 1 tokens.
-  np.testing.assert_array_equal(out.lengths, [1, 11])
-  np.testing.assert_array_equal(out.tokens[0, :1], _ref_greedy(params, full, 1))
-  assert (np.asarray(out.tokens[0, 1:]) == PAD).all()
-  np.testing.assert_array_equal(out.tokens[1, :11], _ref_greedy(params, [1, 2], 11))
-  with pytest.raises(ValueError, match=r"13 tokens is longer than the KV cache \(12 slots"):
-    generate(LIMITED, params, [full + [3], [1]], greedy=True, max_new_tokens=2)
-  with pytest.raises(ValueError, match=r"6 tokens is longer than the KV cache \(5 slots"):
+  # prompt + max_new_tokens == max_len fits exactly: every row gets all its tokens (no silent stop).
+  out = generate(LIMITED, params, [full[:10], [1, 2]], greedy=True, max_new_tokens=2, pad_id=PAD)
+  np.testing.assert_array_equal(out.lengths, [2, 2])
+  np.testing.assert_array_equal(out.tokens[0], _ref_greedy(params, full[:10], 2))
+  for call in (lambda: generate(LIMITED, params, [full, [1, 2]], greedy=True, max_new_tokens=1),
+               lambda: beam_search(LIMITED, params, [full[:11]], num_beams=2, max_new_tokens=2)):
+    with pytest.raises(UserError, match=r"longest prompt \(1[12] tokens\) \+ max_new_tokens=[12] = 13 does not fit "
+                                        r"in the model's context max_len=12"):
+      call()
+  with pytest.raises(UserError, match=r"cache_len=5 is too small: the longest prompt \(6\) \+ max_new_tokens \(2\)"):
     generate(BAG, params, [[1] * 6], greedy=True, max_new_tokens=2, cache_len=5)
-  with pytest.raises(ValueError, match="every prompt needs 1"):
+  with pytest.raises(UserError, match="every prompt needs 1"):
     generate(BAG, params, [[1], []], greedy=True, max_new_tokens=2)
-  with pytest.raises(ValueError, match="rng"):
+  with pytest.raises(UserError, match="rng"):
     generate(BAG, params, [[1]], max_new_tokens=2)
+
+
+BAD_SETTINGS = [
+    (dict(temperature=-0.5), r"temperature=-0.5 must be >= 0"),
+    (dict(temperature=float("nan")), r"temperature=nan must be >= 0 and finite"),
+    (dict(top_p=1.5), r"top_p=1.5 must be in \(0, 1\]"),
+    (dict(top_p=0.0), r"top_p=0.0 must be in \(0, 1\]"),
+    (dict(top_p=[0.9, 0.9, 1.2, 0.9]), r"top_p=\[0.9, 0.9, 1.2, 0.9\] must be in \(0, 1\].*\(row 2\)"),
+    (dict(top_k=-1), r"top_k=-1 must be >= 0"),
+    (dict(top_k=2.5), r"top_k=2.5 must be an integer"),
+    (dict(min_p=1.5), r"min_p=1.5 must be in \[0, 1\]"),
+    (dict(min_p=-0.1), r"min_p=-0.1 must be in \[0, 1\]"),
+    (dict(min_tokens_to_keep=0), r"min_tokens_to_keep=0 must be >= 1"),
+    (dict(repetition_penalty=0.0), r"repetition_penalty=0.0 must be > 0"),
+    (dict(repetition_penalty=float("inf")), r"repetition_penalty=inf must be > 0 and finite"),
+    (dict(presence_penalty=float("nan")), r"presence_penalty=nan must be finite"),
+    (dict(frequency_penalty=float("-inf")), r"frequency_penalty=-inf must be finite"),
+    (dict(num_return_sequences=0), r"num_return_sequences=0 must be a positive int"),
+    (dict(max_new_tokens=0), r"max_new_tokens=0 must be a positive int"),
+    (dict(stop_sequences=[[]]), r"stop_sequences contains \[\]"),
+    (dict(stop_sequences=[[[1]], [[2]]]), r"one such list per row \(4 rows\)"),
+]
+
+
+@pytest.mark.parametrize("setting,message", BAD_SETTINGS, ids=[str(b[0]) for b in BAD_SETTINGS])
+def test_bad_settings_raise_naming_the_setting_and_value(setting, message):
+  kw = {"max_new_tokens": 2, **setting}
+  with pytest.raises(UserError, match=message):       # raised on the host, before anything compiles
+    generate(BAG, _params(0), PROMPTS, jax.random.key(0), **kw)
+
+
+def test_bad_beam_settings():
+  for bad, message in ((0, r"num_beams=0 must be a positive int"), (2.0, r"num_beams=2.0 must be a positive int")):
+    with pytest.raises(UserError, match=message):
+      beam_search(BAG, _params(0), PROMPTS, num_beams=bad, max_new_tokens=2)
+  with pytest.raises(UserError, match=r"length_penalty=nan must be finite"):
+    beam_search(BAG, _params(0), PROMPTS, num_beams=2, max_new_tokens=2, length_penalty=float("nan"))
+
+
+def test_cache_leaf_without_the_batch_axis_is_named():
+  # A shared write index (a scalar leaf, as in Hugging Face Flax caches) cannot be repeated, reordered or rolled
+  # back per row: refused up front, naming the leaf.
+  shared = DecodingModel(lambda p, t, pos, c: _bag_step(p, t, pos, c["tokens"]),
+                         lambda b, c: {"tokens": jnp.zeros((b, c), jnp.int32), "index": jnp.zeros((), jnp.int32)})
+  for call in (lambda: generate(shared, _params(0), PROMPTS, greedy=True, max_new_tokens=2),
+               lambda: beam_search(shared, _params(0), PROMPTS, num_beams=2, max_new_tokens=2)):
+    with pytest.raises(UserError, match=r"leaf \['index'\] has shape \(\); every cache leaf needs the batch"):
+      call()
+  # A leaf whose axis 0 equals the batch by chance is caught too (checked at two batch sizes).
+  fixed = DecodingModel(_bag_step, lambda b, c: jnp.zeros((4, c), jnp.int32))
+  with pytest.raises(UserError, match=r"leaf <root> has shape \(4, 12\)"):
+    generate(fixed, _params(0), PROMPTS, greedy=True, max_new_tokens=8)
+
+
+def _first_stop(prompt, continuation, stops):
+  """numpy reference: (tokens kept, index of the stop that matched or -1) — the first t at which prompt +
+  continuation[:t + 1] ends with a stop sequence."""
+  seq = list(prompt)
+  for t, tok in enumerate(continuation):
+    seq.append(tok)
+    for j, stop in enumerate(stops):
+      if len(seq) >= len(stop) and seq[-len(stop):] == list(stop):
+        return t + 1, j
+  return len(continuation), -1
+
+
+def test_stop_sequences_end_exactly_at_the_match_per_row():
+  params = _params(0)
+  free = generate(BAG, params, PROMPTS, greedy=True, max_new_tokens=N)
+  refs = [list(np.asarray(free.tokens[r])) for r in range(len(PROMPTS))]
+  # Row 0: a stop spanning the prompt boundary (last prompt token + first new one); row 1: two stops, the second
+  # inside the continuation; row 2: a stop that never occurs; row 3: a one-token stop.
+  per_row = [[[PROMPTS[0][-1], refs[0][0]]], [[V + 5], refs[1][2:5]], [[V + 1, V + 2]], [[refs[3][3]]]]
+  out = generate(BAG, params, PROMPTS, greedy=True, max_new_tokens=N, stop_sequences=per_row, pad_id=PAD)
+  expected = [_first_stop(PROMPTS[r], refs[r], per_row[r]) for r in range(4)]
+  assert expected[0] == (1, 0) and expected[2] == (N, -1) and expected[1][1] == 1, expected
+  for r, (length, which) in enumerate(expected):
+    assert (int(out.lengths[r]), int(out.stop_index[r])) == (length, which), r
+    np.testing.assert_array_equal(out.tokens[r], refs[r][:length] + [PAD] * (N - length))
+  # One list for every row: the same table broadcast.
+  shared = generate(BAG, params, PROMPTS, greedy=True, max_new_tokens=N, stop_sequences=[refs[1][2:5], [V + 5]])
+  for r in range(4):
+    length, which = _first_stop(PROMPTS[r], refs[r], [refs[1][2:5], [V + 5]])
+    assert (int(shared.lengths[r]), int(shared.stop_index[r])) == (length, which)
+
+
+def test_logprobs_equal_a_full_forward_log_softmax():
+  params = _params(3, eos_bias=0.0)
+  out = generate(BAG, params, PROMPTS, jax.random.key(5), max_new_tokens=N, temperature=1.3, top_p=0.9, min_p=0.05,
+                 repetition_penalty=1.5, eos_id=EOS, pad_id=PAD)
+  lens = np.asarray(out.lengths)
+  assert lens.min() < N, lens                           # some row ends early: zeros after it
+  for r, prompt in enumerate(PROMPTS):
+    toks = list(np.asarray(out.tokens[r, :lens[r]]))
+    for t, tok in enumerate(toks):                      # raw log-softmax: before penalties, temperature, filters
+      logits = _ref_logits(params, prompt + toks[:t])
+      expect = logits[tok] - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+      np.testing.assert_allclose(out.logprobs[r, t], expect, rtol=1e-5, atol=1e-5)
+    assert (np.asarray(out.logprobs[r, lens[r]:]) == 0).all()
+
+
+def test_num_return_sequences_share_the_prefill():
+  params, rng = _params(3, eos_bias=0.0), jax.random.key(9)
+  kw = dict(max_new_tokens=N, temperature=1.0, eos_id=EOS, pad_id=PAD)
+  one = generate(BAG, params, PROMPTS, rng, **kw)
+  three = generate(BAG, params, PROMPTS, rng, num_return_sequences=3, **kw)
+  assert three.tokens.shape == (4, 3, N) and three.lengths.shape == (4, 3) and three.stop_index.shape == (4, 3)
+  for field in ("tokens", "lengths", "stop_index"):     # sequence 0 of n is the n = 1 draw
+    np.testing.assert_array_equal(getattr(three, field)[:, 0], getattr(one, field))
+  np.testing.assert_allclose(three.logprobs[:, 0], one.logprobs, rtol=1e-5)      # another program: float rounding
+  assert len({tuple(np.asarray(three.tokens[0, j])) for j in range(3)}) > 1     # independent draws
+  greedy = generate(BAG, params, PROMPTS, greedy=True, max_new_tokens=N, num_return_sequences=2)
+  np.testing.assert_array_equal(greedy.tokens[:, 0], greedy.tokens[:, 1])
+  np.testing.assert_array_equal(greedy.tokens[:, 0], generate(BAG, params, PROMPTS, greedy=True,
+                                                              max_new_tokens=N).tokens)
+
+
+def test_a_new_batch_size_compiles_one_program_per_specialisation():
+  params = _params(5)
+  for setting in (dict(greedy=True), dict(temperature=0.7, top_p=0.9)):
+    generate(BAG, params, PROMPTS, jax.random.key(0), max_new_tokens=N, **setting)     # warm: batch 4
+    with CompileCounter() as cc:
+      generate(BAG, params, PROMPTS[:3], jax.random.key(0), max_new_tokens=N, **setting)   # batch 3, new
+    assert cc.count == 1, (setting, cc.count)
+    with CompileCounter() as cc:
+      generate(BAG, params, PROMPTS[:3], jax.random.key(1), max_new_tokens=N, **{**setting, "min_p": 0.1})
+    assert cc.count == 0
 
 
 # ------------------------------------------------------------------------------------------ beam search --------
@@ -342,7 +517,7 @@ def test_beam_search_batch_rows_are_independent():
     np.testing.assert_array_equal(alone.sequences[0], batch.sequences[row])
     np.testing.assert_allclose(alone.scores[0], batch.scores[row], rtol=1e-6)
   assert np.all(np.diff(np.asarray(batch.scores), axis=1) <= 0)     # best first
-  with pytest.raises(ValueError, match="beam search needs a cache of 11 slots"):
+  with pytest.raises(UserError, match="cache_len=10 is too small"):
     beam_search(BAG, params, PROMPTS, num_beams=2, max_new_tokens=7, cache_len=10)
 
 

@@ -2,7 +2,7 @@
 restore onto 4 and 1 devices and pmap → pjit, damaged checkpoints, a failing async save, NaN, bad inputs, no pickle.
 
 Every run here is the tiny digits VAE (tests.util.tiny_vae_config) on 8 simulated devices with fsdp-sharded
-params. A real process death or another device count needs a subprocess (tests/fault_worker.py); the rest runs
+params. A real process death or another device count needs a subprocess (benchmarks/fault_worker.py); the rest runs
 in-process. The long version with 10 random kill points: `python -m benchmarks.faults`.
 """
 from __future__ import annotations
@@ -23,15 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import genjax.data
+from benchmarks.fault_worker import DAMAGE as WORKER_DAMAGE
+from benchmarks.fault_worker import (ROOT, changed_files, hooked_train_iterator, nan_hook, snapshot, steps_on_disk,
+                                     swap_in_previous_arrays, worker_env)
 from experiments.configs import ddpm as ddpm_configs
 from experiments.train import run
-from genjax.train.checkpoint import (CheckpointMismatchError, Checkpointer, CheckpointSaveError,
+from genjax.errors import WorkdirError
+from genjax.models import get_task
+from genjax.train.checkpoint import (CheckpointMismatchError, Checkpointer, CheckpointReadError, CheckpointSaveError,
                                      CheckpointUnreadableError, array_checksums, load_run)
-from genjax.train.trainer import NonFiniteLossError
-from tests.fault_worker import DAMAGE as WORKER_DAMAGE
-from tests.fault_worker import (ROOT, changed_files, hook_train_iterator, nan_hook, snapshot, steps_on_disk,
-                                swap_in_previous_arrays, worker_env)
+from genjax.train.trainer import NonFiniteLossError, train_and_evaluate
 from tests.util import flat, tiny_vae_config
 
 # 6 steps, a checkpoint every 2 (kept: 3), async saves, metrics every step, params sharded data=2 × fsdp=4.
@@ -52,7 +53,7 @@ def assert_nothing_lost(before: dict, workdir) -> None:
 
 
 def start_worker(args: list[str], devices: int, cache_dir) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, "-m", "tests.fault_worker", *args], cwd=ROOT, text=True,
+  return subprocess.Popen([sys.executable, "-m", "benchmarks.fault_worker", *args], cwd=ROOT, text=True,
                           env=worker_env(devices, cache_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -66,9 +67,9 @@ def wait_for_file(path, child: subprocess.Popen, timeout=TIMEOUT) -> None:
     time.sleep(0.02)
 
 
-def finish(child: subprocess.Popen) -> tuple[list[dict], str]:
+def finish(child: subprocess.Popen, returncode: int = 0) -> tuple[list[dict], str]:
   out, err = child.communicate(timeout=TIMEOUT)
-  assert child.returncode == 0, err[-3000:]
+  assert child.returncode == returncode, err[-3000:]
   return [json.loads(line) for line in out.splitlines() if line.startswith("{")], err
 
 
@@ -147,15 +148,16 @@ def test_sigterm_saves_the_current_step_second_run_is_refused_resume_is_bit_for_
   wait_for_file(marker, child)
   # A second run on the same workdir while the first lives: refused, naming the holder; nothing written.
   before = snapshot(workdir)
-  with pytest.raises(RuntimeError, match=rf"in use by another training run \(pid {child.pid} "):
+  with pytest.raises(WorkdirError, match=rf"in use by another training run \(pid {child.pid} "):
     run(cfg(**overrides), workdir)
   assert_nothing_lost(before, workdir)
   assert snapshot(workdir).keys() == before.keys()
-  # Pre-emption notice, then let it take batch 4: it finishes step 4, checkpoints step 4 and exits cleanly.
+  # Pre-emption notice, then let it take batch 4: it finishes step 4, checkpoints step 4 and exits with 143
+  # (128 + SIGTERM) so that a scheduler sees an unfinished run.
   child.send_signal(signal.SIGTERM)
   open(release, "w").close()
-  results, err = finish(child)
-  assert results == [{"devices": 8, "step": 4}]
+  results, err = finish(child, returncode=143)
+  assert results == [{"devices": 8, "interrupted_at": 4}]
   assert "SIGTERM: saved a checkpoint at step 4" in err
   assert steps_on_disk(workdir) == [4]
   resumed = run(cfg(**overrides), workdir)
@@ -230,6 +232,29 @@ def test_resume_after_a_damaged_latest_checkpoint_is_bit_for_bit(ref, tmp_path):
   assert_bitwise_equal_to_ref(run(cfg(), workdir), ref)          # from step 4, steps 5 and 6 again
 
 
+@pytest.mark.parametrize("error", [errno.EIO, errno.EACCES])
+def test_an_io_error_while_reading_moves_nothing_and_names_the_path(ref, tmp_path, monkeypatch, error):
+  """Trouble is not damage: an OSError reading step 6's metadata (as a failing disk or a permission change gives)
+  stops the resume with one error naming the checkpoint; step 6 stays where it is."""
+  from etils import epath
+  workdir = copy_run(ref, tmp_path / "run")
+  before = snapshot(workdir)
+  path_type, original = type(epath.Path(workdir)), type(epath.Path(workdir)).read_text
+
+  def read_text(self, *args, **kwargs):
+    if f"{os.sep}checkpoints{os.sep}6{os.sep}" in str(self):
+      raise OSError(error, f"{os.strerror(error)} (injected)", str(self))
+    return original(self, *args, **kwargs)
+
+  monkeypatch.setattr(path_type, "read_text", read_text)
+  with pytest.raises(CheckpointReadError, match=rf"step 6 in .*checkpoints/6 failed \(OSError: .*{os.strerror(error)}"
+                                                rf".*nothing was moved"):
+    run(cfg(num_train_steps=8), workdir)
+  monkeypatch.undo()
+  assert steps_on_disk(workdir) == [2, 4, 6] and not os.path.exists(os.path.join(workdir, "damaged_checkpoints"))
+  assert_nothing_lost(before, workdir)
+
+
 def test_all_checkpoints_damaged_is_an_error_and_touches_nothing(ref, tmp_path):
   workdir = copy_run(ref, tmp_path / "run")
   for s in (2, 4, 6):
@@ -279,12 +304,11 @@ def test_failing_async_save_stops_the_run_and_a_rerun_recovers_bit_for_bit(ref, 
   assert_bitwise_equal_to_ref(run(cfg(), workdir), ref)
 
 
-def test_injected_nan_stops_naming_the_step_and_the_last_good_checkpoint_is_intact(ref, tmp_path, monkeypatch):
-  monkeypatch.setattr(genjax.data, "train_iterator", genjax.data.train_iterator)   # undone after the test
-  hook_train_iterator(nan_hook(4))        # a NaN pixel in batch 4 (0-based), which step 5 trains on
+def test_injected_nan_stops_naming_the_step_and_the_last_good_checkpoint_is_intact(ref, tmp_path):
   workdir = str(tmp_path / "run")
+  batches = hooked_train_iterator(cfg(), nan_hook(4))   # a NaN pixel in batch 4 (0-based), which step 5 trains on
   with pytest.raises(NonFiniteLossError, match=r"at step 5; stopped\. Last good checkpoint: step 4"):
-    run(cfg(), workdir)
+    train_and_evaluate(cfg(), workdir, get_task, train_iter=batches)
   assert steps_on_disk(workdir) == [2, 4]
   logged = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert max(logged) == 4
@@ -412,12 +436,12 @@ def test_prompt_longer_than_the_cache_and_unknown_sample_options():
     get_task(cfg()).sample_images({}, jax.random.PRNGKey(0), 2, sampler="ddim")
 
 
-LAUNCHER_ERRORS = {   # argv after --config → the one line it must print (exit status 1)
+LAUNCHER_ERRORS = {   # argv after --config → the one line it must print (exit status 2)
     "variant": (["experiments/configs/vae.py:digitz"], r"unknown variant 'digitz' for vae.py; valid: \['digits'"),
     "no variant": (["experiments/configs/vae.py"], r"vae.py needs a variant, e.g. vae.py:digits; valid:"),
     "config file": (["experiments/configs/nope.py:x"], r"No such file .*'experiments/configs/nope.py'; configs: \["),
     "config key": (["experiments/configs/vae.py:digits", "--config.modle.hidden=3"],
-                   r"unknown config field 'modle' in a --config.\* override; Did you mean \"model\""),
+                   r"unknown config field 'modle.hidden' in --config.modle.hidden; config has: .*\bmodel\b"),
     "config value type": (["experiments/configs/vae.py:digits", "--config.num_train_steps=abc"],
                           r"--config.num_train_steps=abc: invalid literal for int"),
     "flag": (["experiments/configs/vae.py:digits", "--bogus=1"], r"Unknown command line flag 'bogus'"),
@@ -437,9 +461,8 @@ def test_launcher_flag_errors_are_one_line_and_lose_nothing(finished_run):
   for name, child in children.items():
     out, err = child.communicate(timeout=TIMEOUT)
     lines = err.strip().splitlines()
-    assert child.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), (name, err)
+    assert child.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, err)
     assert re.search(LAUNCHER_ERRORS[name][1], lines[0]), (name, lines[0])
-  assert missing_workdir.returncode == 1
-  assert missing_workdir.stderr.strip() == ("error: flag --workdir=None: Flag --workdir must have a value other "
-                                           "than None.")
+  assert missing_workdir.returncode == 2
+  assert missing_workdir.stderr.strip().startswith("error: --workdir is required")
   assert_nothing_lost(before, workdir)

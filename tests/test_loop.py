@@ -1,6 +1,12 @@
 """The shared loop: pjit == pmap, 1 device == 8, resume == no resume, accumulation, NaN stop, errors."""
 from __future__ import annotations
 
+import json
+import logging
+import os
+import signal
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,8 +14,12 @@ import optax
 import pytest
 
 from experiments.train import run
+from genjax.errors import WorkdirError
+from genjax.models import get_task
 from genjax.train import Phase, Task
 from genjax.train.checkpoint import Checkpointer, load_run
+from genjax.train.preemption import Interrupted, StopSignals
+from genjax.train.report import Progress, log_line
 from genjax.train.trainer import NonFiniteLossError, train_and_evaluate
 from tests.util import flat, tiny_vae_config
 
@@ -164,3 +174,115 @@ def test_gan_two_phases_pjit_matches_pmap_and_resume_is_exact(tmp_path):
   run(_tiny_gan_config(num_train_steps=2), str(tmp_path / "resumed"))
   resumed = run(_tiny_gan_config(), str(tmp_path / "resumed"))
   np.testing.assert_array_equal(flat(resumed.params), flat(pjit.params))
+
+
+# ---- signals, hooks, what the log says ---------------------------------------------------------------------------
+
+def _records(workdir) -> list[dict]:
+  return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def test_sigint_saves_the_step_and_a_crash_rerun_logs_every_step_once(tmp_path):
+  """Ctrl-C (a SIGINT sent from the "log" hook at step 3) → checkpoint at 3, Interrupted with exit code 130. Then a
+  crash after step 5 was logged (last checkpoint 4) and a rerun from 4: metrics.jsonl holds every step once."""
+  workdir, events = str(tmp_path), []
+
+  def hook(event, step, info):
+    events.append((event, step))
+    if event == "log" and step == 3:
+      os.kill(os.getpid(), signal.SIGINT)
+
+  c = tiny_vae_config(num_train_steps=6, log_every_steps=1, checkpoint_every_steps=4)
+  with pytest.raises(Interrupted, match="SIGINT: saved a checkpoint at step 3") as stopped:
+    train_and_evaluate(c, workdir, get_task, hooks=(hook,))
+  assert stopped.value.exit_code == 130 and stopped.value.step == 3
+  assert Checkpointer(workdir).all_steps() == [3]
+  assert [e for e in events if e[0] != "log"] == [("checkpoint", 3)] and signal.getsignal(signal.SIGINT) is \
+      signal.default_int_handler                              # the handler is undone after the run
+
+  def crash(event, step, info):
+    if event == "log" and step == 5:
+      raise RuntimeError("crash (injected) after step 5 was logged")
+  with pytest.raises(RuntimeError, match="crash"):
+    train_and_evaluate(c, workdir, get_task, hooks=(crash,))
+  assert max(r["step"] for r in _records(workdir)) == 5 and Checkpointer(workdir).all_steps()[-1] == 4
+  train_and_evaluate(c, workdir, get_task)
+  records = [r for r in _records(workdir) if "loss" in r]
+  assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+  assert all(r["time"] > 1.7e9 for r in records)             # Unix wall time (after 2023)
+  assert not os.path.exists(os.path.join(workdir, ".lock"))  # removed on a clean exit
+
+
+def test_second_sigint_exits_at_once(monkeypatch):
+  exits = []
+  monkeypatch.setattr(os, "_exit", lambda code: exits.append(code))
+  stop = StopSignals()
+  stop._on_signal(signal.SIGINT, None)
+  assert exits == [] and stop.should_stop(1)
+  stop._on_signal(signal.SIGINT, None)
+  assert exits == [130]
+
+
+def test_log_line_is_at_most_120_columns_and_keeps_losses_and_rates():
+  metrics = {f"{p}/{k}": 1.23456 for p in ("disc", "gen") for k in ("loss", "grad_norm", "r1_penalty", "real_score",
+                                                                     "fake_score", "accuracy")}
+  metrics.update(lr=2e-4, finite=1.0)
+  rates = {"steps_per_second": 12.5, "examples_per_second": 800.0, "mfu": 0.41, "eta_seconds": 130.0}
+  line = log_line(100, 2000, metrics, rates)
+  assert len(line) <= 120, line
+  assert line.startswith("step 100/2000 | disc/loss 1.235 | gen/loss 1.235 | lr 0.0002")
+  assert line.endswith("| 12.5 steps/s | 800 ex/s | MFU 41.0% | ETA 2m10s")
+
+
+def test_progress_counts_neither_the_compile_nor_excluded_time(monkeypatch):
+  now = [0.0]
+  monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+  p = Progress(0, 100)
+  now[0] = 60.0                          # step 1 took a minute: compilation
+  p.start(1)
+  now[0] = 70.0                          # steps 2..10: 9 steps in 10 s, 5 of which were an evaluation
+  p.exclude(5.0)
+  rates = p.interval(10)
+  assert rates["steps_per_second"] == pytest.approx(9 / 5.0)
+  assert rates["eta_seconds"] == pytest.approx(90 * 5.0 / 9)
+
+
+def test_lm_flops_per_step_match_6_n_tokens_and_mfu_uses_the_peak(tmp_path):
+  """FLOPs of the compiled step (XLA cost analysis, all 8 devices) vs the analytic count (Kaplan et al. 2020):
+  6 · N · tokens for the weight matmuls (N without the input embedding table, a gather) plus 12 · layers · T · d
+  per token for dense attention scores and values; optimizer and elementwise work make up the rest (< 10%)."""
+  from experiments.configs import lm as lm_configs
+  c = lm_configs.get_config("pydoc")
+  c.model.update(embed_dim=64, num_layers=2, num_heads=2, mlp_dim=256, max_len=32)
+  c.dataset.seq_len = 16
+  c.update(batch_size=16, num_train_steps=2, log_every_steps=2, checkpoint_every_steps=2, eval_every_steps=-1,
+           sample_every_steps=-1, async_checkpointing=False, peak_flops=1e9)
+  logged = {}
+  state = train_and_evaluate(c, str(tmp_path), get_task,
+                             hooks=(lambda event, step, info: logged.update(info) if event == "log" else None,))
+  n = sum(x.size for x in jax.tree.leaves(state.params)) - state.params["embedding"].size
+  tokens, t, d, layers = 16 * 16, 16, 64, 2
+  analytic = 6 * n * tokens + 12 * layers * t * d * tokens
+  assert logged["flops_per_step"] == pytest.approx(analytic, rel=0.10)
+  assert logged["tokens_per_second"] == pytest.approx(logged["steps_per_second"] * tokens)
+  assert logged["mfu"] == pytest.approx(logged["flops_per_step"] * logged["steps_per_second"] / (1e9 * 8))
+
+
+def test_refused_runs_leave_no_litter_and_a_file_is_not_a_workdir(tmp_path, caplog):
+  new = tmp_path / "new"
+  with pytest.raises(ValueError, match="batch_size=12 must be divisible"):
+    run(tiny_vae_config(batch_size=12), str(new))
+  assert not new.exists()                                     # checked before anything was created
+  a_file = tmp_path / "file"
+  a_file.write_text("mine")
+  with pytest.raises(WorkdirError, match="is a file, not a directory"):
+    train_and_evaluate(tiny_vae_config(), str(a_file), get_task)
+  assert a_file.read_text() == "mine"
+  done = tmp_path / "done"
+  run(tiny_vae_config(num_train_steps=2), str(done))
+  events = sorted((done / "tensorboard").iterdir())
+  caplog.set_level(logging.INFO)
+  run(tiny_vae_config(num_train_steps=2, **{"optimizer.learning_rate": 0.5}), str(done))
+  assert "already complete at step 2" in caplog.text and "ignored: optimizer.learning_rate" in caplog.text
+  assert sorted((done / "tensorboard").iterdir()) == events   # no empty events file for a run that logged nothing
+  assert not (done / ".lock").exists()

@@ -1,10 +1,13 @@
 """A real 2-process run on localhost (gloo collectives, 2 simulated devices each) trains and matches one process."""
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -44,3 +47,40 @@ def test_two_processes_match_one(tmp_path, parallel):
   single = run(tiny_vae_config(parallel="pjit", **{"mesh.data": 4}), str(tmp_path / "single"))
   # Same global batches and per-example keys; only the float32 reduction order differs.
   np.testing.assert_allclose(flat(multi_params), flat(single.ema_params), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+  """SIGTERM to process 1 only: JAX's pre-emption service tells process 0, both stop after the same step, save it
+  together and exit 143; a rerun of both resumes from it. (Before: process 1 stopped alone, process 0 blocked in a
+  collective, and neither exited.)"""
+  from benchmarks.fault_worker import steps_on_disk, worker_env
+  port, workdir, release = _free_port(), str(tmp_path / "run"), str(tmp_path / "go")
+  overrides = json.dumps({"num_train_steps": 200, "checkpoint_every_steps": 1000, "log_every_steps": 10})
+  markers = [str(tmp_path / f"paused{i}") for i in range(2)]
+
+  def start(i, extra=()):
+    return subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.fault_worker", "--workdir", workdir, "--overrides", overrides,
+         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}", *extra], cwd=ROOT,
+        env=worker_env(2, tmp_path / "cache"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+  procs = [start(i, ["--pause_at=2", f"--marker={markers[i]}", f"--release={release}", "--batch_delay=0.05"])
+           for i in range(2)]
+  deadline = time.time() + 600
+  while not all(os.path.exists(m) for m in markers):
+    assert time.time() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)
+  open(release, "w").close()
+  outs = [p.communicate(timeout=600) for p in procs]
+  results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+  assert [p.returncode for p in procs] == [143, 143], [err[-2000:] for _, err in outs]
+  stopped = results[0]["interrupted_at"]
+  assert results[1]["interrupted_at"] == stopped and 2 < stopped < 200
+  assert steps_on_disk(workdir) == [stopped]
+  port = _free_port()
+  procs = [start(i) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+  assert "resuming from step %d" % stopped in outs[0][1]

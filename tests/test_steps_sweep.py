@@ -28,13 +28,12 @@ def setup(tmp_path_factory):
 
 def test_sweep_scores_every_point_and_compiles_once_per_sampler(setup):
   task, params, ref = setup
-  points = steps_sweep.sweep(task, params, ref, ["ddim", "dpm_solver"], [2, 3, 5], sample_batch_size=24,
-                             log=lambda *_: None)
-  assert [(p["sampler"], p["num_steps"]) for p in points] == [("ddim", 2), ("ddim", 3), ("ddim", 5),
-                                                             ("dpm_solver", 2), ("dpm_solver", 3), ("dpm_solver", 5)]
+  samplers = ["ddim", "dpm_solver", "heun"]          # heun: the EDM path, float t through the U-Net
+  points = steps_sweep.sweep(task, params, ref, samplers, [2, 3, 5], sample_batch_size=24, log=lambda *_: None)
+  assert [(p["sampler"], p["num_steps"]) for p in points] == [(s, n) for s in samplers for n in (2, 3, 5)]
   # The first point of each sampler compiles its program; other step counts are runtime values.
-  assert points[0]["compiles"] >= 1 and points[3]["compiles"] >= 1
-  assert [p["compiles"] for p in points if p["num_steps"] != 2] == [0, 0, 0, 0]
+  assert all(p["compiles"] >= 1 for p in points if p["num_steps"] == 2)
+  assert [p["compiles"] for p in points if p["num_steps"] != 2] == [0] * 6
   # A point is exactly what experiments.evaluate reports for the same sampler, steps and seed.
   again = ev.image_report(task, params, ref, ev.sampling_key(0), options={"sampler": "ddim", "num_steps": 3},
                           sample_batch_size=24)
@@ -55,11 +54,13 @@ def test_floor_is_real_vs_real_and_names_the_feature_net(setup):
 
 def test_bad_sweep_arguments_name_the_choices(setup):
   task, params, ref = setup
-  with pytest.raises(ValueError, match="unknown samplers \\['euler'\\]; valid: \\['ddpm', 'ddim', 'dpm_solver'\\]"):
-    steps_sweep.sweep(task, params, ref, ["ddim", "euler"], [2])
+  with pytest.raises(ValueError, match="unknown samplers \\['eular'\\]; valid: \\['ddpm', 'ddim', 'dpm_solver', "):
+    steps_sweep.sweep(task, params, ref, ["ddim", "eular"], [2])
+  assert steps_sweep.DEFAULT_SAMPLERS == diffusion.SAMPLERS     # the CLI sweeps every sampler by default
+  assert set(steps_sweep.SAMPLER_LABELS) >= set(diffusion.SAMPLERS)
   with pytest.raises(ValueError, match="num_steps must be positive ints"):
     steps_sweep.sweep(task, params, ref, ["ddim"], [0])
-  with pytest.raises(ValueError, match="not a directory"):
+  with pytest.raises(ValueError, match="is missing, not a run directory"):
     steps_sweep.sweep_run("/nonexistent/run", ["ddim"], [2])
 
 

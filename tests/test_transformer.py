@@ -208,7 +208,7 @@ def test_sample_text_options_and_errors():
   assert len(beams) == 1
   with pytest.raises(ValueError, match=r"unknown sampling options \['sampler'\]"):
     task.sample_text(params, ["Hi"], jax.random.key(0), sampler="ddim")
-  with pytest.raises(ValueError, match=r"41 tokens is longer than the KV cache \(40 slots, model max_len=40"):
+  with pytest.raises(ValueError, match=r"41 tokens.*max_len=40"):
     task.sample_text(params, ["x" * 41], jax.random.key(0), max_new_tokens=3)
   with pytest.raises(ValueError, match="unknown config.model fields"):
     get_task(_config(hidden=3))
@@ -226,6 +226,17 @@ def test_config_variants():
   assert 80e6 < n < 110e6, n
   with pytest.raises(ValueError, match="unknown variant"):
     lm_configs.get_config("gpt_huge")
+
+
+def test_decoding_limit_is_the_trained_context_unless_asked_for_longer():
+  c = lm_configs.get_config("pydoc")
+  cfg = T.lm_config(c)
+  assert (cfg.context_len, cfg.max_len) == (c.dataset.seq_len, 512) == (128, 512)
+  assert T.decoding_model(cfg).max_len == 128
+  assert T.decoding_model(cfg, max_len=512).max_len == 512
+  with pytest.raises(ValueError, match=r"max_len=513 must be in \[1, model max_len=512\]"):
+    T.decoding_model(cfg, max_len=513)
+  assert T.decoding_model(CFG).max_len == CFG.max_len      # no trained context recorded: the cache limit
 
 
 def test_trains_below_unigram_entropy_on_pydoc():

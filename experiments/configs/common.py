@@ -8,11 +8,13 @@ from __future__ import annotations
 from typing import Callable, Mapping
 
 import ml_collections
+from genjax.errors import ConfigError
 
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.family = ""                      # key into genjax.models.FAMILIES
+  c.variant = ""                     # set by pick_variant: the name after the colon in --config=<file>:<variant>
   c.seed = 0
   c.batch_size = 64                  # global batch, split over processes and devices
   c.num_train_steps = 1000
@@ -30,6 +32,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.grad_accum_steps = 1             # micro-batches per step; the global batch stays `batch_size`
   c.compute_dtype = "float32"        # "float32" | "bfloat16"; params always float32
   c.async_checkpointing = True
+  c.peak_flops = 0.0                 # per-device peak FLOP/s for the MFU figure; 0 = known accelerators' table
+  c.profile_steps = ""               # "a,b": jax.profiler trace of steps a+1..b into <workdir>/profile
   c.dataset = ml_collections.ConfigDict(dict(name="", data_dir=None, train_split="train", eval_split="test"))
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adam", learning_rate=1e-3, schedule="constant", warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
@@ -42,10 +46,10 @@ def pick_variant(config_file: str, arg: str | None,
                  variants: Mapping[str, Callable[[ml_collections.ConfigDict], None]]) -> ml_collections.ConfigDict:
   """Returns base_config() updated by `variants[arg]`; an unknown variant names the valid ones."""
   if not arg:
-    raise ValueError(f"{config_file} needs a variant, e.g. {config_file}:{next(iter(variants))}; "
+    raise ConfigError(f"{config_file} needs a variant, e.g. {config_file}:{next(iter(variants))}; "
                      f"valid: {sorted(variants)}")
   if arg not in variants:
-    raise ValueError(f"unknown variant {arg!r} for {config_file}; valid: {sorted(variants)}")
+    raise ConfigError(f"unknown variant {arg!r} for {config_file}; valid: {sorted(variants)}")
   c = base_config()
   variants[arg](c)
   c.variant = arg

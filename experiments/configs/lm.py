@@ -1,8 +1,10 @@
 """Transformer LM configs (family "lm", byte vocabulary).
 
   python -m experiments.train --config=experiments/configs/lm.py:pydoc --workdir=runs/lm   # offline, 2 CPU cores
+  --config=experiments/configs/lm.py:pydoc_draft           # 1-layer draft of pydoc (speculative decoding)
   --config=experiments/configs/lm.py:tiny_shakespeare      # TFDS tiny_shakespeare (needs the data or internet)
   --config=experiments/configs/lm.py:gpt_small             # ~85M params, bf16, fsdp mesh: one or more GPUs/TPUs
+  --config=experiments/configs/lm.py:hf_finetune --config.model.init_from=DIR   # fine-tune a Hugging Face LM
 
 `gpt_small` shards params with their logical axes (embed -> fsdp; heads, mlp, vocab -> tensor); on several devices
 add `--config.mesh.tensor=2` (or 4) to also split heads/MLP/vocab, e.g. mesh data=1, fsdp=-1, tensor=2.
@@ -41,6 +43,12 @@ def pydoc(c):
   c.optimizer.weight_decay = 0.01
   c.optimizer.schedule = "warmup_cosine"
   c.optimizer.warmup_steps = 50
+
+
+def pydoc_draft(c):
+  # A 1-layer, 64-wide draft for speculative decoding of `pydoc` (same data and byte vocabulary): ~0.1M params.
+  pydoc(c)
+  _model(c, embed_dim=64, num_layers=1, num_heads=2, mlp_dim=256, max_len=512)
 
 
 def tiny_shakespeare(c):
@@ -90,7 +98,32 @@ def gpt_small(c):
   c.optimizer.warmup_steps = 1000
 
 
-VARIANTS = {"pydoc": pydoc, "tiny_shakespeare": tiny_shakespeare, "gpt_small": gpt_small}
+def hf_finetune(c):
+  # A Hugging Face checkpoint (GPT-2 / Llama / Mistral / Qwen2, a directory as save_pretrained writes it) fine-tuned
+  # on pydoc tokenized with its own tokenizer: --config.model.init_from=DIR (required). The architecture and
+  # vocabulary are the checkpoint's; export the result with `python -m experiments.export --workdir=... --out=DIR`.
+  c.family = "lm"
+  c.model.init_from = ""
+  c.dataset.name = "pydoc"
+  c.dataset.tokenizer = c.model.get_ref("init_from")    # follows --config.model.init_from
+  c.dataset.seq_len = 128
+  c.batch_size = 8
+  c.num_train_steps = 200
+  c.log_every_steps = 20
+  c.eval_every_steps = 100
+  c.checkpoint_every_steps = 100
+  c.num_eval_batches = 4
+  c.sample_every_steps = 0
+  c.ema_decay = 0.0
+  c.optimizer.name = "adamw"
+  c.optimizer.learning_rate = 1e-4
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.schedule = "warmup_cosine"
+  c.optimizer.warmup_steps = 20
+
+
+VARIANTS = {"pydoc": pydoc, "pydoc_draft": pydoc_draft, "tiny_shakespeare": tiny_shakespeare, "gpt_small": gpt_small,
+            "hf_finetune": hf_finetune}
 
 
 def get_config(arg=None):

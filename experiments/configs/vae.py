@@ -42,7 +42,24 @@ def mnist(c):
   c.optimizer.warmup_steps = 500
 
 
-VARIANTS = {"digits": digits, "mnist": mnist}
+def tiny(c):
+  """The digits VAE shrunk to seconds, for tests, the fault soak and smoke runs: constant LR so that runs of
+  different lengths share a schedule; no scheduled eval or sample grid but at the end."""
+  digits(c)
+  c.model.latent_dim, c.model.channels, c.model.hidden = 4, (8, 16), 32
+  c.batch_size = 16
+  c.num_train_steps = 4
+  c.log_every_steps = 2
+  c.checkpoint_every_steps = 2
+  c.eval_every_steps = 0
+  c.sample_every_steps = 0
+  c.num_eval_batches = 1
+  c.num_sample_images = 4
+  c.optimizer.schedule = "constant"
+  c.async_checkpointing = False
+
+
+VARIANTS = {"digits": digits, "mnist": mnist, "tiny": tiny}
 
 
 def get_config(arg=None):

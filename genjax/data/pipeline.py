@@ -25,11 +25,12 @@ from typing import Any, Iterator
 import numpy as np
 
 from genjax.data.registry import get_examples
+from genjax.errors import UserError
 
 
 def _local_batch_size(global_batch: int, process_count: int) -> int:
   if global_batch < 1 or global_batch % process_count:
-    raise ValueError(f"batch_size={global_batch} must be a positive multiple of the process count {process_count}")
+    raise UserError(f"batch_size={global_batch} must be a positive multiple of the process count {process_count}")
   return global_batch // process_count
 
 
@@ -40,9 +41,9 @@ class TrainIterator:
                prefetch: int = 2):
     self._local = _local_batch_size(global_batch, process_count)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-      raise ValueError(f"seed={seed!r} must be an int >= 0")
+      raise UserError(f"seed={seed!r} must be an int >= 0")
     if len(source) < self._local:
-      raise ValueError(f"the data set has {len(source)} examples, fewer than one local batch of {self._local}")
+      raise UserError(f"the data set has {len(source)} examples, fewer than one local batch of {self._local}")
     self._source, self._size, self._seed = source, len(source), int(seed)
     self._global, self._row0 = int(global_batch), process_index * self._local
     self._next = 0
@@ -93,7 +94,7 @@ class TrainIterator:
 
   def set_state(self, state: dict) -> None:
     if not isinstance(state, dict) or not isinstance(state.get("next_index"), int) or state["next_index"] < 0:
-      raise ValueError(f"data iterator state must be {{'next_index': int >= 0}}, got {state!r}")
+      raise UserError(f"data iterator state must be {{'next_index': int >= 0}}, got {state!r}")
     for _, future in self._ahead:
       future.cancel()
     self._ahead.clear()

@@ -21,6 +21,7 @@ import functools
 from typing import Any, Optional
 
 import numpy as np
+from genjax.errors import ConfigError, UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,14 +48,14 @@ PYDOC_TRAIN_FRACTION = 0.9
 
 def dataset_info(name: str) -> DatasetInfo:
   if name not in DATASETS:
-    raise ValueError(f"unknown data set {name!r}; available: {sorted(DATASETS)}")
+    raise UserError(f"unknown data set {name!r}; available: {sorted(DATASETS)}")
   return DATASETS[name]
 
 
 def _check_split(info: DatasetInfo, split: str) -> None:
   base = split.split("[")[0]                  # TFDS slicing such as "train[:90%]" is allowed
   if base not in info.splits:
-    raise ValueError(f"data set {info.name!r} has no split {split!r}; splits: {list(info.splits)}")
+    raise UserError(f"data set {info.name!r} has no split {split!r}; splits: {list(info.splits)}")
 
 
 class ImageSource:
@@ -94,15 +95,16 @@ class _ArrayRecords:
 
 
 class TextWindows:
-  """Non-overlapping windows of `seq_len + 1` byte ids over one byte stream (targets are inputs shifted by 1)."""
+  """Non-overlapping windows of `seq_len + 1` ids over one stream (targets are inputs shifted by 1): the bytes of
+  a UTF-8 text, or the int ids a checkpoint's tokenizer made of it (`dataset.tokenizer`)."""
 
-  def __init__(self, data: bytes, seq_len: int):
+  def __init__(self, data, seq_len: int):
     if seq_len < 1:
-      raise ValueError(f"dataset.seq_len must be >= 1, got {seq_len}")
-    self._data = np.frombuffer(data, np.uint8)
+      raise ConfigError(f"dataset.seq_len must be >= 1, got {seq_len}")
+    self._data = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else np.asarray(data, np.int32)
     self._seq_len = seq_len
     if len(self) == 0:
-      raise ValueError(f"text of {len(self._data)} bytes is too short for dataset.seq_len={seq_len}")
+      raise ConfigError(f"text of {len(self._data)} bytes is too short for dataset.seq_len={seq_len}")
 
   def __len__(self) -> int:
     return (len(self._data) - 1) // self._seq_len
@@ -146,11 +148,22 @@ def _tfds_records(info: DatasetInfo, split: str, data_dir: Optional[str], downlo
     return tfds.data_source(info.name, split=split, data_dir=data_dir, download=download)
   except Exception as e:  # TFDS raises many kinds; the user needs one clear line.
     cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ValueError(
+    raise UserError(
         f"TFDS data set {info.name!r} (split {split!r}) is not available under data_dir={data_dir!r} "
-        f"({type(e).__name__}: {cause}). Prepare it on a machine with internet: `tfds build {info.name} "
-        f"--file_format=array_record --data_dir=DIR`, then pass --config.dataset.data_dir=DIR. "
+        f"({type(e).__name__}: {cause}). Prepare it on a machine with internet, in an environment with TensorFlow "
+        f"(`pip install tensorflow-datasets tensorflow-cpu array_record`): `tfds build {info.name} "
+        f"--file_format=array_record --data_dir=DIR`, then pass --config.dataset.data_dir=DIR (README: Quick start). "
         f"Offline built-ins: digits, pydoc.") from None
+
+
+def _token_stream(dataset_config: Any, data: bytes):
+  """The UTF-8 bytes themselves, or with `dataset.tokenizer=DIR` (a Hugging Face model directory) the int32 ids
+  its tokenizer.json makes of the text."""
+  tokenizer_dir = dataset_config.get("tokenizer", "")
+  if not tokenizer_dir:
+    return data
+  from genjax.interop.hf_tokenizer import load_tokenizer
+  return load_tokenizer(tokenizer_dir).encode_corpus(data.decode("utf-8", errors="replace"))
 
 
 def get_source(dataset_config: Any, split: str):
@@ -164,10 +177,10 @@ def get_source(dataset_config: Any, split: str):
     if info.name == "pydoc":
       data = pydoc_bytes()
       cut = int(len(data) * PYDOC_TRAIN_FRACTION)
-      return TextWindows(data[:cut] if split == "train" else data[cut:], seq_len)
+      return TextWindows(_token_stream(dataset_config, data[:cut] if split == "train" else data[cut:]), seq_len)
     records = _tfds_records(info, split, data_dir, download)
     text = "".join(r["text"] if isinstance(r["text"], str) else r["text"].decode("utf-8") for r in records)
-    return TextWindows(text.encode("utf-8"), seq_len)
+    return TextWindows(_token_stream(dataset_config, text.encode("utf-8")), seq_len)
   if info.name == "digits":
     images, labels = _digits()
     sl = slice(0, DIGITS_NUM_TRAIN) if split == "train" else slice(DIGITS_NUM_TRAIN, None)
@@ -179,7 +192,7 @@ def load_arrays(name: str, split: str, data_dir: Optional[str] = None, max_examp
   """A whole image split in memory: {"image": float32 [N, H, W, C] in [0, 1], "label": int32 [N]}."""
   info = dataset_info(name)
   if info.kind != "image":
-    raise ValueError(f"load_arrays is for image data sets; {name!r} is {info.kind}")
+    raise UserError(f"load_arrays is for image data sets; {name!r} is {info.kind}")
   src = get_source(_DatasetConfig(name=name, data_dir=data_dir), split)
   n = len(src) if max_examples is None else min(len(src), max_examples)
   return get_examples(src, np.arange(n))

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import traverse_util
+from genjax.errors import UserError
 
 FORMAT_VERSION = 1
 # Per data set: conv widths (one block of two 3x3 convs each, 2x2 average pool after a block while the map is
@@ -82,7 +83,7 @@ class FeatureNet(nn.Module):
 
 def _spec(dataset: str) -> Mapping[str, Any]:
   if dataset not in SPECS:
-    raise ValueError(f"no feature network for data set {dataset!r}; available: {sorted(SPECS)}")
+    raise UserError(f"no feature network for data set {dataset!r}; available: {sorted(SPECS)}")
   return SPECS[dataset]
 
 
@@ -237,7 +238,7 @@ class FeatureExtractor:
     x = np.asarray(images, np.float32)
     if x.ndim != 4 or x.shape[1:] != self.image_shape:
       shape = ", ".join(map(str, self.image_shape))
-      raise ValueError(f"the {self.dataset} feature network takes images [N, {shape}] in [0, 1], got shape {x.shape}")
+      raise UserError(f"the {self.dataset} feature network takes images [N, {shape}] in [0, 1], got shape {x.shape}")
     return x
 
   def _apply(self):
@@ -284,6 +285,8 @@ def build_feature_extractor(dataset: str, cache_dir: Optional[str] = None, data_
     cached = _read_cache(directory)
     if cached is not None and _cache_matches(cached[1], dataset, num_steps):
       return FeatureExtractor(dataset, *cached)
+  print(f"training the {dataset} feature network once (about a minute on 2 CPU cores); it is cached in {directory}",
+        file=sys.stderr, flush=True)
   train = load_arrays(dataset, "train", data_dir=data_dir)
   test = load_arrays(dataset, "test", data_dir=data_dir)
   params, meta = train_feature_net(dataset, train["image"], train["label"], test["image"], test["label"],

@@ -15,19 +15,20 @@ from __future__ import annotations
 from typing import Tuple
 
 import numpy as np
+from genjax.errors import UserError
 
 
 def as_feature_matrix(features, name: str = "features", min_rows: int = 2) -> np.ndarray:
   """`features` as a float64 [N, D] host array; a ValueError names the bad shape or values."""
   x = np.asarray(features, dtype=np.float64)
   if x.ndim != 2:
-    raise ValueError(f"{name} must be a [N, D] array of feature vectors, got shape {x.shape}")
+    raise UserError(f"{name} must be a [N, D] array of feature vectors, got shape {x.shape}")
   if x.shape[0] < min_rows:
-    raise ValueError(f"{name} needs at least {min_rows} rows (feature vectors), got {x.shape[0]}")
+    raise UserError(f"{name} needs at least {min_rows} rows (feature vectors), got {x.shape[0]}")
   if x.shape[1] < 1:
-    raise ValueError(f"{name} has no feature columns: shape {x.shape}")
+    raise UserError(f"{name} has no feature columns: shape {x.shape}")
   if not np.all(np.isfinite(x)):
-    raise ValueError(f"{name} contains {int(np.sum(~np.isfinite(x)))} non-finite values (NaN or inf)")
+    raise UserError(f"{name} contains {int(np.sum(~np.isfinite(x)))} non-finite values (NaN or inf)")
   return x
 
 
@@ -59,13 +60,13 @@ def frechet_distance_from_statistics(mu_a, sigma_a, mu_b, sigma_b) -> float:
   mu_a, mu_b = np.asarray(mu_a, np.float64), np.asarray(mu_b, np.float64)
   sigma_a, sigma_b = np.asarray(sigma_a, np.float64), np.asarray(sigma_b, np.float64)
   if mu_a.ndim != 1 or mu_a.shape != mu_b.shape:
-    raise ValueError(f"means must be [D] vectors of one length, got shapes {mu_a.shape} and {mu_b.shape}")
+    raise UserError(f"means must be [D] vectors of one length, got shapes {mu_a.shape} and {mu_b.shape}")
   d = mu_a.shape[0]
   for name, s in (("sigma_a", sigma_a), ("sigma_b", sigma_b)):
     if s.shape != (d, d):
-      raise ValueError(f"{name} must be a [{d}, {d}] covariance matching the means, got shape {s.shape}")
+      raise UserError(f"{name} must be a [{d}, {d}] covariance matching the means, got shape {s.shape}")
     if not np.all(np.isfinite(s)):
-      raise ValueError(f"{name} contains non-finite values")
+      raise UserError(f"{name} contains non-finite values")
   diff = mu_a - mu_b
   fd = float(diff @ diff + np.trace(sigma_a) + np.trace(sigma_b) - 2.0 * trace_sqrt_product(sigma_a, sigma_b))
   # Round-off can leave a tiny negative number when the two Gaussians coincide.
@@ -77,7 +78,7 @@ def frechet_distance(features_a, features_b) -> float:
   a = as_feature_matrix(features_a, "features_a")
   b = as_feature_matrix(features_b, "features_b")
   if a.shape[1] != b.shape[1]:
-    raise ValueError(f"feature dimensions differ: features_a has D={a.shape[1]}, features_b has D={b.shape[1]}")
+    raise UserError(f"feature dimensions differ: features_a has D={a.shape[1]}, features_b has D={b.shape[1]}")
   mu_a, sigma_a = feature_statistics(a)
   mu_b, sigma_b = feature_statistics(b)
   return frechet_distance_from_statistics(mu_a, sigma_a, mu_b, sigma_b)

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from genjax.metrics.frechet import as_feature_matrix
+from genjax.errors import UserError
 
 
 class KIDResult(NamedTuple):
@@ -43,7 +44,7 @@ def mmd2_unbiased(a: np.ndarray, b: np.ndarray, degree: int = 3, coef0: float = 
   """Unbiased MMD^2 between two equal-size sets of rows [m, D] under the polynomial kernel."""
   m = a.shape[0]
   if b.shape[0] != m or m < 2:
-    raise ValueError(f"mmd2_unbiased needs two sets of equal size >= 2, got {a.shape[0]} and {b.shape[0]} rows")
+    raise UserError(f"mmd2_unbiased needs two sets of equal size >= 2, got {a.shape[0]} and {b.shape[0]} rows")
   k_aa = polynomial_kernel(a, a, degree, coef0)
   k_bb = polynomial_kernel(b, b, degree, coef0)
   k_ab = polynomial_kernel(a, b, degree, coef0)
@@ -57,13 +58,13 @@ def kernel_distance(features_a, features_b, num_subsets: int = 100, subset_size:
   a = as_feature_matrix(features_a, "features_a")
   b = as_feature_matrix(features_b, "features_b")
   if a.shape[1] != b.shape[1]:
-    raise ValueError(f"feature dimensions differ: features_a has D={a.shape[1]}, features_b has D={b.shape[1]}")
+    raise UserError(f"feature dimensions differ: features_a has D={a.shape[1]}, features_b has D={b.shape[1]}")
   if int(degree) != degree or degree < 1:
-    raise ValueError(f"degree must be a positive integer, got {degree}")
+    raise UserError(f"degree must be a positive integer, got {degree}")
   if num_subsets < 1:
-    raise ValueError(f"num_subsets must be >= 1, got {num_subsets}")
+    raise UserError(f"num_subsets must be >= 1, got {num_subsets}")
   if subset_size < 2:
-    raise ValueError(f"subset_size must be >= 2, got {subset_size}")
+    raise UserError(f"subset_size must be >= 2, got {subset_size}")
   m = min(subset_size, a.shape[0], b.shape[0])
   rng = np.random.default_rng(seed)
   values = np.empty(num_subsets, np.float64)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
+from genjax.errors import UserError
 
 LN2 = math.log(2.0)
 
@@ -33,10 +34,10 @@ def importance_weighted_nll(log_weights, axis: int = -1):
   """-log (1/K) sum_k exp(log_weights_k) over `axis` (the K importance samples); other axes are kept."""
   lw = jnp.asarray(log_weights)
   if lw.ndim == 0:
-    raise ValueError("log_weights must have an axis of K importance samples, got a scalar")
+    raise UserError("log_weights must have an axis of K importance samples, got a scalar")
   k = lw.shape[axis]
   if k < 1:
-    raise ValueError(f"log_weights has no importance samples along axis {axis}: shape {lw.shape}")
+    raise UserError(f"log_weights has no importance samples along axis {axis}: shape {lw.shape}")
   return math.log(k) - logsumexp(lw, axis=axis)
 
 
@@ -45,7 +46,7 @@ def negative_elbo(log_weights, axis: int = -1):
   """Monte-Carlo negative ELBO: -mean_k log_weights_k over `axis` (the K = 1 bound averaged over samples)."""
   lw = jnp.asarray(log_weights)
   if lw.ndim == 0:
-    raise ValueError("log_weights must have an axis of samples, got a scalar")
+    raise UserError("log_weights must have an axis of samples, got a scalar")
   return -jnp.mean(lw, axis=axis)
 
 
@@ -58,11 +59,11 @@ def bits_per_dim(nll_nats, num_dims: int, bin_width: Optional[float] = None):
   None for a discrete likelihood (Bernoulli, categorical), which already is a probability.
   """
   if int(num_dims) < 1:
-    raise ValueError(f"num_dims must be a positive number of data dimensions, got {num_dims}")
+    raise UserError(f"num_dims must be a positive number of data dimensions, got {num_dims}")
   nll = jnp.asarray(nll_nats)
   if bin_width is not None:
     if not 0 < bin_width <= 1:
-      raise ValueError(f"bin_width must be in (0, 1], got {bin_width}")
+      raise UserError(f"bin_width must be in (0, 1], got {bin_width}")
     nll = nll - num_dims * math.log(bin_width)
   return nll / (num_dims * LN2)
 
@@ -75,7 +76,7 @@ def perplexity(nll_nats_per_token):
 def bits_per_byte(nll_nats_per_token, bytes_per_token: float = 1.0):
   """Nats per token -> bits per byte of text (bytes_per_token = 1 for a byte-level LM)."""
   if bytes_per_token <= 0:
-    raise ValueError(f"bytes_per_token must be positive, got {bytes_per_token}")
+    raise UserError(f"bytes_per_token must be positive, got {bytes_per_token}")
   return jnp.asarray(nll_nats_per_token) / (LN2 * bytes_per_token)
 
 
@@ -87,9 +88,9 @@ def _byte_array(data, name: str) -> np.ndarray:
   else:
     arr = np.asarray(data).reshape(-1)
     if arr.size and (not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or arr.max() > 255):
-      raise ValueError(f"{name} must hold byte ids 0..255, got dtype {arr.dtype} in [{arr.min()}, {arr.max()}]")
+      raise UserError(f"{name} must hold byte ids 0..255, got dtype {arr.dtype} in [{arr.min()}, {arr.max()}]")
   if arr.size == 0:
-    raise ValueError(f"{name} needs at least one byte")
+    raise UserError(f"{name} needs at least one byte")
   return arr.astype(np.int64)
 
 
@@ -104,7 +105,7 @@ def unigram_entropy_bits(data) -> float:
 def unigram_cross_entropy_bits(train, test, smoothing: float = 1.0) -> float:
   """Bits per byte of `test` under the byte unigram of `train` with add-`smoothing` counts over all 256 bytes."""
   if smoothing <= 0:
-    raise ValueError(f"smoothing must be > 0 (a byte unseen in train would have probability 0), got {smoothing}")
+    raise UserError(f"smoothing must be > 0 (a byte unseen in train would have probability 0), got {smoothing}")
   counts = np.bincount(_byte_array(train, "train"), minlength=256).astype(np.float64) + smoothing
   log2p = np.log2(counts / counts.sum())
   return float(-log2p[_byte_array(test, "test")].mean())

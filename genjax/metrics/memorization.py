@@ -13,6 +13,7 @@ Euclidean in pixel space ([0, 1] images, flattened), exact, float64, computed in
 from __future__ import annotations
 
 import numpy as np
+from genjax.errors import UserError
 
 _CHUNK = 1024
 
@@ -20,7 +21,7 @@ _CHUNK = 1024
 def _flat(images, name: str) -> np.ndarray:
   x = np.asarray(images, np.float64)
   if x.ndim < 2 or x.shape[0] == 0:
-    raise ValueError(f"{name} must be a non-empty batch [N, ...], got shape {x.shape}")
+    raise UserError(f"{name} must be a non-empty batch [N, ...], got shape {x.shape}")
   return x.reshape(x.shape[0], -1)
 
 
@@ -28,7 +29,7 @@ def nearest_neighbour_distances(queries, references) -> np.ndarray:
   """[N] Euclidean distance from each query row to its nearest reference row (both [N, ...], flattened)."""
   q, r = _flat(queries, "queries"), _flat(references, "references")
   if q.shape[1] != r.shape[1]:
-    raise ValueError(f"queries have {q.shape[1]} values per row, references {r.shape[1]}")
+    raise UserError(f"queries have {q.shape[1]} values per row, references {r.shape[1]}")
   r_sq = np.sum(r * r, axis=1)
   out = np.empty(q.shape[0], np.float64)
   for start in range(0, q.shape[0], _CHUNK):
@@ -42,5 +43,5 @@ def nearest_train_distance_ratio(samples, train, held_out) -> float:
   """median nearest-train distance of `samples` / that of `held_out` real images (see module docstring)."""
   held = float(np.median(nearest_neighbour_distances(held_out, train)))
   if held == 0.0:
-    raise ValueError("every held-out image also appears in the training set: the ratio is undefined")
+    raise UserError("every held-out image also appears in the training set: the ratio is undefined")
   return float(np.median(nearest_neighbour_distances(samples, train))) / held

@@ -18,6 +18,7 @@ import numpy as np
 from scipy.spatial.distance import cdist
 
 from genjax.metrics.frechet import as_feature_matrix
+from genjax.errors import UserError
 
 _CHUNK = 256
 
@@ -50,11 +51,11 @@ def manifold_coverage(reference: np.ndarray, radii: np.ndarray, queries: np.ndar
 def precision_recall(real_features, fake_features, k: int = 3) -> PrecisionRecall:
   """Improved precision and recall of `fake_features` [M, D] against `real_features` [N, D] (k-NN radii)."""
   if not isinstance(k, (int, np.integer)) or k < 1:
-    raise ValueError(f"k must be a positive integer number of neighbours, got {k!r}")
+    raise UserError(f"k must be a positive integer number of neighbours, got {k!r}")
   real = as_feature_matrix(real_features, "real_features", min_rows=k + 1)
   fake = as_feature_matrix(fake_features, "fake_features", min_rows=k + 1)
   if real.shape[1] != fake.shape[1]:
-    raise ValueError(f"feature dimensions differ: real has D={real.shape[1]}, fake has D={fake.shape[1]}")
+    raise UserError(f"feature dimensions differ: real has D={real.shape[1]}, fake has D={fake.shape[1]}")
   precision = manifold_coverage(real, knn_radii(real, k), fake)
   recall = manifold_coverage(fake, knn_radii(fake, k), real)
   return PrecisionRecall(precision=precision, recall=recall)

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import importlib
+from genjax.errors import UserError
 
 FAMILIES = {
     "vae": "genjax.models.vae",
@@ -16,7 +17,7 @@ FAMILIES = {
 
 def family_module(name: str):
   if name not in FAMILIES:
-    raise ValueError(f"unknown model family {name!r}; valid: {sorted(FAMILIES)}")
+    raise UserError(f"unknown model family {name!r}; valid: {sorted(FAMILIES)}")
   return importlib.import_module(FAMILIES[name])
 
 

@@ -15,6 +15,9 @@ keeps the EMA of the params (`config.ema_decay`).
 Params: `{"unet": U-Net variables}`; latent diffusion (a config with `model.vae_workdir`) adds the frozen `"vae"` variables and `"latent_scale"` (the
 single phase trains only `params["unet"]`), so a checkpoint is enough to sample and decode.
 
+Editing: `sample_images(params, rng, n, init_image=..., strength=... | inpaint_mask=...)` (img2img / inpainting,
+see `genjax.models.diffusion_editing`).
+
 Sampling: `sample_images(params, rng, n, sampler=..., num_steps=..., eta=..., guidance=..., label=...)` runs the
 jitted samplers of `genjax.samplers.diffusion` (defaults from `config.model`: sampler, num_sample_steps, eta,
 guidance); any other option is a ValueError naming the valid ones. Sampling is one jitted program per (n, sampler,
@@ -31,34 +34,43 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genjax.errors import ConfigError, UserError
+from genjax.models.diffusion_editing import EDIT_OPTIONS, check_edit_options, edit_images
 from genjax.models.unet import UNet
-from genjax.samplers.diffusion import classifier_free_guidance, ddim_sample, ddpm_sample, dpm_solver_sample
+from genjax.samplers.diffusion import (classifier_free_guidance, ddim_sample, ddpm_sample, dpm_solver_sample,
+                                       unipc_sample)
+from genjax.samplers.edm import euler_ancestral_sample, euler_sample, heun_sample
+from genjax.samplers.flow import FLOW_METHODS, FlowSchedule, flow_sample
 from genjax.samplers.schedules import NoiseSchedule, check_prediction
 from genjax.train.optim import make_optimizer
 from genjax.train.random import example_keys
 from genjax.train.task import Phase, Task
 
-SCHEDULES = ("linear", "cosine")
-SAMPLERS = ("ddpm", "ddim", "dpm_solver")
+SCHEDULES = ("linear", "cosine", "flow")
+SAMPLERS = ("ddpm", "ddim", "dpm_solver", "dpm_solver_3m", "dpm_solver_sde", "unipc", "euler", "heun",
+            "euler_ancestral")
 SAMPLE_OPTIONS = ("sampler", "num_steps", "eta", "guidance", "label")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def make_schedule(model_config) -> NoiseSchedule:
-  """The forward-process schedule named by `config.model.schedule` ("linear" | "cosine")."""
+def make_schedule(model_config):
+  """The forward-process schedule named by `config.model.schedule`: "linear" | "cosine" (a `NoiseSchedule`), or
+  "flow" (a `FlowSchedule`, rectified flow with `config.model.flow_shift`)."""
   kind = model_config.schedule
+  if kind == "flow":
+    return FlowSchedule(shift=float(model_config.get("flow_shift", 1.0)))
   if kind == "linear":
     return NoiseSchedule.linear(int(model_config.num_timesteps), float(model_config.beta_start),
                                 float(model_config.beta_end))
   if kind == "cosine":
     return NoiseSchedule.cosine(int(model_config.num_timesteps), s=float(model_config.get("cosine_s", 0.008)))
-  raise ValueError(f"config.model.schedule={kind!r} is not one of {list(SCHEDULES)}")
+  raise ConfigError(f"config.model.schedule={kind!r} is not one of {list(SCHEDULES)}")
 
 
 def compute_dtype(config) -> Any:
   name = config.get("compute_dtype", "float32")
   if name not in COMPUTE_DTYPES:
-    raise ValueError(f"config.compute_dtype={name!r} is not one of {sorted(COMPUTE_DTYPES)}")
+    raise ConfigError(f"config.compute_dtype={name!r} is not one of {sorted(COMPUTE_DTYPES)}")
   return COMPUTE_DTYPES[name]
 
 
@@ -86,7 +98,7 @@ def _example_keys(rng: jax.Array, batch: int) -> jax.Array:
   return keys
 
 
-def diffusion_loss(apply_fn: ApplyFn, schedule: NoiseSchedule, x0: jax.Array, rng: jax.Array, *,
+def diffusion_loss(apply_fn: ApplyFn, schedule, x0: jax.Array, rng: jax.Array, *,
                    prediction: str = "epsilon", label: Optional[jax.Array] = None, null_label: int = 0,
                    label_dropout: float = 0.0, t: Optional[jax.Array] = None,
                    noise: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
@@ -96,13 +108,20 @@ def diffusion_loss(apply_fn: ApplyFn, schedule: NoiseSchedule, x0: jax.Array, rn
   numbers however the batch is laid out over devices). Per example: `t` ~ U{0..T-1}, `noise` ~ N(0, I) (unless
   given: tests pass them to check the formula), and with `label` and `label_dropout > 0` the label becomes
   `null_label` with that probability.
+
+  With a `FlowSchedule` (flow matching) `t` is float32 in [0, 1] (`schedule.sample_time`), x_t = (1 - t) x0 + t eps
+  and the target is the velocity eps - x0 (`prediction` is then unused).
   """
-  check_prediction(prediction)
+  flow = isinstance(schedule, FlowSchedule)
+  if not flow:
+    check_prediction(prediction)
   x0 = jnp.asarray(x0, jnp.float32)
   batch = x0.shape[0]
   keys = _example_keys(rng, batch)
   draw = lambda i, f: jax.vmap(lambda k: f(jax.random.fold_in(k, i)))(keys)
-  if t is None:
+  if t is None and flow:
+    t = draw(0, lambda k: schedule.sample_time(k, 1)[0])
+  elif t is None:
     t = draw(0, lambda k: jax.random.randint(k, (), 0, schedule.num_timesteps, dtype=jnp.int32))
   if noise is None:
     noise = draw(1, lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))
@@ -110,7 +129,7 @@ def diffusion_loss(apply_fn: ApplyFn, schedule: NoiseSchedule, x0: jax.Array, rn
     drop = draw(2, lambda k: jax.random.bernoulli(k, label_dropout))
     label = jnp.where(drop, jnp.int32(null_label), label.astype(jnp.int32))
   x_t = schedule.add_noise(x0, noise, t)
-  target = schedule.training_target(x0, noise, t, prediction)
+  target = schedule.training_target(x0, noise, t) if flow else schedule.training_target(x0, noise, t, prediction)
   pred = apply_fn(x_t, t, label, draw(3, lambda k: k)).astype(jnp.float32)
   if pred.shape != target.shape:
     raise ValueError(f"model prediction has shape {pred.shape}, expected the data's shape {target.shape}")
@@ -148,10 +167,10 @@ def _latent_space(config, info) -> _Space:
   workdir = config.model.vae_workdir
   vae_config = load_config(workdir)
   if vae_config.get("family") != "vae":
-    raise ValueError(f"config.model.vae_workdir={workdir!r} is a {vae_config.get('family')!r} run, not a 'vae' run")
+    raise ConfigError(f"config.model.vae_workdir={workdir!r} is a {vae_config.get('family')!r} run, not a 'vae' run")
   vae = vae_model(vae_config)
   if tuple(vae.image_shape) != tuple(info.image_shape):
-    raise ValueError(f"the VAE in {workdir!r} models images of shape {tuple(vae.image_shape)}, but data set "
+    raise UserError(f"the VAE in {workdir!r} models images of shape {tuple(vae.image_shape)}, but data set "
                      f"{config.dataset.name!r} has {tuple(info.image_shape)}")
   d = int(vae.latent_dim)
   _, vae_params = load_run(workdir)
@@ -180,80 +199,102 @@ def _latent_space(config, info) -> _Space:
 def _check_images(images, shape) -> jax.Array:
   images = jnp.asarray(images)
   if images.ndim != 4 or tuple(images.shape[1:]) != tuple(shape):
-    raise ValueError(f"batch['image'] has shape {images.shape}, expected [B, {', '.join(map(str, shape))}]")
+    raise UserError(f"batch['image'] has shape {images.shape}, expected [B, {', '.join(map(str, shape))}]")
   return images.astype(jnp.float32)
 
 
-def sample_options(options: dict, defaults: dict, num_timesteps: int, num_classes: int) -> dict:
-  """`options` (None = the default) merged over `defaults` and validated; errors name the bad value and choices."""
+def sample_options(options: dict, defaults: dict, num_timesteps: int, num_classes: int,
+                   samplers: tuple = SAMPLERS) -> dict:
+  """`options` (None = the default) merged over `defaults` and validated; errors name the bad value and choices.
+  `samplers`: the valid sampler names (`FLOW_METHODS` for a flow-matching model)."""
   unknown = sorted(set(options) - set(SAMPLE_OPTIONS))
   if unknown:
-    raise ValueError(f"unknown diffusion sample options {unknown}; valid: {list(SAMPLE_OPTIONS)}")
+    raise UserError(f"unknown diffusion sample options {unknown}; valid: {list(SAMPLE_OPTIONS)}")
   o = {k: (defaults.get(k) if options.get(k) is None else options[k]) for k in SAMPLE_OPTIONS}
-  if o["sampler"] not in SAMPLERS:
-    raise ValueError(f"unknown sampler {o['sampler']!r}; valid: {list(SAMPLERS)}")
+  if o["sampler"] not in samplers:
+    raise UserError(f"unknown sampler {o['sampler']!r}; valid: {list(samplers)}")
   n = o["num_steps"]
   if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= num_timesteps:
-    raise ValueError(f"num_steps must be an int in [1, {num_timesteps}] (the schedule length), got {n!r}")
+    raise UserError(f"num_steps must be an int in [1, {num_timesteps}] (the schedule length), got {n!r}")
   eta = float(o["eta"])
   if not 0.0 <= eta <= 1.0:
-    raise ValueError(f"eta must be in [0, 1], got {o['eta']!r}")
+    raise UserError(f"eta must be in [0, 1], got {o['eta']!r}")
   if eta != 0.0 and o["sampler"] != "ddim":
-    raise ValueError(f"eta={eta} applies only to sampler='ddim', got sampler={o['sampler']!r}")
+    raise UserError(f"eta={eta} applies only to sampler='ddim', got sampler={o['sampler']!r}")
   guidance = float(o["guidance"])
   if not guidance >= 0.0:
-    raise ValueError(f"guidance must be a scale >= 0 (1 = the plain conditional model), got {o['guidance']!r}")
+    raise UserError(f"guidance must be a scale >= 0 (1 = the plain conditional model), got {o['guidance']!r}")
   label = o["label"]
   if num_classes == 0:
     if label is not None or guidance != 1.0:
-      raise ValueError(f"label={label!r} / guidance={guidance} need a class-conditional model "
+      raise UserError(f"label={label!r} / guidance={guidance} need a class-conditional model "
                        "(config.model.conditional=True); this one is unconditional")
   elif label is not None and (isinstance(label, bool) or not isinstance(label, (int, np.integer))
                               or not 0 <= label <= num_classes):
-    raise ValueError(f"label must be None (every class in turn) or an int in [0, {num_classes - 1}] "
+    raise UserError(f"label must be None (every class in turn) or an int in [0, {num_classes - 1}] "
                      f"({num_classes} = the null label: unconditional), got {label!r}")
   return dict(sampler=o["sampler"], num_steps=int(n), eta=eta, guidance=guidance, label=label)
 
 
-def _sample_fn(unet: UNet, schedule: NoiseSchedule, space: _Space, defaults: dict, prediction: str,
-               num_classes: int):
+def _sample_fn(unet: UNet, schedule, space: _Space, defaults: dict, prediction: str,
+               num_classes: int, max_steps: int, flow_time_scale: float):
   """`sample_images(params, rng, n, **options) -> [n, H, W, C]` in [0, 1] (see module docstring)."""
+  flow = isinstance(schedule, FlowSchedule)
+
+  def net(unet_vars, x, t, labels=None):  # flow models see t in [0, 1] scaled to the VP timestep range
+    return unet.apply(unet_vars, x, t * flow_time_scale if flow else t, labels)
 
   def conditional(unet_vars, labels, x, t):
-    return unet.apply(unet_vars, x, t, labels)
+    return net(unet_vars, x, t, labels)
 
   def labelled(unet_vars, x, t, labels):
-    return unet.apply(unet_vars, x, t, labels)
+    return net(unet_vars, x, t, labels)
 
   def unconditional(unet_vars, x, t):
-    return unet.apply(unet_vars, x, t)
+    return net(unet_vars, x, t)
+
+  def model_for(params, labels, guidance, guided):
+    if num_classes == 0:
+      return jax.tree_util.Partial(unconditional, params["unet"])
+    if guided:
+      return classifier_free_guidance(jax.tree_util.Partial(labelled, params["unet"]), guidance, num_classes, labels)
+    return jax.tree_util.Partial(conditional, params["unet"], labels)
 
   @functools.partial(jax.jit, static_argnames=("n", "sampler", "guided"))
   def run(params, rng, labels, guidance, num_steps, eta, *, n, sampler, guided):
     noise_rng, step_rng = jax.random.split(rng)
     x_T = jax.random.normal(noise_rng, (n,) + space.shape, jnp.float32)
-    if num_classes == 0:
-      model_fn = jax.tree_util.Partial(unconditional, params["unet"])
-    elif guided:
-      model_fn = classifier_free_guidance(jax.tree_util.Partial(labelled, params["unet"]), guidance,
-                                          num_classes, labels)
-    else:
-      model_fn = jax.tree_util.Partial(conditional, params["unet"], labels)
+    model_fn = model_for(params, labels, guidance, guided)
     kw = dict(prediction=prediction, clip_denoised=space.clip)
-    if sampler == "ddpm":
-      x0 = ddpm_sample(model_fn, schedule, x_T, step_rng, num_steps=num_steps, **kw)
+    if flow:
+      x0 = flow_sample(model_fn, x_T, num_steps=num_steps, method=sampler, shift=schedule.shift)
+    elif sampler == "ddpm":
+      x0 = ddpm_sample(model_fn, schedule, x_T, rng=step_rng, num_steps=num_steps, **kw)
     elif sampler == "ddim":
       x0 = ddim_sample(model_fn, schedule, x_T, num_steps=num_steps, eta=eta, rng=step_rng, **kw)
-    else:
-      x0 = dpm_solver_sample(model_fn, schedule, x_T, num_steps=num_steps, **kw)
+    elif sampler.startswith("dpm_solver"):   # 2M, 3M, 2M-SDE
+      x0 = dpm_solver_sample(model_fn, schedule, x_T, num_steps=num_steps, order=3 if sampler.endswith("3m") else 2,
+                             stochastic=sampler.endswith("sde"), rng=step_rng, **kw)
+    elif sampler == "unipc":
+      x0 = unipc_sample(model_fn, schedule, x_T, num_steps=num_steps, **kw)
+    else:   # EDM / Karras samplers: the U-Net gets float t
+      edm = {"euler": euler_sample, "heun": heun_sample, "euler_ancestral": euler_ancestral_sample}[sampler]
+      x0 = edm(model_fn, schedule, x_T, num_steps=num_steps, rng=step_rng, **kw)
     return space.decode(params, x0)
 
   def sample_images(params, rng, n: int, **options):
-    o = sample_options(options, defaults, schedule.num_timesteps, num_classes)
+    edits = {k: options.pop(k) for k in EDIT_OPTIONS if options.get(k) is not None}  # see diffusion_editing.py
+    if edits:
+      check_edit_options(edits, flow=flow, sampler_given=options.get("sampler") is not None)
+    o = sample_options(options, defaults, max_steps, num_classes, samplers=FLOW_METHODS if flow else SAMPLERS)
     if o["label"] is None:  # every class in turn: a grid shows them all
       labels = np.arange(n, dtype=np.int32) % max(num_classes, 1)
     else:
       labels = np.full((n,), o["label"], np.int32)
+    if edits:  # eager: img2img picks its grid on the host; the samplers it calls are jitted
+      guided = bool(num_classes) and o["guidance"] != 1.0
+      model_fn = model_for(params, jnp.asarray(labels), jnp.float32(o["guidance"]), guided)
+      return edit_images(model_fn, schedule, space, params, rng, int(n), o, edits, prediction)
     return run(params, rng, labels, np.float32(o["guidance"]), np.int32(o["num_steps"]), np.float32(o["eta"]),
                n=int(n), sampler=o["sampler"], guided=bool(num_classes) and o["guidance"] != 1.0)
 
@@ -266,15 +307,20 @@ def task(config) -> Task:
   m = config.model
   info = dataset_info(config.dataset.name)
   if info.kind != "image":
-    raise ValueError(f"the diffusion family needs an image data set; {config.dataset.name!r} is {info.kind}")
-  prediction = check_prediction(m.prediction)
+    raise ConfigError(f"the diffusion family needs an image data set; {config.dataset.name!r} is {info.kind}")
+  flow = m.schedule == "flow"  # flow matching: the U-Net predicts the velocity eps - x0 at t * num_timesteps
+  if flow and m.prediction != "velocity":
+    raise ConfigError(f"config.model.schedule='flow' trains a velocity model: set config.model.prediction="
+                     f"'velocity', got {m.prediction!r}")
+  prediction = "velocity" if flow else check_prediction(m.prediction)
   schedule = make_schedule(m)
+  flow_time_scale = float(m.num_timesteps)
   num_classes = int(info.num_classes or 0) if m.conditional else 0
   if m.conditional and num_classes == 0:
-    raise ValueError(f"config.model.conditional=True but data set {config.dataset.name!r} has no labels")
+    raise ConfigError(f"config.model.conditional=True but data set {config.dataset.name!r} has no labels")
   if "vae_workdir" in m:  # latent diffusion
     if not m.vae_workdir:
-      raise ValueError("config.model.vae_workdir is empty: latent diffusion needs a trained VAE run's workdir "
+      raise ConfigError("config.model.vae_workdir is empty: latent diffusion needs a trained VAE run's workdir "
                        "(python -m experiments.train --config=experiments/configs/vae.py:digits --workdir=DIR)")
     space = _latent_space(config, info)
   else:
@@ -282,7 +328,7 @@ def task(config) -> Task:
   unet = make_unet(m, num_classes, compute_dtype(config))
   label_dropout = float(m.label_dropout) if num_classes else 0.0
   if not 0.0 <= label_dropout < 1.0:
-    raise ValueError(f"config.model.label_dropout must be in [0, 1), got {label_dropout}")
+    raise ConfigError(f"config.model.label_dropout must be in [0, 1), got {label_dropout}")
 
   def init(rng, example_batch):
     del example_batch  # shapes come from the data set's info
@@ -297,6 +343,7 @@ def task(config) -> Task:
     keys = example_keys(rng, batch) if "example_id" in batch else rng
 
     def apply_fn(x_t, t, lab, keys):
+      t = t * flow_time_scale if flow else t
       if not (train and unet.dropout > 0):
         return unet.apply(params["unet"], x_t, t, lab)
       # Dropout masks per example too: apply one example at a time under vmap (batched again by XLA).
@@ -317,8 +364,10 @@ def task(config) -> Task:
 
   defaults = dict(sampler=m.sampler, num_steps=int(m.num_sample_steps), eta=float(m.eta),
                   guidance=float(m.guidance), label=None)
-  sample_images = _sample_fn(unet, schedule, space, defaults, prediction, num_classes)
-  sample_options(defaults, defaults, schedule.num_timesteps, num_classes)  # a bad config default fails here
+  max_steps = int(m.num_timesteps)
+  sample_images = _sample_fn(unet, schedule, space, defaults, prediction, num_classes, max_steps, flow_time_scale)
+  sample_options(defaults, defaults, max_steps, num_classes,  # a bad config default fails here
+                 samplers=FLOW_METHODS if flow else SAMPLERS)
   optimizer = make_optimizer(config.optimizer, int(config.num_train_steps))
   return Task(init=init, phases=(Phase("diffusion", loss_fn, optimizer, params_key="unet"),),
               sample_images=sample_images, evaluate=evaluate)

@@ -34,6 +34,7 @@ import numpy as np
 from genjax.train.optim import make_optimizer
 from genjax.train.random import per_example
 from genjax.train.task import Phase, Task
+from genjax.errors import ConfigError, UserError
 
 LOSSES = ("non_saturating", "hinge", "wgan_gp")
 SAMPLE_OPTIONS = ("truncation", "label")
@@ -54,7 +55,7 @@ class Generator(nn.Module):
     x = z.astype(self.dtype)
     if self.num_classes:
       if label is None:
-        raise ValueError("a conditional Generator needs a label [B]")
+        raise UserError("a conditional Generator needs a label [B]")
       e = nn.Embed(self.num_classes, z.shape[-1], dtype=self.dtype, name="label_embed")(label)
       x = jnp.concatenate([x, e], axis=-1)
     x = nn.Dense(h // scale * (w // scale) * self.channels[0], dtype=self.dtype)(x)
@@ -83,7 +84,7 @@ class Discriminator(nn.Module):
     out = nn.Dense(1, dtype=self.dtype)(phi)[:, 0].astype(jnp.float32)
     if self.num_classes:
       if label is None:
-        raise ValueError("a conditional Discriminator needs a label [B]")
+        raise UserError("a conditional Discriminator needs a label [B]")
       e = nn.Embed(self.num_classes, self.features, dtype=self.dtype, name="label_embed")(label)
       out = out + jnp.sum((e * phi).astype(jnp.float32), axis=-1)
     return out
@@ -92,7 +93,7 @@ class Discriminator(nn.Module):
 # ---------------------------------------------------------------------------------------------------- losses
 def _check_loss(kind):
   if kind not in LOSSES:
-    raise ValueError(f"model.loss={kind!r} is not one of {LOSSES}")
+    raise ConfigError(f"model.loss={kind!r} is not one of {LOSSES}")
 
 
 def disc_loss_from_logits(real_logits, fake_logits, kind: str):
@@ -142,7 +143,7 @@ def _check_truncation(truncation):
   if truncation is None or isinstance(truncation, jax.core.Tracer):
     return
   if not float(truncation) >= 0.0:
-    raise ValueError(f"truncation={truncation!r} must be None or a float >= 0")
+    raise UserError(f"truncation={truncation!r} must be None or a float >= 0")
 
 
 def draw_latent(key, latent_dim: int, truncation=None):
@@ -183,27 +184,27 @@ class GAN:
 
   def __init__(self, model_cfg, image_shape, num_classes: int, compute_dtype: str = "float32"):
     if compute_dtype not in COMPUTE_DTYPES:
-      raise ValueError(f"compute_dtype={compute_dtype!r} is not one of {sorted(COMPUTE_DTYPES)}")
+      raise ConfigError(f"compute_dtype={compute_dtype!r} is not one of {sorted(COMPUTE_DTYPES)}")
     m = model_cfg
     _check_loss(m.loss)
     self.image_shape = tuple(int(s) for s in image_shape)
     if len(self.image_shape) != 3:
-      raise ValueError(f"image_shape must be (H, W, C), got {image_shape!r}")
+      raise UserError(f"image_shape must be (H, W, C), got {image_shape!r}")
     scale = 2 ** (len(m.gen_channels) - 1)
     h, w, _ = self.image_shape
     if not m.gen_channels or h % scale or w % scale:
-      raise ValueError(f"model.gen_channels={tuple(m.gen_channels)} upsamples x{scale}, which must divide the "
+      raise ConfigError(f"model.gen_channels={tuple(m.gen_channels)} upsamples x{scale}, which must divide the "
                        f"image size {h}x{w}; use fewer entries")
     if not m.disc_channels:
-      raise ValueError("model.disc_channels must name at least one width")
+      raise ConfigError("model.disc_channels must name at least one width")
     self.r1_interval = int(m.get("r1_interval", 1))
     if self.r1_interval < 1:
-      raise ValueError(f"model.r1_interval={self.r1_interval} must be >= 1")
+      raise ConfigError(f"model.r1_interval={self.r1_interval} must be >= 1")
     self.loss, self.latent_dim = m.loss, int(m.latent_dim)
     self.r1_gamma, self.gp_weight = float(m.get("r1_gamma", 0.0)), float(m.get("gp_weight", 10.0))
     self.num_classes = int(num_classes) if m.get("conditional", False) else 0
     if m.get("conditional", False) and self.num_classes < 2:
-      raise ValueError(f"model.conditional needs a labelled dataset, got num_classes={num_classes}")
+      raise ConfigError(f"model.conditional needs a labelled dataset, got num_classes={num_classes}")
     dtype = COMPUTE_DTYPES[compute_dtype]
     self.gen = Generator(self.image_shape, tuple(m.gen_channels), self.num_classes, dtype)
     self.disc = Discriminator(tuple(m.disc_channels), int(m.disc_features), self.num_classes, dtype)
@@ -227,7 +228,7 @@ class GAN:
   def _real(batch, image_shape):
     x = batch["image"]
     if x.ndim != 4 or tuple(x.shape[1:]) != image_shape:
-      raise ValueError(f"batch['image'] must be [B, {', '.join(map(str, image_shape))}], got {tuple(x.shape)}")
+      raise UserError(f"batch['image'] must be [B, {', '.join(map(str, image_shape))}], got {tuple(x.shape)}")
     return x.astype(jnp.float32) * 2.0 - 1.0
 
   # -- Task pieces ---------------------------------------------------------------------------------------------
@@ -302,20 +303,20 @@ class GAN:
   def _resolve_labels(self, label, n):
     if not self.num_classes:
       if label is not None:
-        raise ValueError("label= needs a conditional model (model.conditional=True); this one is unconditional")
+        raise ConfigError("label= needs a conditional model (model.conditional=True); this one is unconditional")
       return None
     if label is None:
       return jnp.arange(n, dtype=jnp.int32) % self.num_classes     # a grid that cycles through the classes
     lab = jnp.asarray(label)
     lab = jnp.broadcast_to(lab, (n,)) if lab.ndim == 0 else lab
     if lab.shape != (n,) or not jnp.issubdtype(lab.dtype, jnp.integer):
-      raise ValueError(f"label must be an int or [n={n}] ints, got {lab.dtype} of shape {tuple(lab.shape)}")
+      raise UserError(f"label must be an int or [n={n}] ints, got {lab.dtype} of shape {tuple(lab.shape)}")
     try:
       values = np.asarray(lab)
     except jax.errors.TracerArrayConversionError:
       values = None                                      # traced inside a caller's jit: cannot check the values
     if values is not None and (values.min() < 0 or values.max() >= self.num_classes):
-      raise ValueError(f"label values must be in [0, {self.num_classes}), got {sorted(set(values.tolist()))}")
+      raise UserError(f"label values must be in [0, {self.num_classes}), got {sorted(set(values.tolist()))}")
     return lab.astype(jnp.int32)
 
   def sample_images(self, params, rng, n: int, **options):
@@ -323,7 +324,7 @@ class GAN:
     label (int or [n] ints; conditional models only — default cycles 0, 1, ..., num_classes-1)."""
     unknown = sorted(set(options) - set(SAMPLE_OPTIONS))
     if unknown:
-      raise ValueError(f"unknown sample option(s) {unknown} for the GAN family; valid: {list(SAMPLE_OPTIONS)}")
+      raise UserError(f"unknown sample option(s) {unknown} for the GAN family; valid: {list(SAMPLE_OPTIONS)}")
     label, truncation = self._resolve_labels(options.get("label"), int(n)), options.get("truncation")
     _check_truncation(truncation)
     return self._sample(params["gen"], rng, label, truncation, n=int(n))
@@ -335,7 +336,7 @@ class GAN:
     """[rows*cols, H, W, C] in [0, 1]: row r walks (slerp) from one random latent to another in `cols` steps,
     all with the same label per row (conditional: `label` int/[rows], default the classes in turn)."""
     if rows < 1 or cols < 2:
-      raise ValueError(f"interpolation_grid needs rows >= 1 and cols >= 2, got rows={rows}, cols={cols}")
+      raise UserError(f"interpolation_grid needs rows >= 1 and cols >= 2, got rows={rows}, cols={cols}")
     _check_truncation(truncation)
     return self._grid(params["gen"], rng, self._resolve_labels(label, rows), truncation, rows=int(rows),
                       cols=int(cols))
@@ -367,7 +368,7 @@ def _image_info(config):
   from genjax.data import dataset_info          # imported here: genjax.data pulls in the data-set readers
   info = dataset_info(config.dataset.name)
   if info.kind != "image":
-    raise ValueError(f"the GAN family needs an image dataset; {config.dataset.name!r} is {info.kind!r}")
+    raise ConfigError(f"the GAN family needs an image dataset; {config.dataset.name!r} is {info.kind!r}")
   return info
 
 

@@ -28,228 +28,148 @@ import numpy as np
 import optax
 
 from genjax import tokenizer as tok_lib
+from genjax.errors import UserError
+from genjax.models.lm_layers import (DTYPES, PARAM_DTYPES, LMConfig, TransformerLM, init_cache,  # noqa: F401
+                                     rope)
 from genjax.samplers.decoding import DecodingModel, beam_search, generate
 from genjax.train.optim import make_optimizer
 from genjax.train.task import Phase, Task
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SAMPLE_OPTIONS = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 0, "top_p": 0.95, "repetition_penalty": 1.0,
                   "presence_penalty": 0.0, "frequency_penalty": 0.0, "num_beams": 1, "length_penalty": 1.0}
 
 
-@dataclasses.dataclass(frozen=True)
-class LMConfig:
-  vocab_size: int = tok_lib.padded_vocab_size(64)
-  embed_dim: int = 128
-  num_layers: int = 2
-  num_heads: int = 4
-  mlp_dim: int = 512
-  max_len: int = 512             # the longest KV cache decoding may use (RoPE has no table of its own)
-  rope_base: float = 10000.0
-  dtype: str = "float32"
-
-  @property
-  def head_dim(self) -> int:
-    return self.embed_dim // self.num_heads
-
-
 def lm_config(config) -> LMConfig:
-  """LMConfig from `config.model.*` (missing fields keep their defaults) and `config.compute_dtype`."""
-  fields = {f.name for f in dataclasses.fields(LMConfig)} - {"dtype"}
+  """LMConfig from `config.model.*` (missing fields keep their defaults), `config.compute_dtype` and the trained
+  context `config.dataset.seq_len` (decoding's default length limit). With `config.model.init_from=DIR` (a Hugging
+  Face checkpoint directory) the architecture is the checkpoint's (`genjax.interop.hf.read_config`)."""
+  fields = {f.name for f in dataclasses.fields(LMConfig)} - {"dtype", "context_len", "param_dtype"}
   model = dict(config.model) if "model" in config else {}
-  unknown = set(model) - fields
-  if unknown:
-    raise ValueError(f"unknown config.model fields {sorted(unknown)}; valid: {sorted(fields)}")
+  init_from = model.pop("init_from", None)
+  if init_from is not None and not init_from:
+    raise UserError("config.model.init_from is empty: give the Hugging Face checkpoint directory to fine-tune, "
+                    "--config.model.init_from=DIR")
   dtype = config.get("compute_dtype", "float32")
   if dtype not in DTYPES:
-    raise ValueError(f"compute_dtype={dtype!r} is not one of {sorted(DTYPES)}")
+    raise UserError(f"compute_dtype={dtype!r} is not one of {sorted(DTYPES)}")
+  if init_from:
+    from genjax.interop import hf     # the checkpoint's own architecture; params stay float32 for training
+    cfg = dataclasses.replace(hf.read_config(init_from), dtype=dtype, param_dtype="float32")
+    extra = {k for k, v in model.items() if v != getattr(cfg, k, v)}
+    if extra:
+      raise UserError(f"config.model fields {sorted(extra)} contradict the checkpoint model.init_from={init_from!r}"
+                      f"; remove them (the architecture is the checkpoint's)")
+    return cfg.check()
+  unknown = set(model) - fields
+  if unknown:
+    raise UserError(f"unknown config.model fields {sorted(unknown)}; valid: {sorted(fields | {'init_from'})}")
+  seq_len = config.dataset.get("seq_len", 0) if "dataset" in config else 0
   cfg = LMConfig(**model, dtype=dtype)
-  if cfg.embed_dim % cfg.num_heads or cfg.head_dim % 2:
-    raise ValueError(f"embed_dim={cfg.embed_dim} must split into num_heads={cfg.num_heads} heads of even size")
-  if cfg.vocab_size < tok_lib.VOCAB_SIZE:
-    raise ValueError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {tok_lib.VOCAB_SIZE}")
-  return cfg
-
-
-def _init(axes, init=None):
-  return nn.with_logical_partitioning(init or nn.initializers.lecun_normal(), axes)
-
-
-def _residual_init(cfg: "LMConfig", axes):
-  """Projections back into the residual stream: LeCun normal scaled by 1/sqrt(2 num_layers) (GPT-2 style), so the
-  residual stream's variance at init does not grow with depth."""
-  return _init(axes, nn.initializers.variance_scaling(1.0 / (2 * cfg.num_layers), "fan_in", "truncated_normal"))
-
-
-def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
-  """Rotary position embedding of x [B, T, H, D] at int positions [B, T] (rotate-half form, float32 math)."""
-  half = x.shape[-1] // 2
-  freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angles = positions.astype(jnp.float32)[:, :, None, None] * freqs
-  sin, cos = jnp.sin(angles), jnp.cos(angles)
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
-
-
-class RMSNorm(nn.Module):
-  dtype: Any = jnp.float32
-  eps: float = 1e-6
-
-  @nn.compact
-  def __call__(self, x):
-    scale = self.param("scale", _init(("norm",), nn.initializers.ones), (x.shape[-1],), jnp.float32)
-    x = x.astype(jnp.float32)
-    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-    return (x * scale).astype(self.dtype)
-
-
-class Attention(nn.Module):
-  cfg: LMConfig
-
-  @nn.compact
-  def __call__(self, x, positions, cache: Optional[dict]):
-    cfg, dtype = self.cfg, DTYPES[self.cfg.dtype]
-    shape = (cfg.num_heads, cfg.head_dim)
-    dense = functools.partial(nn.DenseGeneral, features=shape, use_bias=False, dtype=dtype,
-                              param_dtype=jnp.float32, kernel_init=_init(("embed", "heads", "kv")))
-    q = rope(dense(name="query")(x), positions, cfg.rope_base)
-    k = rope(dense(name="key")(x), positions, cfg.rope_base)
-    v = dense(name="value")(x)
-    if cache is None:
-      keys, values, key_pos = k, v, positions
-    else:
-      rows = jnp.arange(x.shape[0])[:, None]
-      keys = cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype))
-      values = cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype))
-      key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape[:2])
-      cache = {"k": keys, "v": values}
-    scores = jnp.einsum("bthd,bshd->bhts", q, keys.astype(dtype),
-                        preferred_element_type=jnp.float32) / math.sqrt(cfg.head_dim)
-    mask = key_pos[:, None, None, :] <= positions[:, None, :, None]
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bhts,bshd->bthd", probs, values.astype(dtype))
-    out = nn.DenseGeneral(cfg.embed_dim, axis=(-2, -1), use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                          kernel_init=_residual_init(cfg, ("heads", "kv", "embed")), name="out")(out)
-    return out, cache
-
-
-class Block(nn.Module):
-  cfg: LMConfig
-
-  @nn.compact
-  def __call__(self, x, positions, cache: Optional[dict]):
-    cfg, dtype = self.cfg, DTYPES[self.cfg.dtype]
-    h, cache = Attention(cfg, name="attention")(RMSNorm(dtype, name="attention_norm")(x), positions, cache)
-    x = x + h
-    h = RMSNorm(dtype, name="mlp_norm")(x)
-    h = nn.Dense(cfg.mlp_dim, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                 kernel_init=_init(("embed", "mlp")), name="mlp_in")(h)
-    h = nn.Dense(cfg.embed_dim, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                 kernel_init=_residual_init(cfg, ("mlp", "embed")), name="mlp_out")(nn.gelu(h))
-    return x + h, cache
-
-
-class TransformerLM(nn.Module):
-  """tokens [B, T] int32 (+ positions [B, T], default arange; + cache) -> (float32 logits [B, T, V], cache)."""
-  cfg: LMConfig
-
-  @nn.compact
-  def __call__(self, tokens, positions=None, cache: Optional[dict] = None):
-    cfg, dtype = self.cfg, DTYPES[self.cfg.dtype]
-    if tokens.ndim != 2:
-      raise ValueError(f"tokens must be int [batch, length], got shape {tokens.shape}")
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    embedding = self.param("embedding", _init(("vocab", "embed"), nn.initializers.normal(1.0)),
-                           (cfg.vocab_size, cfg.embed_dim), jnp.float32)
-    x = jnp.take(embedding, tokens, axis=0).astype(dtype)
-    new_cache = {}
-    for i in range(cfg.num_layers):
-      name = f"block_{i}"
-      x, new_cache[name] = Block(cfg, name=name)(x, positions, None if cache is None else cache[name])
-    x = RMSNorm(jnp.float32, name="final_norm")(x)
-    logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
-                      kernel_init=_init(("embed", "vocab")), name="head")(x)
-    return logits, (new_cache if cache is not None else None)
-
-
-def init_cache(cfg: LMConfig, batch_size: int, cache_len: int) -> dict:
-  shape = (batch_size, cache_len, cfg.num_heads, cfg.head_dim)
-  zeros = lambda: jnp.zeros(shape, DTYPES[cfg.dtype])
-  return {f"block_{i}": {"k": zeros(), "v": zeros()} for i in range(cfg.num_layers)}
+  try:
+    return dataclasses.replace(cfg, context_len=min(int(seq_len or 0), cfg.max_len)).check()
+  except ValueError as e:
+    raise UserError(str(e)) from None
 
 
 @functools.lru_cache(maxsize=None)
-def decoding_model(cfg: LMConfig) -> DecodingModel:
-  """The `genjax.samplers.decoding` interface for this LM (one instance per config, so compilations are reused).
+def decoding_model(cfg: LMConfig, max_len: Optional[int] = None) -> DecodingModel:
+  """The `genjax.samplers.decoding` interface for this LM (one instance per (config, max_len), so compilations are
+  reused). Its `max_len` is the context the model was trained on (`cfg.context_len`, else `cfg.max_len`); pass a
+  longer `max_len` (at most `cfg.max_len`, the cache and position-table limit) to decode past it knowingly.
 
-  Logits of ids the tokenizer never produces (PAD, BOS, the vocabulary padding) are -inf: only bytes and EOS are
-  generated.
+  Byte-tokenizer models (`token_vocab_size == 0`): logits of ids the tokenizer never produces (PAD, BOS, the
+  vocabulary padding) are -inf, so only bytes and EOS are generated. Checkpoint vocabularies
+  (`token_vocab_size > 0`): every real id can be generated; the padding ids are -inf in the model itself.
   """
+  limit = cfg.context_len or cfg.max_len
+  if max_len is not None:
+    if not 1 <= int(max_len) <= cfg.max_len:
+      raise UserError(f"max_len={max_len} must be in [1, model max_len={cfg.max_len}] (the cache and position "
+                      f"limit; the model was trained on {limit} positions)")
+    limit = int(max_len)
   module = TransformerLM(cfg)
-  allowed = np.zeros((cfg.vocab_size,), bool)
-  allowed[:tok_lib.NUM_BYTES] = True
-  allowed[tok_lib.EOS_ID] = True
+  allowed = None
+  if cfg.token_vocab_size == 0:
+    allowed = np.zeros((cfg.vocab_size,), bool)
+    allowed[:tok_lib.NUM_BYTES] = True
+    allowed[tok_lib.EOS_ID] = True
 
   def step_fn(params, tokens, positions, cache):
     logits, cache = module.apply({"params": params}, tokens, positions, cache)
-    return jnp.where(jnp.asarray(allowed), logits, -jnp.inf), cache
+    if allowed is not None:
+      logits = jnp.where(jnp.asarray(allowed), logits, -jnp.inf)
+    return logits, cache
 
-  return DecodingModel(step_fn=step_fn, init_cache=functools.partial(init_cache, cfg), max_len=cfg.max_len)
+  return DecodingModel(step_fn=step_fn, init_cache=functools.partial(init_cache, cfg), max_len=limit)
 
 
 def lm_metrics(module: TransformerLM, params, tokens: jax.Array) -> dict:
-  """Mean next-token cross-entropy (nats) of tokens [B, L+1] and its bits per byte and perplexity."""
+  """Mean next-token cross-entropy (nats) of tokens [B, L+1], its bits per token (bits per byte for the byte
+  tokenizer) and perplexity."""
   logits, _ = module.apply({"params": nn.unbox(params)}, tokens[:, :-1])
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-  return {"loss": loss, "bits_per_byte": loss / math.log(2.0), "perplexity": jnp.exp(loss)}
+  bits = "bits_per_token" if module.cfg.token_vocab_size else "bits_per_byte"
+  return {"loss": loss, bits: loss / math.log(2.0), "perplexity": jnp.exp(loss)}
 
 
-def sample_text(cfg: LMConfig, params, prompts, rng, **options) -> list[str]:
+def sample_text(cfg: LMConfig, params, prompts, rng, *, tokenizer=None, max_len: Optional[int] = None,
+                **options) -> list[str]:
   """Continuations of text prompts (an empty prompt starts from a newline). Options and defaults:
-  `SAMPLE_OPTIONS`; `num_beams > 1` returns the best beam (deterministic). A row stops early at EOS or when
-  prompt + continuation fill `max_len` positions; a prompt longer than `max_len` bytes is a ValueError."""
+  `SAMPLE_OPTIONS`; `num_beams > 1` returns the best beam (deterministic). `tokenizer` (default the byte
+  tokenizer; `genjax.interop.hf.load_tokenizer(...)` for a checkpoint's) encodes and decodes and gives the EOS/pad
+  ids; `max_len` (default the trained context) is passed to `decoding_model`. Without `max_new_tokens`, the
+  default (200) is cut to what fits in the context after the longest prompt."""
   unknown = set(options) - set(SAMPLE_OPTIONS)
   if unknown:
-    raise ValueError(f"unknown sampling options {sorted(unknown)}; valid: {sorted(SAMPLE_OPTIONS)}")
+    raise UserError(f"unknown sampling options {sorted(unknown)}; valid: {sorted(SAMPLE_OPTIONS)}")
   if isinstance(prompts, str) or not prompts:
-    raise ValueError(f"prompts must be a non-empty list of str, got {prompts!r}")
+    raise UserError(f"prompts must be a non-empty list of str, got {prompts!r}")
   o = {**SAMPLE_OPTIONS, **options}
-  tokenizer = tok_lib.ByteTokenizer()
-  ids = [tokenizer.encode(p) or [ord("\n")] for p in prompts]
+  tokenizer = tok_lib.ByteTokenizer() if tokenizer is None else tokenizer
+  eos_id = tokenizer.eos_id
+  pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (eos_id if eos_id is not None else 0)
+  ids = [tokenizer.encode(p) or tokenizer.encode("\n") for p in prompts]
   width = -(-max(len(i) for i in ids) // 64) * 64          # bucket the prompt width: fewer compilations
-  tokens = np.full((len(ids), width), tok_lib.PAD_ID, np.int32)
+  tokens = np.full((len(ids), width), pad_id, np.int32)
   for r, i in enumerate(ids):
     tokens[r, :len(i)] = i
   lengths = np.array([len(i) for i in ids], np.int32)
-  model, params = decoding_model(cfg), nn.unbox(params)
+  model, params = decoding_model(cfg, max_len), nn.unbox(params)
   new = int(o["max_new_tokens"])
-  cache_len = min(cfg.max_len, width + new - 1)
+  if "max_new_tokens" not in options:        # the default never asks for more than the context holds
+    new = max(1, min(new, model.max_len - int(lengths.max())))
+  cache_len = min(model.max_len, width + new - 1)
   if int(o["num_beams"]) > 1:
     out = beam_search(model, params, tokens, prompt_lengths=lengths, num_beams=int(o["num_beams"]),
-                      max_new_tokens=new, length_penalty=o["length_penalty"], eos_id=tok_lib.EOS_ID,
-                      pad_id=tok_lib.PAD_ID, cache_len=cache_len)
+                      max_new_tokens=new, length_penalty=o["length_penalty"], eos_id=eos_id, pad_id=pad_id,
+                      cache_len=cache_len)
     generated = np.asarray(out.sequences[:, 0])
   else:
     out = generate(model, params, tokens, rng, prompt_lengths=lengths, max_new_tokens=new,
                    temperature=o["temperature"], top_k=o["top_k"], top_p=o["top_p"],
                    repetition_penalty=o["repetition_penalty"], presence_penalty=o["presence_penalty"],
-                   frequency_penalty=o["frequency_penalty"], eos_id=tok_lib.EOS_ID, pad_id=tok_lib.PAD_ID,
-                   cache_len=cache_len)
+                   frequency_penalty=o["frequency_penalty"], eos_id=eos_id, pad_id=pad_id, cache_len=cache_len)
     generated = np.asarray(out.tokens)
-  return [tokenizer.decode(row) for row in generated]
+  return [tokenizer.decode(row[:n]) for row, n in zip(generated, np.asarray(out.lengths).reshape(len(ids), -1)[:, 0])]
 
 
 def task(config) -> Task:
-  """The "lm" family: one phase minimising next-byte cross-entropy."""
+  """The "lm" family: one phase minimising next-token cross-entropy; with `config.model.init_from=DIR` the params
+  start from that Hugging Face checkpoint and `sample_text` uses its tokenizer."""
   cfg = lm_config(config)
   module = TransformerLM(cfg)
+  init_from = config.model.get("init_from", "") if "model" in config else ""
+  tokenizer = None
+  if init_from:       # fine-tuning a Hugging Face checkpoint: its weights, its tokenizer
+    from genjax.interop import hf
+    tokenizer = hf.load_tokenizer(init_from)
 
   def init(rng, example_batch):
     tokens = jnp.asarray(example_batch["tokens"])
     if tokens.ndim != 2 or tokens.shape[1] < 2:
       raise ValueError(f"batch['tokens'] must be int [batch, seq_len + 1], got shape {tokens.shape}")
+    if init_from:
+      return hf.checkpoint_params(init_from, cfg)
     return module.init(rng, tokens[:1, :-1])["params"]
 
   def loss_fn(params, batch, rng, step):
@@ -262,4 +182,5 @@ def task(config) -> Task:
     return lm_metrics(module, params, batch["tokens"])
 
   phase = Phase("lm", loss_fn, optimizer=make_optimizer(config.optimizer, config.num_train_steps))
-  return Task(init=init, phases=(phase,), sample_text=functools.partial(sample_text, cfg), evaluate=evaluate)
+  return Task(init=init, phases=(phase,), sample_text=functools.partial(sample_text, cfg, tokenizer=tokenizer),
+              evaluate=evaluate)

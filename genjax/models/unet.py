@@ -23,12 +23,13 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from genjax.errors import UserError
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
   """Sinusoidal embedding of (integer or real) timesteps `t` [B] -> float32 [B, dim] (sin half, then cos half)."""
   if dim % 2:
-    raise ValueError(f"timestep embedding dim must be even, got {dim}")
+    raise UserError(f"timestep embedding dim must be even, got {dim}")
   half = dim // 2
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
   args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
@@ -92,10 +93,10 @@ class UNet(nn.Module):
   @nn.compact
   def __call__(self, x, t, label=None, train: bool = False):
     if x.ndim != 4:
-      raise ValueError(f"UNet expects x of shape [B, H, W, C], got {x.shape}")
+      raise UserError(f"UNet expects x of shape [B, H, W, C], got {x.shape}")
     batch = x.shape[0]
     if jnp.shape(t) != (batch,):
-      raise ValueError(f"UNet expects t of shape [{batch}] (one timestep per example), got {jnp.shape(t)}")
+      raise UserError(f"UNet expects t of shape [{batch}] (one timestep per example), got {jnp.shape(t)}")
     temb = timestep_embedding(t, self.ch)
     temb = nn.Dense(4 * self.ch, dtype=self.dtype)(temb)
     temb = nn.Dense(4 * self.ch, dtype=self.dtype)(nn.swish(temb))
@@ -103,10 +104,10 @@ class UNet(nn.Module):
       if label is None:
         label = jnp.full((batch,), self.num_classes, jnp.int32)
       elif jnp.shape(label) != (batch,):
-        raise ValueError(f"UNet expects label of shape [{batch}], got {jnp.shape(label)}")
+        raise UserError(f"UNet expects label of shape [{batch}], got {jnp.shape(label)}")
       temb = temb + nn.Embed(self.num_classes + 1, 4 * self.ch, dtype=self.dtype, name="class_embed")(label)
     elif label is not None:
-      raise ValueError("label passed to an unconditional UNet (num_classes=0)")
+      raise UserError("label passed to an unconditional UNet (num_classes=0)")
 
     res_kw = dict(dropout=self.dropout, norm_groups=self.norm_groups, dtype=self.dtype)
     attn_kw = dict(num_heads=self.num_heads, norm_groups=self.norm_groups, dtype=self.dtype)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from genjax.data import dataset_info
 from genjax.train import Phase, Task, make_optimizer
 from genjax.train.random import per_example
+from genjax.errors import ConfigError, UserError
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 SAMPLE_OPTIONS = ("temperature",)
@@ -39,7 +40,7 @@ class VAE(nn.Module):
     h, w, _ = self.image_shape
     factor = 2 ** len(self.channels)
     if h % factor or w % factor:
-      raise ValueError(f"image {h}×{w} is not divisible by 2**len(channels)={factor}; change model.channels")
+      raise ConfigError(f"image {h}×{w} is not divisible by 2**len(channels)={factor}; change model.channels")
     self.enc = [nn.Conv(c, (3, 3), strides=(2, 2), dtype=self.dtype) for c in self.channels]
     self.enc_hidden = nn.Dense(self.hidden, dtype=self.dtype)
     self.enc_out = nn.Dense(2 * self.latent_dim, dtype=jnp.float32)
@@ -86,7 +87,7 @@ def log_likelihood(x: jax.Array, decoder_out: jax.Array, likelihood: str, sigma:
     d = math.prod(x.shape[1:])
     return (-0.5 * jnp.sum((x - decoder_out) ** 2, axis=axes) / sigma ** 2
             - d * (math.log(sigma) + 0.5 * math.log(2 * math.pi)))
-  raise ValueError(f"model.likelihood={likelihood!r} is not one of {LIKELIHOODS}")
+  raise ConfigError(f"model.likelihood={likelihood!r} is not one of {LIKELIHOODS}")
 
 
 def elbo_terms(x, mean, logvar, decode: Callable, eps, likelihood: str, sigma: float = 0.1):
@@ -95,7 +96,7 @@ def elbo_terms(x, mean, logvar, decode: Callable, eps, likelihood: str, sigma: f
   out = decode(z)
   if likelihood == "bernoulli" or likelihood == "gaussian":
     return log_likelihood(x, out, likelihood, sigma), gaussian_kl(mean, logvar)
-  raise ValueError(f"model.likelihood={likelihood!r} is not one of {LIKELIHOODS}")
+  raise ConfigError(f"model.likelihood={likelihood!r} is not one of {LIKELIHOODS}")
 
 
 def log_importance_weight(x, mean, logvar, decode: Callable, eps, likelihood: str, sigma: float = 0.1):
@@ -109,13 +110,13 @@ def log_importance_weight(x, mean, logvar, decode: Callable, eps, likelihood: st
 def vae_model(config) -> VAE:
   info = dataset_info(config.dataset.name)
   if info.kind != "image":
-    raise ValueError(f"the VAE needs an image data set; {config.dataset.name!r} is {info.kind}")
+    raise ConfigError(f"the VAE needs an image data set; {config.dataset.name!r} is {info.kind}")
   m = config.model
   for key in ("latent_dim", "hidden"):
     if int(m[key]) < 1:
-      raise ValueError(f"model.{key}={m[key]!r} must be >= 1")
+      raise ConfigError(f"model.{key}={m[key]!r} must be >= 1")
   if not m.channels or not all(isinstance(w, int) and w >= 1 for w in m.channels):
-    raise ValueError(f"model.channels={tuple(m.channels)!r} must be a non-empty tuple of positive widths")
+    raise ConfigError(f"model.channels={tuple(m.channels)!r} must be a non-empty tuple of positive widths")
   return VAE(image_shape=info.image_shape, latent_dim=int(m.latent_dim), channels=tuple(m.channels),
              hidden=int(m.hidden), dtype=jnp.dtype(config.compute_dtype))
 
@@ -132,7 +133,7 @@ def task(config) -> Task:
   likelihood, beta = config.model.likelihood, float(config.model.beta)
   sigma = float(config.model.get("gaussian_sigma", 0.1))
   if likelihood not in LIKELIHOODS:
-    raise ValueError(f"model.likelihood={likelihood!r} is not one of {LIKELIHOODS}")
+    raise ConfigError(f"model.likelihood={likelihood!r} is not one of {LIKELIHOODS}")
 
   def init(rng, batch):
     x = batch["image"]
@@ -172,7 +173,11 @@ def task(config) -> Task:
 
   def sample_images(params, rng, n, temperature: float = 1.0, **unknown):
     if unknown:
-      raise ValueError(f"unknown VAE sample options {sorted(unknown)}; valid: {list(SAMPLE_OPTIONS)}")
+      raise UserError(f"unknown VAE sample options {sorted(unknown)}; valid: {list(SAMPLE_OPTIONS)}")
+    if not isinstance(temperature, jax.core.Tracer) and (isinstance(temperature, bool) or
+                                                         not float(temperature) >= 0.0):
+      raise UserError(f"temperature={temperature!r} must be a float >= 0 (the prior's scale: 1 samples the prior, "
+                      f"0 decodes its mean)")
     return prior_samples(params, rng, jnp.float32(temperature), n=int(n))
 
   optimizer = make_optimizer(config.optimizer, int(config.num_train_steps))

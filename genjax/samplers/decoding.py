@@ -1,6 +1,6 @@
 """Jitted text decoding for any autoregressive model with a KV cache: `generate` (greedy / sampling with
-temperature, top-k, top-p and penalties) and `beam_search`. Imports jax only; a model plugs in through
-`DecodingModel`, three fields:
+temperature, top-k, top-p, min-p and penalties; stop sequences; log-probs; n samples per prompt) and
+`beam_search`. Imports jax only; a model plugs in through `DecodingModel`, three fields:
 
     step_fn(params, tokens, positions, cache) -> (logits, cache)
         tokens, positions: int32 [B, T]; logits: float [B, T, V]. Writes the keys/values of the T tokens into
@@ -8,28 +8,42 @@ temperature, top-k, top-p and penalties) and `beam_search`. Imports jax only; a 
         a row's position are never read). Called once with the padded prompts (T = prompt width), then with T = 1
         (generate feeds every chosen token, the last one included: one spare step per call).
     init_cache(batch_size, cache_len) -> cache      a pytree whose every leaf has the batch on axis 0
-    max_len: int | None                             the longest cache the model supports (None: no limit)
+    max_len: int | None                             the longest context the model supports (None: no limit)
+
+A model whose cache keeps one write index for the whole batch (Hugging Face Flax, the Flax decode cache) fits by
+storing that index once per row and keeping a per-slot position table: see `benchmarks/decoding.py`
+(`hf_gpt2_decoding_model`) for GPT-2 wrapped this way.
 
 Usage (the transformer LM provides its DecodingModel: `transformer.decoding_model(transformer.lm_config(config))`):
 
-    from genjax.samplers import generate, beam_search, top_k_logits, top_p_logits
+    from genjax.samplers import generate, beam_search
     out = generate(model, params, [[257, 72, 105], [257, 79]], rng, max_new_tokens=50, temperature=0.8,
-                   top_p=0.9, repetition_penalty=1.2, eos_id=258, pad_id=256)
-    out.tokens    # int32 [B, 50]: new tokens; a row that has emitted EOS (or filled its cache) emits pad_id
-    out.lengths   # int32 [B]: new tokens per row, EOS included
+                   top_p=0.9, min_p=0.05, repetition_penalty=1.2, eos_id=258, pad_id=256,
+                   stop_sequences=[[10, 10]])
+    out.tokens      # int32 [B, 50]: new tokens; after a row's EOS or stop sequence, pad_id
+    out.lengths     # int32 [B]: new tokens per row (EOS / stop sequence included)
+    out.logprobs    # float32 [B, 50]: log p(token) under the model's raw softmax; 0 after the row ends
+    out.stop_index  # int32 [B]: which stop sequence ended the row, -1 for none
     best = beam_search(model, params, prompts, num_beams=4, max_new_tokens=50, length_penalty=1.0, eos_id=258)
     best.sequences[:, 0], best.scores[:, 0]       # the best beam of each row
 
-Prompts are a list of id lists or an int array [B, P] right-padded with `prompt_lengths` [B] (each >= 1).
+Prompts are a list of id lists or an int array [B, P] right-padded with `prompt_lengths` [B] (each >= 1). The
+longest prompt plus `max_new_tokens` must fit in `model.max_len` (a UserError otherwise: no silent stop).
 Each call is one jitted program (prefill + `while_loop` decode) over a preallocated cache of `cache_len` slots
 (default: prompt width + max_new_tokens - 1, capped at `model.max_len`). Static: the model, the prompt shape,
-max_new_tokens, cache_len, num_beams, and for `generate` two facts about the settings: whether any row samples
-(all rows greedy: argmax only) and whether any penalty is on (all off: no bookkeeping) — at most four programs,
-each compiled once. Runtime (no recompilation): temperature, top_k, top_p, min_tokens_to_keep, the penalties,
-length_penalty, eos/pad ids — scalars or one value per row.
+max_new_tokens, cache_len, num_beams, num_return_sequences, the stop table's shape, and for `generate` two facts
+about the settings: whether any row samples (all rows greedy: argmax only) and whether any penalty is on (all off:
+no bookkeeping). Runtime (no recompilation): temperature, top_k, top_p, min_p, min_tokens_to_keep, the penalties,
+length_penalty, eos/pad ids, the stop ids — scalars or one value per row. Settings are validated on the host and
+packed into two small arrays; nothing but the decode program is compiled for a new batch size.
 
-Randomness is per row: row i draws its t-th token with `fold_in(fold_in(rng, row_ids[i]), t)`; `row_ids` defaults
-to `arange(B)`, so passing a row's id makes its output independent of the rest of the batch.
+Beam search follows Hugging Face PyTorch's rules, not HF Flax's: an EOS candidate finishes a hypothesis only when
+it ranks among the top `num_beams` candidates of a step, and beams still alive at `max_new_tokens` compete with the
+finished ones.
+
+Randomness is per row: row i draws its t-th token with `fold_in(fold_in(fold_in(rng, row_ids[i]), j), t)` for its
+j-th return sequence; `row_ids` defaults to `arange(B)`, so passing a row's id makes its output independent of the
+rest of the batch.
 """
 from __future__ import annotations
 
@@ -39,24 +53,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genjax.samplers.logits import (apply_penalties, choose_tokens, filter_logits, top_k_logits,  # noqa: F401
-                                    top_p_logits)
+from genjax.errors import UserError
+from genjax.samplers import decoding_inputs as inputs
+from genjax.samplers.logits import (apply_penalties, choose_tokens, filter_logits, min_p_logits,  # noqa: F401
+                                    top_k_logits, top_p_logits)
 
 __all__ = ["DecodingModel", "GenerateOutput", "BeamSearchOutput", "generate", "beam_search", "top_k_logits",
-           "top_p_logits", "filter_logits", "apply_penalties", "choose_tokens"]
+           "top_p_logits", "min_p_logits", "filter_logits", "apply_penalties", "choose_tokens"]
 
 
 class DecodingModel(NamedTuple):
-  """The function interface `generate` / `beam_search` drive (see module docstring). Hashable: keep one instance
-  per model configuration so that repeated calls reuse the compiled program."""
+  """The function interface `generate` / `beam_search` / `speculative_generate` drive (see module docstring).
+  Hashable: keep one instance per model configuration so that repeated calls reuse the compiled program."""
   step_fn: Callable[[Any, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
   init_cache: Callable[[int, int], Any]
   max_len: Optional[int] = None
 
 
 class GenerateOutput(NamedTuple):
-  tokens: jax.Array      # int32 [B, max_new_tokens], pad_id after a row's EOS / cache end
-  lengths: jax.Array     # int32 [B], generated tokens per row (EOS included)
+  """With `num_return_sequences=n > 1` every field gains an axis of n after the batch: [B, n, ...]."""
+  tokens: jax.Array      # int32 [B, max_new_tokens], pad_id after a row's EOS / stop sequence
+  lengths: jax.Array     # int32 [B], generated tokens per row (EOS / stop sequence included)
+  logprobs: jax.Array    # float32 [B, max_new_tokens]: log-softmax of the raw logits at each chosen token; 0 after
+  stop_index: jax.Array  # int32 [B]: index of the stop sequence that ended the row (in its list), -1 for none
 
 
 class BeamSearchOutput(NamedTuple):
@@ -65,61 +84,12 @@ class BeamSearchOutput(NamedTuple):
   lengths: jax.Array     # int32 [B, num_beams], generated tokens (EOS included)
 
 
-def _prepare_prompts(prompts, prompt_lengths, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  if isinstance(prompts, (list, tuple)) and (not prompts or not np.isscalar(prompts[0])):
-    if prompt_lengths is not None:
-      raise ValueError("prompt_lengths is only for array prompts; a list of id lists carries its own lengths")
-    if not prompts:
-      raise ValueError("prompts is empty; pass at least one prompt")
-    lengths = np.array([len(p) for p in prompts], dtype=np.int32)
-    tokens = np.full((len(prompts), max(1, int(lengths.max()))), pad_id, dtype=np.int32)
-    for i, p in enumerate(prompts):
-      tokens[i, :len(p)] = np.asarray(p, dtype=np.int32)
-  else:
-    tokens = np.asarray(prompts)
-    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-      raise ValueError(f"prompts must be int [batch, length] (or a list of id lists), got {tokens.dtype} "
-                       f"{tokens.shape}")
-    tokens = tokens.astype(np.int32)
-    lengths = (np.full((tokens.shape[0],), tokens.shape[1], np.int32) if prompt_lengths is None
-               else np.asarray(prompt_lengths, dtype=np.int32))
-    if lengths.shape != (tokens.shape[0],):
-      raise ValueError(f"prompt_lengths must have shape ({tokens.shape[0]},), got {lengths.shape}")
-  if lengths.min() < 1 or lengths.max() > tokens.shape[1]:
-    raise ValueError(f"every prompt needs 1..{tokens.shape[1]} tokens (start empty prompts with a BOS id), "
-                     f"got lengths {lengths.tolist()}")
-  return tokens, lengths
+def check_model(model, name: str = "model") -> None:
+  if not isinstance(model, DecodingModel):
+    raise UserError(f"{name} must be a genjax.samplers.DecodingModel, got {type(model).__name__}")
 
 
-def _cache_len(model: DecodingModel, tokens: np.ndarray, prompt_lengths: np.ndarray, max_new_tokens: int,
-               cache_len: Optional[int]) -> int:
-  """The cache size: given, or prompt width + max_new_tokens - 1 capped at model.max_len (shape-derived, so
-  prompts padded to one width share a compilation)."""
-  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-  longest = int(prompt_lengths.max())
-  if cache_len is None:
-    cache_len = tokens.shape[1] + int(max_new_tokens) - 1
-    if model.max_len is not None:
-      cache_len = min(cache_len, int(model.max_len))
-  elif model.max_len is not None and cache_len > model.max_len:
-    raise ValueError(f"cache_len={cache_len} exceeds the model's max_len={model.max_len}")
-  if longest > cache_len:
-    raise ValueError(f"a prompt of {longest} tokens is longer than the KV cache ({cache_len} slots"
-                     f"{'' if model.max_len is None else f', model max_len={model.max_len}'}); shorten the prompt")
-  return int(cache_len)
-
-
-def _row_vector(value, batch: int, dtype, name: str) -> jax.Array:
-  value = jnp.asarray(value, dtype)
-  if value.ndim == 0:
-    return jnp.broadcast_to(value, (batch,))
-  if value.shape != (batch,):
-    raise ValueError(f"{name} must be a scalar or have shape ({batch},), got {value.shape}")
-  return value
-
-
-def _prefill(model: DecodingModel, params, prompts, lengths, cache_len: int):
+def prefill(model: DecodingModel, params, prompts, lengths, cache_len: int):
   """Runs the padded prompts through the model; returns (float32 logits at each row's last prompt token, cache)."""
   batch, width = prompts.shape
   cache = model.init_cache(batch, cache_len)
@@ -129,113 +99,147 @@ def _prefill(model: DecodingModel, params, prompts, lengths, cache_len: int):
   return last, cache
 
 
-def _generate_impl(model, max_new_tokens, cache_len, sample, penalize, params, prompts, lengths, row_keys, s):
+def row_keys(rng, row_ids, num_return_sequences: int) -> jax.Array:
+  """[B * n] keys: `fold_in(fold_in(rng, row_ids[i]), j)` for row i's j-th sequence (inside the program)."""
+  if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = jax.random.wrap_key_data(rng)
+  per_row = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, row_ids)
+  sequences = jnp.arange(num_return_sequences, dtype=jnp.int32)
+  return jax.vmap(lambda k: jax.vmap(jax.random.fold_in, in_axes=(None, 0))(k, sequences))(per_row).reshape(-1)
+
+
+def _stop_match(recent, stops, stop_lengths):
+  """(bool [B], int32 [B]): whether the last tokens `recent` [B, L] end with one of the row's stop sequences, and
+  the first such index (-1: none)."""
+  hit = jnp.all((stops == recent[:, None, :]) | (stops == inputs.WILDCARD), axis=-1) & (stop_lengths > 0)
+  return jnp.any(hit, axis=-1), jnp.where(jnp.any(hit, axis=-1), jnp.argmax(hit, axis=-1), -1).astype(jnp.int32)
+
+
+def _generate_impl(model, max_new_tokens, cache_len, n, sample, penalize, params, prompts, lengths, rng, row_ids,
+                   floats, ints, ids, stops):
+  s = inputs.unpack_settings(floats, ints)
+  eos_id, pad_id = ids[0], ids[1]
+  logits, cache = prefill(model, params, prompts, lengths, cache_len)
+  if n > 1:                                      # n samples per prompt share the prefill
+    rep = lambda x: jnp.repeat(x, n, axis=0)
+    logits, cache, prompts, lengths = rep(logits), jax.tree_util.tree_map(rep, cache), rep(prompts), rep(lengths)
+    s = {k: rep(v) for k, v in s.items()}
+    stops = None if stops is None else tuple(rep(x) for x in stops)
   batch, width = prompts.shape
   rows = jnp.arange(batch)
-  logits, cache = _prefill(model, params, prompts, lengths, cache_len)
+  keys = row_keys(rng, row_ids, n) if sample else None
   vocab = logits.shape[-1]
   in_prompt = jnp.arange(width)[None, :] < lengths[:, None]
-  seen = jnp.zeros((batch, vocab), bool).at[rows[:, None], prompts].max(in_prompt)
-  counts = jnp.zeros((batch, vocab), jnp.int32)
+  if penalize:
+    seen = jnp.zeros((batch, vocab), bool).at[rows[:, None], prompts].max(in_prompt)
+    counts = jnp.zeros((batch, vocab), jnp.int32)
+  else:
+    seen = counts = jnp.zeros((batch, 0), jnp.int32)
+  if stops is not None:
+    span = stops[0].shape[-1]
+    idx = lengths[:, None] - span + jnp.arange(span)[None, :]
+    recent = jnp.where(idx >= 0, jnp.take_along_axis(prompts, jnp.maximum(idx, 0), axis=1), -1)
+  else:
+    recent = jnp.zeros((batch, 0), jnp.int32)
 
   # One loop iteration: choose token t of every row from `logits`, then feed it at position lengths + t to get
   # the logits for token t + 1 (the choice code is traced once; the last feed is one spare model step).
   def cond(state):
-    t, done = state[0], state[5]
+    t, done = state[0], state[4]
     return (t < max_new_tokens) & ~jnp.all(done)
 
   def body(state):
-    t, out, logits, seen, counts, done, n, cache = state
+    t, out, out_logp, logits, done, n_out, stop_index, seen, counts, recent, cache = state
+    chosen = logits
     if penalize:
-      logits = apply_penalties(logits, seen, counts, s["repetition_penalty"], s["presence_penalty"],
+      chosen = apply_penalties(logits, seen, counts, s["repetition_penalty"], s["presence_penalty"],
                                s["frequency_penalty"])
     if sample:
-      keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, t)
-      tok = choose_tokens(logits, keys, s["temperature"], s["top_k"], s["top_p"], s["min_tokens_to_keep"])
+      step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, t)
+      tok = choose_tokens(chosen, step_keys, s["temperature"], s["top_k"], s["top_p"], s["min_p"],
+                          s["min_tokens_to_keep"])
     else:
-      tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    tok = jnp.where(done, s["pad_id"], tok)
+      tok = jnp.argmax(chosen, axis=-1).astype(jnp.int32)
+    logp = jnp.take_along_axis(logits, tok[:, None], axis=1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
+    tok = jnp.where(done, pad_id, tok)
     out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, t))
+    out_logp = jax.lax.dynamic_update_slice(out_logp, jnp.where(done, 0.0, logp)[:, None], (0, t))
     if penalize:
       hot = jax.nn.one_hot(tok, vocab, dtype=jnp.int32) * (~done)[:, None]
       seen, counts = seen | (hot > 0), counts + hot
-    n = n + (~done).astype(jnp.int32)
-    # A row ends at EOS, or when token t's position lengths + t falls outside the cache.
-    done = done | (tok == s["eos_id"]) | (lengths + t >= cache_len)
+    n_out = n_out + (~done).astype(jnp.int32)
+    stopped = jnp.zeros_like(done)
+    if stops is not None:
+      recent = jnp.concatenate([recent[:, 1:], tok[:, None]], axis=1)
+      stopped, which = _stop_match(recent, *stops)
+      stopped = stopped & ~done
+      stop_index = jnp.where(stopped, which, stop_index)
+    done = done | (tok == eos_id) | stopped
     pos = jnp.minimum(lengths + t, cache_len - 1)
     logits, cache = model.step_fn(params, tok[:, None], pos[:, None], cache)
-    return t + 1, out, logits[:, 0].astype(jnp.float32), seen, counts, done, n, cache
+    return (t + 1, out, out_logp, logits[:, 0].astype(jnp.float32), done, n_out, stop_index, seen, counts, recent,
+            cache)
 
-  out = jnp.full((batch, max_new_tokens), s["pad_id"], jnp.int32)
   zeros = jnp.zeros((batch,), jnp.int32)
-  state = (jnp.int32(0), out, logits, seen, counts, jnp.zeros((batch,), bool), zeros, cache)
-  _, out, _, _, _, _, n, _ = jax.lax.while_loop(cond, body, state)
-  return GenerateOutput(out, n)
+  state = (jnp.int32(0), jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+           jnp.zeros((batch, max_new_tokens), jnp.float32), logits, jnp.zeros((batch,), bool), zeros, zeros - 1,
+           seen, counts, recent, cache)
+  _, out, out_logp, _, _, n_out, stop_index, *_ = jax.lax.while_loop(cond, body, state)
+  if n > 1:
+    split = lambda x: x.reshape((batch // n, n) + x.shape[1:])
+    return GenerateOutput(split(out), split(n_out), split(out_logp), split(stop_index))
+  return GenerateOutput(out, n_out, out_logp, stop_index)
 
 
-_generate_jit = jax.jit(_generate_impl, static_argnums=(0, 1, 2, 3, 4))
-
-
-def _everywhere(values: jax.Array, predicate) -> bool:
-  """True when `predicate(values)` holds for every row of a concrete vector (False for traced values)."""
-  try:
-    return bool(np.all(predicate(np.asarray(values))))
-  except jax.errors.TracerArrayConversionError:
-    return False
+_generate_jit = jax.jit(_generate_impl, static_argnums=(0, 1, 2, 3, 4, 5))
 
 
 def generate(model: DecodingModel, params, prompts, rng=None, *, max_new_tokens: int, prompt_lengths=None,
-             temperature=1.0, top_k=0, top_p=1.0, min_tokens_to_keep=1, repetition_penalty=1.0,
+             temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, min_tokens_to_keep=1, repetition_penalty=1.0,
              presence_penalty=0.0, frequency_penalty=0.0, greedy: bool = False, eos_id: Optional[int] = None,
-             pad_id: int = 0, row_ids=None, cache_len: Optional[int] = None) -> GenerateOutput:
-  """Decodes up to `max_new_tokens` per prompt; stops early once every row has emitted `eos_id`.
+             pad_id: int = 0, stop_sequences=None, num_return_sequences: int = 1, row_ids=None,
+             cache_len: Optional[int] = None) -> GenerateOutput:
+  """Decodes up to `max_new_tokens` per prompt; stops early once every row has ended.
 
-  Temperature, then top-k (`0` = off), then top-p (`1.0` = off); `temperature <= 0` or `greedy=True` is argmax.
-  Penalties act on the raw logits first: `repetition_penalty` over prompt + generated ids, presence/frequency
-  over generated ids. `rng` is one PRNG key (needed unless greedy); row i uses `fold_in(rng, row_ids[i])`.
-  A row stops when it emits EOS or when its cache is full (prompt length + generated tokens == cache_len).
+  Temperature, then top-k (`0` = off), then top-p (`1.0` = off), then min-p (`0.0` = off; transformers'
+  `MinPLogitsWarper`); `temperature == 0` or `greedy=True` is argmax. Penalties act on the raw logits first:
+  `repetition_penalty` over prompt + generated ids, presence/frequency over generated ids. `rng` is one PRNG key
+  (needed unless greedy). A row ends when it emits `eos_id` or when its prompt + output ends with one of
+  `stop_sequences` (token-id lists, one list for every row or one list per row; the match may start in the
+  prompt). `num_return_sequences=n` draws n independent continuations per prompt from one prefill (every output
+  field then has shape [B, n, ...]). A bad setting raises `genjax.errors.UserError` naming it.
   See the module docstring for the model interface and what is static vs runtime.
   """
-  if not isinstance(model, DecodingModel):
-    raise ValueError(f"model must be a genjax.samplers.decoding.DecodingModel, got {type(model).__name__}")
-  tokens, lengths = _prepare_prompts(prompts, prompt_lengths, pad_id)
+  check_model(model)
+  tokens, lengths = inputs.prepare_prompts(prompts, prompt_lengths, pad_id)
   batch = tokens.shape[0]
-  cache_len = _cache_len(model, tokens, lengths, max_new_tokens, cache_len)
+  n = inputs.positive_int("num_return_sequences", num_return_sequences)
+  cache_len = inputs.check_context(model, lengths, max_new_tokens, cache_len, tokens.shape[1])
+  inputs.check_cache_batch_axis(model, batch, cache_len)
   tokens = tokens[:, :cache_len]                   # padding beyond the cache is never read
-  if greedy:
-    temperature = 0.0
-  if rng is None:
-    if not (isinstance(temperature, (int, float)) and temperature <= 0):
-      raise ValueError("sampling needs an rng key (or pass greedy=True / temperature=0)")
-    rng = jax.random.key(0)
-  row_ids = jnp.arange(batch, dtype=jnp.int32) if row_ids is None else _row_vector(row_ids, batch, jnp.int32,
-                                                                                    "row_ids")
-  row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, row_ids)
-  settings = dict(
-      temperature=_row_vector(temperature, batch, jnp.float32, "temperature"),
-      top_k=_row_vector(top_k, batch, jnp.int32, "top_k"),
-      top_p=_row_vector(top_p, batch, jnp.float32, "top_p"),
-      min_tokens_to_keep=_row_vector(min_tokens_to_keep, batch, jnp.int32, "min_tokens_to_keep"),
-      repetition_penalty=_row_vector(repetition_penalty, batch, jnp.float32, "repetition_penalty"),
-      presence_penalty=_row_vector(presence_penalty, batch, jnp.float32, "presence_penalty"),
-      frequency_penalty=_row_vector(frequency_penalty, batch, jnp.float32, "frequency_penalty"),
-      eos_id=jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32),
-      pad_id=jnp.asarray(pad_id, jnp.int32))
+  floats, ints = inputs.sampling_settings(
+      batch, temperature=0.0 if greedy else temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+      min_tokens_to_keep=min_tokens_to_keep, repetition_penalty=repetition_penalty,
+      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
   # Two specialisations, each compiled once: every row greedy (argmax only: no sort, no random draw) or not;
   # penalties at their defaults in every row (no bookkeeping of seen ids) or not.
-  sample = not _everywhere(settings["temperature"], lambda t: t <= 0)
-  penalize = not (_everywhere(settings["repetition_penalty"], lambda r: r == 1)
-                  and _everywhere(settings["presence_penalty"], lambda p: p == 0)
-                  and _everywhere(settings["frequency_penalty"], lambda f: f == 0))
-  return _generate_jit(model, int(max_new_tokens), cache_len, sample, penalize, params, jnp.asarray(tokens),
-                       jnp.asarray(lengths), row_keys, settings)
+  sample = bool(np.any(floats[:, 0] > 0))
+  penalize = bool(np.any(floats[:, 3] != 1) or np.any(floats[:, 4:6] != 0))
+  if sample and rng is None:
+    raise UserError("sampling needs an rng key (or pass greedy=True / temperature=0)")
+  row_ids = (np.arange(batch, dtype=np.int32) if row_ids is None
+             else inputs._host_vector("row_ids", row_ids, batch, np.int32))
+  ids = np.array([-1 if eos_id is None else eos_id, pad_id], np.int32)
+  stops = inputs.stop_table(stop_sequences, batch)
+  return _generate_jit(model, inputs.positive_int("max_new_tokens", max_new_tokens), cache_len, n, sample,
+                       penalize, params, tokens, lengths, rng if sample else None, row_ids, floats, ints, ids, stops)
 
 
 def _beam_search_impl(model, num_beams, max_new_tokens, cache_len, params, prompts, lengths, length_penalty,
                       eos_id, pad_id):
   batch = prompts.shape[0]
   k, n = num_beams, max_new_tokens
-  logits, cache = _prefill(model, params, prompts, lengths, cache_len)
+  logits, cache = prefill(model, params, prompts, lengths, cache_len)
   vocab = logits.shape[-1]
   logp = jnp.broadcast_to(jax.nn.log_softmax(logits)[:, None, :], (batch, k, vocab))
   cache = jax.tree_util.tree_map(lambda x: jnp.repeat(x, k, axis=0), cache)
@@ -306,24 +310,20 @@ _beam_search_jit = jax.jit(_beam_search_impl, static_argnums=(0, 1, 2, 3))
 def beam_search(model: DecodingModel, params, prompts, *, num_beams: int, max_new_tokens: int,
                 prompt_lengths=None, length_penalty=1.0, eos_id: Optional[int] = None, pad_id: int = 0,
                 cache_len: Optional[int] = None) -> BeamSearchOutput:
-  """Beam search: the `num_beams` best continuations of each prompt, best first.
+  """Beam search: the `num_beams` best continuations of each prompt, best first (HF PyTorch's rules).
 
   A hypothesis ends at `eos_id` (included in its length) or after `max_new_tokens`; its score is
   `sum(log p) / generated_length ** length_penalty`. A row stops early once no alive beam can beat its worst
-  finished hypothesis. With `num_beams=1` and `length_penalty=0` this is greedy decoding. The cache must hold
-  every prompt plus `max_new_tokens - 1` tokens.
+  finished hypothesis. With `num_beams=1` and `length_penalty=0` this is greedy decoding. The longest prompt plus
+  `max_new_tokens` must fit in `model.max_len`.
   """
-  if not isinstance(model, DecodingModel):
-    raise ValueError(f"model must be a genjax.samplers.decoding.DecodingModel, got {type(model).__name__}")
-  if not isinstance(num_beams, (int, np.integer)) or num_beams < 1:
-    raise ValueError(f"num_beams must be a positive int, got {num_beams!r}")
-  tokens, lengths = _prepare_prompts(prompts, prompt_lengths, pad_id)
-  cache_len = _cache_len(model, tokens, lengths, max_new_tokens, cache_len)
+  check_model(model)
+  num_beams = inputs.positive_int("num_beams", num_beams)
+  if not np.isfinite(float(length_penalty)):
+    raise UserError(f"length_penalty={length_penalty!r} must be finite")
+  tokens, lengths = inputs.prepare_prompts(prompts, prompt_lengths, pad_id)
+  cache_len = inputs.check_context(model, lengths, max_new_tokens, cache_len, tokens.shape[1])
+  inputs.check_cache_batch_axis(model, tokens.shape[0], cache_len)
   tokens = tokens[:, :cache_len]                   # padding beyond the cache is never read
-  needed = int(lengths.max()) + int(max_new_tokens) - 1
-  if needed > cache_len:
-    raise ValueError(f"beam search needs a cache of {needed} slots (longest prompt {int(lengths.max())} + "
-                     f"max_new_tokens {max_new_tokens} - 1) but cache_len={cache_len}")
-  return _beam_search_jit(model, int(num_beams), int(max_new_tokens), cache_len, params, jnp.asarray(tokens),
-                          jnp.asarray(lengths), jnp.float32(length_penalty),
-                          jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id))
+  return _beam_search_jit(model, num_beams, int(max_new_tokens), cache_len, params, tokens, lengths,
+                          np.float32(length_penalty), np.int32(-1 if eos_id is None else eos_id), np.int32(pad_id))

@@ -1,15 +1,27 @@
-"""Logit processors for text decoding: penalties, temperature, top-k, top-p, and the token choice built on them.
+"""Logit processors for text decoding: penalties, temperature, top-k, top-p, min-p, and the token choice.
 
 Pure jax (no Flax). Every setting is a runtime value (a scalar or one value per row), so changing it inside a
-jitted decode loop compiles nothing new. Semantics (GUIDE §5, matching the PyTorch/HF conventions):
+jitted decode loop compiles nothing new. Semantics follow Hugging Face transformers' PyTorch warpers, in their order
+(temperature, then top-k, then top-p, then min-p):
 
     top_k_logits(logits, k)                        # keep exactly k per row (k clamped to V; lower index wins a tie)
     top_p_logits(logits, p, min_tokens_to_keep=1)  # sort descending, keep a token iff the mass *before* it is < p
+    min_p_logits(logits, min_p, min_tokens_to_keep=1)   # keep a token iff its prob >= min_p * the top prob
     apply_penalties(logits, seen, counts, repetition_penalty, presence_penalty, frequency_penalty)
-    choose_tokens(logits, keys, temperature, top_k, top_p, ...)   # temperature, then top-k, then top-p; T <= 0: argmax
+    filter_logits(logits, temperature, top_k, top_p, min_p=0.0, min_tokens_to_keep=1)
+    choose_tokens(logits, keys, temperature, top_k, top_p, min_p=0.0, ...)   # T <= 0: argmax
 
-`k <= 0` and `p >= 1` mean "no filtering" (so `top_k=0, top_p=1.0` is plain sampling). Filtered entries become
-`-inf`; at least one entry per row always survives, so the result is a valid categorical distribution.
+`k <= 0`, `p >= 1` and `min_p <= 0` mean "no filtering" (so `top_k=0, top_p=1.0` is plain sampling). Filtered
+entries become `-inf`; at least one entry per row always survives, so the result is a valid categorical
+distribution. One `min_tokens_to_keep` serves top-k, top-p and min-p, as in transformers' `generate`: the
+`min_tokens_to_keep` most likely tokens survive every filter.
+
+All filters share one stable descending sort: `choose_tokens` draws in sorted order and maps the draw back through
+the sort permutation, so sampling costs one sort per row and no inverse permutation.
+
+    import jax, jax.numpy as jnp
+    from genjax.samplers.logits import filter_logits
+    filter_logits(jnp.log(jnp.array([0.5, 0.3, 0.15, 0.05])), 1.0, 0, 1.0, min_p=0.2)   # keeps ids 0, 1, 2
 """
 from __future__ import annotations
 
@@ -17,16 +29,6 @@ import jax
 import jax.numpy as jnp
 
 NEG_INF = -jnp.inf
-
-
-def _descending_order(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(order, ranks): `order[..., j]` is the id of the j-th largest logit (stable: lower id first on ties) and
-  `ranks` is its inverse permutation (the rank of each id)."""
-  order = jnp.argsort(-logits, axis=-1, stable=True)
-  flat = order.reshape(-1, order.shape[-1])
-  rows = jnp.arange(flat.shape[0])[:, None]
-  ranks = jnp.zeros_like(flat).at[rows, flat].set(jnp.arange(flat.shape[1], dtype=flat.dtype)[None, :])
-  return order, ranks.reshape(order.shape)
 
 
 def _per_row(value, logits: jax.Array, dtype) -> jax.Array:
@@ -39,24 +41,39 @@ def _per_row(value, logits: jax.Array, dtype) -> jax.Array:
   return value[..., None]
 
 
-def _top_k_top_p(logits: jax.Array, k, p, min_tokens_to_keep) -> jax.Array:
-  """Top-k then top-p with one sort: in descending order top-k keeps the first k positions, and top-p measures
-  the mass before each position after renormalising over those k."""
+def sorted_filtered_logits(logits: jax.Array, top_k=0, top_p=1.0, min_p=0.0,
+                           min_tokens_to_keep=1) -> tuple[jax.Array, jax.Array]:
+  """(filtered logits in descending order, order): `order[..., j]` is the id of the j-th largest logit (a stable
+  sort: the lower id first on ties) and the first output holds float32 logits with the filtered ones at -inf.
+
+  Top-k keeps the first max(k, min_tokens_to_keep) positions; top-p measures the probability mass before each
+  position after renormalising over those; min-p compares each probability with the top one (a ratio, so renormalising changes nothing).
+  """
+  logits = jnp.asarray(logits, jnp.float32)
   if logits.ndim < 1:
     raise ValueError(f"logits must have a vocabulary axis, got shape {logits.shape}")
-  k = _per_row(k, logits, jnp.int32)
-  p = _per_row(p, logits, jnp.float32)
+  k = _per_row(top_k, logits, jnp.int32)
+  p = _per_row(top_p, logits, jnp.float32)
+  m = _per_row(min_p, logits, jnp.float32)
   min_keep = _per_row(min_tokens_to_keep, logits, jnp.int32)
-  order, ranks = _descending_order(logits)
+  ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  neg_sorted, order = jax.lax.sort((-logits, ids), dimension=logits.ndim - 1, num_keys=1, is_stable=True)
   position = jnp.arange(logits.shape[-1], dtype=jnp.int32)
-  in_top_k = (position < k) | (k <= 0)
-  sorted_logits = jnp.where(in_top_k, jnp.take_along_axis(logits, order, axis=-1).astype(jnp.float32), NEG_INF)
+  in_top_k = (position < jnp.maximum(k, min_keep)) | (k <= 0)
+  sorted_logits = jnp.where(in_top_k, -neg_sorted, NEG_INF)
   probs = jax.nn.softmax(sorted_logits, axis=-1)
   cum = jnp.cumsum(probs, axis=-1)
   mass_before = jnp.concatenate([jnp.zeros_like(cum[..., :1]), cum[..., :-1]], axis=-1)
-  keep_sorted = in_top_k & ((mass_before < p) | (position < min_keep) | (p >= 1.0))
-  keep = jnp.take_along_axis(keep_sorted, ranks, axis=-1)
-  return jnp.where(keep, logits, NEG_INF)
+  forced = position < min_keep
+  keep_p = (mass_before < p) | (p >= 1.0)
+  keep_min_p = probs >= m * probs[..., :1]
+  keep = in_top_k & (keep_p | forced) & (keep_min_p | forced)
+  return jnp.where(keep, sorted_logits, NEG_INF), order
+
+
+def _unsort(sorted_values: jax.Array, order: jax.Array) -> jax.Array:
+  """Inverse of the sort: values back at their ids (a second sort, keyed by the permutation)."""
+  return jax.lax.sort((order, sorted_values), dimension=order.ndim - 1, num_keys=1)[1]
 
 
 @jax.jit
@@ -66,7 +83,9 @@ def top_k_logits(logits: jax.Array, k) -> jax.Array:
   Keeps exactly `min(k, V)` entries even when values tie (the lower index wins a tie); `k <= 0` keeps everything.
   `k` may be a traced scalar or one value per row (shape `logits.shape[:-1]`).
   """
-  return _top_k_top_p(jnp.asarray(logits), k, 1.0, 1)
+  logits = jnp.asarray(logits)
+  filtered, order = sorted_filtered_logits(logits, k)
+  return jnp.where(jnp.isfinite(_unsort(filtered, order)), logits, NEG_INF)
 
 
 @jax.jit
@@ -77,7 +96,18 @@ def top_p_logits(logits: jax.Array, p, min_tokens_to_keep=1) -> jax.Array:
   before it is `< p`; the first `min_tokens_to_keep` tokens are always kept and `p >= 1` keeps everything.
   Uniform logits over V therefore keep `ceil(p * V)` tokens. Probabilities are computed in float32.
   """
-  return _top_k_top_p(jnp.asarray(logits), 0, p, min_tokens_to_keep)
+  logits = jnp.asarray(logits)
+  filtered, order = sorted_filtered_logits(logits, 0, p, 0.0, min_tokens_to_keep)
+  return jnp.where(jnp.isfinite(_unsort(filtered, order)), logits, NEG_INF)
+
+
+@jax.jit
+def min_p_logits(logits: jax.Array, min_p, min_tokens_to_keep=1) -> jax.Array:
+  """Min-p filter (transformers' `MinPLogitsWarper`): a token survives iff its probability is at least `min_p`
+  times the most likely token's; the `min_tokens_to_keep` most likely always survive; `min_p = 0` keeps all."""
+  logits = jnp.asarray(logits)
+  filtered, order = sorted_filtered_logits(logits, 0, 1.0, min_p, min_tokens_to_keep)
+  return jnp.where(jnp.isfinite(_unsort(filtered, order)), logits, NEG_INF)
 
 
 @jax.jit
@@ -111,13 +141,27 @@ def apply_penalties(logits: jax.Array, seen: jax.Array, counts: jax.Array, repet
 
 
 @jax.jit
-def filter_logits(logits: jax.Array, temperature=1.0, top_k=0, top_p=1.0, min_tokens_to_keep=1) -> jax.Array:
-  """Temperature, then top-k, then top-p: the float32 logits a sampler draws from."""
-  return _top_k_top_p(apply_temperature(logits, temperature), top_k, top_p, min_tokens_to_keep)
+def filter_logits(logits: jax.Array, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                  min_tokens_to_keep=1) -> jax.Array:
+  """Temperature, then top-k, then top-p, then min-p: the float32 logits a sampler draws from."""
+  filtered, order = sorted_filtered_logits(apply_temperature(logits, temperature), top_k, top_p, min_p,
+                                           min_tokens_to_keep)
+  return _unsort(filtered, order)
+
+
+def greedy_or_filtered(logits: jax.Array, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                       min_tokens_to_keep=1) -> jax.Array:
+  """The logits of the distribution a row draws from, by id: `filter_logits` for rows with temperature > 0 and a
+  point mass on the argmax (0 there, -inf elsewhere; lowest id on ties) for rows with temperature <= 0."""
+  logits = jnp.asarray(logits, jnp.float32)
+  filtered = filter_logits(logits, temperature, top_k, top_p, min_p, min_tokens_to_keep)
+  argmax = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=bool)
+  greedy = jnp.broadcast_to(_per_row(temperature, logits, jnp.float32) <= 0, logits.shape)
+  return jnp.where(greedy, jnp.where(argmax, 0.0, NEG_INF), filtered)
 
 
 @jax.jit
-def choose_tokens(logits: jax.Array, keys: jax.Array, temperature=1.0, top_k=0, top_p=1.0,
+def choose_tokens(logits: jax.Array, keys: jax.Array, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
                   min_tokens_to_keep=1) -> jax.Array:
   """One token id per row of `logits` [B, V] with one PRNG key per row (`keys`: [B] typed or [B, 2] raw keys).
 
@@ -127,8 +171,9 @@ def choose_tokens(logits: jax.Array, keys: jax.Array, temperature=1.0, top_k=0, 
   logits = jnp.asarray(logits, jnp.float32)
   if logits.ndim != 2:
     raise ValueError(f"choose_tokens expects logits [B, V], got shape {logits.shape}")
-  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  filtered = filter_logits(logits, temperature, top_k, top_p, min_tokens_to_keep)
-  sampled = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
-  t = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), greedy.shape)
-  return jnp.where(t > 0, sampled, greedy)
+  filtered, order = sorted_filtered_logits(apply_temperature(logits, temperature), top_k, top_p, min_p,
+                                           min_tokens_to_keep)
+  rank = jax.vmap(jax.random.categorical)(keys, filtered)
+  t = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), rank.shape)
+  rank = jnp.where(t > 0, rank, 0)              # the first in the stable sort is the argmax, lowest id on ties
+  return jnp.take_along_axis(order, rank[:, None], axis=1)[:, 0].astype(jnp.int32)

@@ -9,11 +9,13 @@ What survives what:
 - Layout. The state is saved as a nested dict of arrays (`flax.serialization.to_state_dict`) and restored onto the
   device layout the caller's abstract arrays carry: 8 devices → 4 → 1, pmap → pjit. `load_run` restores onto the
   first local device whatever wrote the checkpoint.
-- Damage. Every save records a checksum of each array (wrap-around uint32 sums of the raw and of the hashed
+- Damage vs. trouble. Every save records a checksum of each array (wrap-around uint32 sums of the raw and of the hashed
   bits, independent of how the array is sharded; any changed element changes it) and a SHA-256 of the
-  data-iterator position. A checkpoint that cannot be read or fails a checksum is moved to
-  `<workdir>/damaged_checkpoints/` (never deleted), a warning says so, and the previous checkpoint is used.
-  Orbax/TensorStore alone can restore silently altered values from a flipped byte; the checksums catch that.
+  data-iterator position. Only integrity failures — a checksum mismatch, missing or unparseable files of a
+  finished save — count as damage: that checkpoint is moved to `<workdir>/damaged_checkpoints/` (never deleted), a
+  warning says so, and the previous checkpoint is used. Orbax/TensorStore alone can restore silently altered values
+  from a flipped byte; the checksums catch that. An I/O error while reading (EIO, EACCES, a stale NFS handle, ...)
+  says nothing about the checkpoint: it raises `CheckpointReadError` naming the path and moves nothing.
 - Wrong run. A checkpoint whose arrays do not match this config's shapes/dtypes, or whose metadata names another
   family, raises `CheckpointMismatchError` naming the first differences; nothing is moved or overwritten.
 - Save failures. A failed (async) save raises `CheckpointSaveError` at the next `save`, `check` or `wait` (and
@@ -38,6 +40,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from genjax.errors import CheckpointError, WorkdirError
+
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "damaged_checkpoints"
@@ -49,12 +53,36 @@ class CheckpointSaveError(RuntimeError):
   """Writing a checkpoint failed (disk full, permissions, ...); training must not go on without it."""
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(CheckpointError):
   """The checkpoint belongs to another run: other family, or other array shapes/dtypes than this config makes."""
 
 
-class CheckpointUnreadableError(ValueError):
+class CheckpointUnreadableError(CheckpointError):
   """A checkpoint (or every checkpoint in the directory) cannot be read back intact."""
+
+
+class CheckpointReadError(CheckpointError):
+  """Reading a checkpoint failed for a reason outside it (I/O error, permissions): nothing was moved or changed."""
+
+
+# Status words (TensorStore / gRPC) and OS error texts of a read that failed for a reason outside the checkpoint.
+_TROUBLE_MARKERS = ("PERMISSION_DENIED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED",
+                    "Input/output error", "Permission denied", "Stale file handle", "Resource temporarily unavailable")
+_MISSING = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+def read_trouble(e: BaseException) -> Optional[BaseException]:
+  """The exception in `e`'s chain that says the read failed outside the checkpoint (an OSError other than a missing
+  file, or a TensorStore status of that kind); None when `e` says the checkpoint itself is damaged."""
+  seen: set[int] = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and not isinstance(e, _MISSING):
+      return e
+    if any(marker in str(e) for marker in _TROUBLE_MARKERS):
+      return e
+    e = e.__cause__ or e.__context__
+  return None
 
 
 def state_to_tree(state: Any) -> Any:
@@ -304,7 +332,8 @@ class Checkpointer:
         mismatches.append(e)
         skipped.append((step, e))
         continue
-      except Exception as e:  # damaged: say so and try the previous one
+      except Exception as e:  # damaged: say so and try the previous one; trouble reading: stop
+        self._raise_if_trouble(step, e)
         logging.warning("checkpoint at step %d in %s cannot be read (%s); trying the previous one", step,
                         self.directory, _first_line(e))
         skipped.append((step, e))
@@ -322,6 +351,14 @@ class Checkpointer:
     raise CheckpointUnreadableError(
         f"none of the checkpoints {steps} in {self.directory} can be read intact ({reasons}). Nothing was "
         f"changed; move {self.directory} away to start from scratch")
+
+  def _raise_if_trouble(self, step: int, e: BaseException) -> None:
+    trouble = read_trouble(e)
+    if trouble is not None:
+      raise CheckpointReadError(
+          f"reading the checkpoint of step {step} in {os.path.join(self.directory, str(step))} failed "
+          f"({_first_line(trouble)}); nothing was moved or changed. Fix the cause (permissions, disk, network "
+          "file system) and rerun") from e
 
   def _move_aside(self, steps: list[int]) -> str:
     target = os.path.join(self.workdir, DAMAGED_DIR)
@@ -364,14 +401,16 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, CONFIG_FILE)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f"{workdir!r} is a file, not a genjax run directory")
   if not os.path.exists(path):
-    raise ValueError(f"{workdir!r} is not a genjax run directory: {CONFIG_FILE} is missing "
-                     f"(train one with `python -m experiments.train --config=... --workdir={workdir}`)")
+    raise WorkdirError(f"{workdir!r} is not a genjax run directory: {CONFIG_FILE} is missing "
+                       f"(train one with `python -m experiments.train --config=... --workdir={workdir}`)")
   try:
     with open(path) as f:
       return ml_collections.ConfigDict(json.load(f))
   except (ValueError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path} is not valid JSON ({_first_line(e)}); restore it or use another --workdir") from None
+    raise WorkdirError(f"{path} is not valid JSON ({_first_line(e)}); restore it or use another --workdir") from None
 
 
 def load_run(workdir: str, step: Optional[int] = None) -> tuple[ml_collections.ConfigDict, Any]:
@@ -385,14 +424,15 @@ def load_run(workdir: str, step: Optional[int] = None) -> tuple[ml_collections.C
   try:
     steps = ckpt.all_steps()
     if step is not None and step not in steps:
-      raise ValueError(f"no checkpoint of step {step} in {ckpt.directory}; steps: {steps}")
+      raise CheckpointError(f"no checkpoint of step {step} in {ckpt.directory}; steps: {steps}")
     if not steps:
-      raise ValueError(f"no checkpoint in {ckpt.directory}; the run has not saved one yet")
+      raise CheckpointError(f"no checkpoint in {ckpt.directory}; the run has not saved one yet")
     errors = []
     for s in ([step] if step is not None else reversed(steps)):
       try:
         tree, _, _ = ckpt.restore(s)
       except Exception as e:
+        ckpt._raise_if_trouble(s, e)
         logging.warning("checkpoint at step %d in %s cannot be read (%s); trying the previous one", s,
                         ckpt.directory, _first_line(e))
         errors.append(f"step {s}: {_first_line(e)}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import optax
+from genjax.errors import ConfigError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
@@ -31,7 +32,7 @@ def make_schedule(cfg, num_train_steps: int) -> optax.Schedule:
     return optax.cosine_decay_schedule(lr, max(1, num_train_steps))
   if kind == "warmup_cosine":
     return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(warmup + 1, num_train_steps))
-  raise ValueError(f"optimizer.schedule={kind!r} is not one of {SCHEDULES}")
+  raise ConfigError(f"optimizer.schedule={kind!r} is not one of {SCHEDULES}")
 
 
 def make_optimizer(cfg, num_train_steps: int) -> optax.GradientTransformation:
@@ -47,6 +48,6 @@ def make_optimizer(cfg, num_train_steps: int) -> optax.GradientTransformation:
   elif name == "sgd":
     tx = optax.sgd(lr, momentum=b1 or None)
   else:
-    raise ValueError(f"optimizer.name={name!r} is not one of {OPTIMIZERS}")
+    raise ConfigError(f"optimizer.name={name!r} is not one of {OPTIMIZERS}")
   clip = float(_get(cfg, "grad_clip_norm", 0.0))
   return optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx

@@ -30,45 +30,142 @@ def quiet_library_logs() -> None:
 
 
 class MetricsWriter:
-  def __init__(self, workdir: str, enabled: bool = True):
-    self.enabled = enabled
+  """metrics.jsonl (one JSON record per write, with `step` and `time`, Unix seconds) and TensorBoard events.
+
+  `resume_step`: the step a run resumes from; records of later steps (written before an interruption and computed
+  again now) are dropped from metrics.jsonl and hidden in TensorBoard (`purge_step`), so every step appears once.
+  Files are opened at the first write: a run that stops before logging anything leaves none behind.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0):
+    self.enabled, self.workdir, self.resume_step = enabled, workdir, int(resume_step)
     self._jsonl = self._tb = None
-    if enabled:
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def _open(self) -> None:
+    path = os.path.join(self.workdir, "metrics.jsonl")
+    if os.path.exists(path):
+      kept = [line for line in open(path) if _record_step(line) <= self.resume_step]
+      with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+      os.replace(path + ".tmp", path)
+    self._jsonl = open(path, "a")
+    from tensorboardX import SummaryWriter
+    self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"),
+                             purge_step=self.resume_step + 1 if self.resume_step else None)
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
       return
+    if self._jsonl is None:
+      self._open()
     clean = {k: float(v) for k, v in metrics.items()}
-    self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
+    self._jsonl.write(json.dumps({"step": int(step), "time": round(time.time(), 3), **clean}) + "\n")
     self._jsonl.flush()
     for k, v in clean.items():
       self._tb.add_scalar(k, v, int(step))
     self._tb.flush()
 
-  def close(self) -> None:
+  def write_images(self, step: int, tag: str, grid: np.ndarray) -> None:
+    """A uint8 [H, W, 3] image grid in TensorBoard's Images tab."""
     if self.enabled:
+      if self._tb is None:
+        self._open()
+      self._tb.add_image(tag, grid, int(step), dataformats="HWC")
+      self._tb.flush()
+
+  def write_text(self, step: int, tag: str, text: str) -> None:
+    if self.enabled:
+      if self._tb is None:
+        self._open()
+      self._tb.add_text(tag, text, int(step))
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._jsonl is not None:
       self._jsonl.close()
       self._tb.close()
 
 
+def _record_step(line: str) -> float:
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return float("inf")                    # a half-written last line of a killed run: dropped
+
+
+LINE_WIDTH = 120
+
+
+def format_duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  if seconds >= 3600:
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+  return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
 class Progress:
-  """Steps/s over the last interval and an ETA from it."""
+  """Steps/s and ETA from training-step time only: the compile (before the first timed step) and the time spent
+  evaluating, sampling and checkpointing (`exclude`) do not count, so the ETA neither counts compilation nor jumps
+  after an evaluation."""
 
   def __init__(self, first_step: int, total_steps: int):
     self.total = total_steps
-    self._step, self._time = first_step, time.perf_counter()
+    self._step, self._time, self._excluded = first_step, None, 0.0
+    self._steps_done, self._seconds = 0, 0.0
 
-  def line(self, step: int, metrics: Mapping[str, float]) -> str:
+  def start(self, step: int) -> None:
+    """Starts the clock (call after the first, compiling, step)."""
+    self._step, self._time, self._excluded = step, time.perf_counter(), 0.0
+
+  def exclude(self, seconds: float) -> None:
+    self._excluded += seconds
+
+  def interval(self, step: int) -> dict:
+    """{"steps_per_second", "eta_seconds"} of the steps since the last call (empty before `start`)."""
+    if self._time is None:
+      return {}
     now = time.perf_counter()
-    rate = (step - self._step) / max(now - self._time, 1e-9)
-    self._step, self._time = step, now
-    eta = (self.total - step) / rate if rate > 0 else math.inf
-    shown = " | ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "finite")
-    eta_s = "?" if math.isinf(eta) else f"{int(eta // 60)}m{int(eta % 60):02d}s"
-    return f"step {step}/{self.total} | {shown} | {rate:.2f} steps/s | ETA {eta_s}"
+    seconds = max(now - self._time - self._excluded, 1e-9)
+    steps = step - self._step
+    self._step, self._time, self._excluded = step, now, 0.0
+    if steps <= 0:
+      return {}
+    self._steps_done, self._seconds = self._steps_done + steps, self._seconds + seconds
+    rate = steps / seconds
+    return {"steps_per_second": rate, "eta_seconds": (self.total - step) * self._seconds / self._steps_done}
+
+
+def _short(key: str) -> str:
+  return key.replace("grad_norm", "gnorm").replace("learning_rate", "lr")
+
+
+def log_line(step: int, total: int, metrics: Mapping[str, float], rates: Mapping[str, float]) -> str:
+  """`step 100/2000 | loss 1.23 | ... | 12.3 steps/s | 790 ex/s | MFU 41% | ETA 2m10s`, at most LINE_WIDTH columns:
+  losses first, then other metrics while they fit (all of them are in metrics.jsonl / TensorBoard)."""
+  head = f"step {step}/{total}"
+  tail = []
+  if "steps_per_second" in rates:
+    tail.append(f"{rates['steps_per_second']:.3g} steps/s")
+  for key, unit in (("tokens_per_second", "tok/s"), ("examples_per_second", "ex/s")):
+    if key in rates:
+      tail.append(f"{rates[key]:.3g} {unit}")
+      break
+  if rates.get("mfu") is not None:
+    tail.append(f"MFU {100 * rates['mfu']:.1f}%")
+  if "eta_seconds" in rates:
+    tail.append(f"ETA {format_duration(rates['eta_seconds'])}")
+  keys = sorted((k for k in metrics if k != "finite"),
+                key=lambda k: (0 if k.endswith("loss") else 1 if k == "lr" else 2, "/" in k))
+  fields = [f"{_short(k)} {metrics[k]:.4g}" for k in keys]
+  line = head
+  budget = LINE_WIDTH - len(" | ".join([head] + tail))
+  for f in fields:
+    if len(f) + 3 > budget:
+      break
+    line, budget = f"{line} | {f}", budget - len(f) - 3
+  return " | ".join([line] + tail)
 
 
 def image_grid(images: np.ndarray, columns: int | None = None, upscale: int = 1) -> np.ndarray:

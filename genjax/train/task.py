@@ -14,7 +14,8 @@ pure functions. The loop in `genjax.train.trainer` runs any `Task`:
 A phase's `loss_fn(params, batch, rng, step) -> (loss, metrics)` sees the *whole* params tree but only the sub-tree
 `params[params_key]` (all params when `params_key` is None) is differentiated and updated, by that phase's own
 optax optimizer. Phases run in order inside one jitted step; a later phase sees the params the earlier ones
-produced; `step` is the int32 training step (for lazy regularisers). A GAN is two phases ("disc" then "gen"); every other family is one.
+produced; `step` is the int32 training step (for lazy regularisers). A GAN is two phases ("disc" then "gen"); every
+other family is one.
 
 `options` are sampler settings a user passes from the command line (`experiments/sample.py --sampler=ddim
 --num_steps=50`, `--temperature=0.8`, ...): a family accepts the ones it understands and raises a ValueError naming

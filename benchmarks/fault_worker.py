@@ -1,18 +1,23 @@
-"""A training subprocess for the fault tests and the soak (`tests/test_faults.py`, `benchmarks/faults.py`).
+"""A training subprocess for the fault soak and tests (`benchmarks/faults.py`, `tests/test_faults.py`).
 
-    python -m tests.fault_worker --workdir=W --overrides='{"num_train_steps": 6}' --out=params.npy \
-        [--pause_at=3 --marker=M --release=R] [--fsize_limit=BYTES]
-    python -m tests.fault_worker --jobs='[{"dump_step": 2, "workdir": W, "out": F}, {"workdir": W2, ...}]'
+    python -m benchmarks.fault_worker --workdir=W --overrides='{"num_train_steps": 6}' --out=params.npy \
+        [--pause_at=3 --marker=M --release=R] [--fsize_limit=BYTES] \
+        [--coordinator_address=127.0.0.1:PORT --num_processes=2 --process_id=I]
+    python -m benchmarks.fault_worker --jobs='[{"dump_step": 2, "workdir": W, "out": F}, {"workdir": W2, ...}]'
     (a job may also say "wait_for": PATH, a file to wait for before it starts)
 
-Trains `tests.util.tiny_vae_config(**overrides)` through `experiments.train.run` (the launcher's code path) on
-whatever devices XLA_FLAGS gives this process, then writes the final params (flattened, float64) to `out` and
-prints one JSON line {"devices", "step"}.
+Trains `vae.py:tiny` (the digits VAE shrunk to seconds) with dotted-key `overrides` through
+`genjax.train.trainer.train_and_evaluate` on whatever devices XLA_FLAGS gives this process (with
+`--num_processes`: one process of a multi-process job, gloo collectives), then writes the final params (flattened,
+float64) to `out` and prints one JSON line {"devices", "step"}. A run stopped by SIGINT/SIGTERM prints
+{"devices", "interrupted_at"} and exits with the launcher's status (130 / 143).
 
 Fault-injection points (none changes the numbers a run computes):
 - `--pause_at=K`: after K training batches were taken, write the file `--marker` and wait (up to 10 min) for the
   file `--release` before handing out batch K+1. The parent kills or signals the process while it waits, or
-  releases it and kills it a moment later. The pause sits in the data iterator, so nothing else changes.
+  releases it and kills it a moment later. The pause sits in the data iterator (the loop's `train_iter` injection
+  point, `HookedIterator`), so nothing else changes.
+- `--batch_delay=S`: after the pause, every batch waits S seconds (steps long enough for a signal to land mid-run).
 - `--fsize_limit=BYTES`: from the release on (from the start without --pause_at), no file may grow past BYTES
   (RLIMIT_FSIZE): a real "File too large" OS error inside orbax's background writes, as a full disk gives.
 - `--nan_at=K`: batch K (counted from 0 in this process) gets a NaN pixel, as a corrupt record would.
@@ -36,7 +41,7 @@ from typing import Any, Callable
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# ---- helpers the parents (tests/test_faults.py, benchmarks/faults.py) share -----------------------------------
+# ---- helpers the parents (benchmarks/faults.py, tests/test_faults.py) share -----------------------------------
 
 def worker_env(devices: int, cache_dir) -> dict:
   """This environment with `devices` simulated CPU devices and a shared persistent compilation cache."""
@@ -96,12 +101,24 @@ class HookedIterator:
     return self._it.close()
 
 
-def hook_train_iterator(hook: Callable[[int, dict], dict]) -> Callable[[], None]:
-  """Makes the loop's `genjax.data.train_iterator` hand out hooked iterators; returns the undo function."""
-  import genjax.data as gdata
-  original = gdata.train_iterator
-  gdata.train_iterator = lambda *a, **k: HookedIterator(original(*a, **k), hook)
-  return lambda: setattr(gdata, "train_iterator", original)
+def tiny_vae_config(**overrides):
+  """`vae.py:tiny` with dotted-key overrides ({"mesh.data": 2, ...}; JSON lists become tuples)."""
+  from experiments.configs import vae as vae_configs
+  c = vae_configs.get_config("tiny")
+  c.update_from_flattened_dict({k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+  return c
+
+
+def hooked_train_iterator(config, hook: Callable[[int, dict], dict]) -> HookedIterator:
+  """The loop's own train iterator for `config` (this process's rows), with `hook` on every batch."""
+  from genjax.train.trainer import make_train_iterator
+  return HookedIterator(make_train_iterator(config), hook)
+
+
+def flat(tree):
+  import jax
+  import numpy as np
+  return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(jax.device_get(tree))])
 
 
 # ---- damage done to a checkpoint directory `<workdir>/checkpoints/<step>` (used by the tests and the soak) ------
@@ -152,8 +169,10 @@ def _limit_file_size(limit: int) -> None:
   resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
 
 
-def pause_hook(pause_at: int, marker: str, release: str, fsize_limit: int):
+def pause_hook(pause_at: int, marker: str, release: str, fsize_limit: int, batch_delay: float = 0.0):
   def hook(index: int, batch: dict) -> dict:
+    if index > pause_at:
+      time.sleep(batch_delay)           # a slower step after the pause, so that signals arrive mid-run
     if index == pause_at:
       with open(marker, "w") as f:
         f.write(str(pause_at))
@@ -182,7 +201,6 @@ def _dump(workdir: str, step: int, out: str) -> dict:
   import numpy as np
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   from genjax.train.checkpoint import Checkpointer, _is_array_meta
-  from tests.util import flat
   devices = jax.devices()
   mesh = Mesh(np.asarray(devices), ("d",))
 
@@ -203,31 +221,36 @@ def _dump(workdir: str, step: int, out: str) -> dict:
           "arrays": len(jax.tree.leaves(tree))}
 
 
-def _train(workdir: str, overrides: dict, out: str) -> dict:
+def _train(workdir: str, overrides: dict, out: str, hook) -> dict:
   import jax
   import numpy as np
-  from experiments.train import run
-  from tests.util import flat, tiny_vae_config
-  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-  state = run(tiny_vae_config(**overrides), workdir)
-  if out:
+  from genjax.models import get_task
+  from genjax.train.trainer import Interrupted, train_and_evaluate
+  config = tiny_vae_config(**overrides)
+  train_iter = hooked_train_iterator(config, hook) if hook else None
+  try:
+    state = train_and_evaluate(config, workdir, get_task, train_iter=train_iter)
+  except Interrupted as e:
+    print(json.dumps({"devices": jax.device_count(), "interrupted_at": e.step}), flush=True)
+    sys.exit(e.exit_code)
+  if out and jax.process_index() == 0:
     np.save(out, flat(state.params))
   return {"devices": jax.device_count(), "step": int(jax.device_get(state.step))}
 
 
-def run_job(job: dict[str, Any]) -> dict:
+def run_job(job: dict[str, Any], hook=None) -> dict:
   deadline = time.time() + 600
   while job.get("wait_for") and not os.path.exists(job["wait_for"]) and time.time() < deadline:
     time.sleep(0.05)                      # a job may wait for a file the parent writes when its input is ready
   if job.get("dump_step") is not None:
     return _dump(job["workdir"], int(job["dump_step"]), job["out"])
-  return _train(job["workdir"], job.get("overrides", {}), job.get("out", ""))
+  return _train(job["workdir"], job.get("overrides", {}), job.get("out", ""), hook)
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workdir", default="")
-  p.add_argument("--overrides", default="{}", help="JSON dict for tests.util.tiny_vae_config(**overrides)")
+  p.add_argument("--overrides", default="{}", help="JSON dict of dotted config keys for vae.py:tiny")
   p.add_argument("--out", default="")
   p.add_argument("--jobs", default="", help="JSON list of jobs {workdir, overrides, out[, dump_step]}")
   p.add_argument("--pause_at", type=int, default=-1)
@@ -235,21 +258,31 @@ def main() -> None:
   p.add_argument("--release", default="")
   p.add_argument("--fsize_limit", type=int, default=0)
   p.add_argument("--nan_at", type=int, default=-1)
+  p.add_argument("--batch_delay", type=float, default=0.0, help="seconds of sleep per batch after the pause")
+  p.add_argument("--coordinator_address", default="", help="host:port of process 0 (multi-process job)")
+  p.add_argument("--num_processes", type=int, default=1)
+  p.add_argument("--process_id", type=int, default=0)
   args = p.parse_args()
   sys.path.insert(0, ROOT)
+  if args.num_processes > 1:
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(args.coordinator_address, num_processes=args.num_processes,
+                               process_id=args.process_id)
   from absl import logging
   logging.use_absl_handler()
   logging.set_verbosity(logging.INFO)
+  hook = None
   if args.pause_at >= 0:
-    hook_train_iterator(pause_hook(args.pause_at, args.marker, args.release, args.fsize_limit))
+    hook = pause_hook(args.pause_at, args.marker, args.release, args.fsize_limit, args.batch_delay)
   if args.nan_at >= 0:
-    hook_train_iterator(nan_hook(args.nan_at))
+    hook = nan_hook(args.nan_at)
   if args.fsize_limit and args.pause_at < 0:
     _limit_file_size(args.fsize_limit)
   jobs = json.loads(args.jobs) if args.jobs else [
       {"workdir": args.workdir, "overrides": json.loads(args.overrides), "out": args.out}]
   for job in jobs:
-    print(json.dumps(run_job(job)), flush=True)
+    print(json.dumps(run_job(job, hook)), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,110 @@
+r"""What every launcher in experiments/ shares: the sample-option flags, the one error contract, quiet logs.
+
+The error contract: a mistake the user can make (a flag, a config key or value, a workdir, a checkpoint step, a
+sample option) is one line on stderr, `error: <what is wrong, and what would be valid>`, and exit status 2. Flag
+parsing errors come from absl; everything else is a `genjax.errors.UserError` raised by the library. Any other
+exception is a bug and keeps its traceback.
+
+    # experiments/foo.py
+    from experiments import cli
+    def define_flags(): cli.define_sample_option_flags(); ...
+    def main(argv): ...                              # raise UserError for bad input
+    if __name__ == "__main__":
+      define_flags()
+      cli.run(main)
+
+Sample options (`SAMPLE_OPTIONS`) are defined once here and become the same flags in `experiments.sample` and
+`experiments.evaluate`; only the ones given on the command line reach the family's sampler, which names any it
+does not understand. Adding an option is one line in `SAMPLE_OPTIONS`.
+"""
+from __future__ import annotations
+
+import logging as std_logging
+import os
+import sys
+from typing import Callable
+
+from absl import app, flags, logging
+
+from genjax.errors import UserError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXIT_USER_ERROR = 2
+
+# name -> (kind, help). kind is an absl DEFINE_<kind>. Every entry is a flag of both `sample` and `evaluate`.
+SAMPLE_OPTIONS = {
+    "sampler": ("string", "Diffusion sampler: ddpm | ddim | dpm_solver (default: the config's)."),
+    "num_steps": ("integer", "Diffusion sampler steps (default: the config's)."),
+    "eta": ("float", "DDIM eta: 0 is deterministic, 1 is DDPM-like noise."),
+    "guidance": ("float", "Classifier-free guidance scale for conditional diffusion (1 = no guidance)."),
+    "label": ("integer", "Class label for conditional models (diffusion, GAN): an int in [0, num_classes). Default: "
+                         "the classes in turn."),
+    "truncation": ("float", "GAN truncation t >= 0: each latent coordinate is drawn from N(0, 1) restricted to "
+                            "[-t, t]. Smaller t gives cleaner, less varied images; unset = no truncation."),
+    "temperature": ("float", "LM sampling temperature (0 = greedy); VAE latent scale (prior std, > 0)."),
+    "top_k": ("integer", "LM top-k (0 = off)."),
+    "top_p": ("float", "LM nucleus p in (0, 1]."),
+    "repetition_penalty": ("float", "LM repetition penalty (HF-style, 1 = off)."),
+    "presence_penalty": ("float", "LM presence penalty (0 = off)."),
+    "frequency_penalty": ("float", "LM frequency penalty (0 = off)."),
+    "num_beams": ("integer", "LM beam search width (1 = sampling)."),
+    "length_penalty": ("float", "LM beam search length penalty."),
+    "max_new_tokens": ("integer", "LM tokens to generate."),
+}
+
+
+def define_sample_option_flags() -> None:
+  """One absl flag per `SAMPLE_OPTIONS` entry, default None (= the family's default)."""
+  for name, (kind, help_) in SAMPLE_OPTIONS.items():
+    getattr(flags, f"DEFINE_{kind}")(name, None, help_)
+
+
+def sample_options_from_flags() -> dict:
+  """{name: value} of the sample-option flags given on the command line."""
+  return {name: flags.FLAGS[name].value for name in SAMPLE_OPTIONS if flags.FLAGS[name].present}
+
+
+def fail(message: str) -> None:
+  """The one way a launcher reports a user's mistake: `error: ...` on stderr, exit status 2."""
+  message = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing where a bad or missing flag is one `error:` line (exit 2), not absl's usage dump."""
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(str(e))
+  if len(rest) > 1:
+    fail(f"unexpected arguments: {rest[1:]} (flags look like --name=value)")
+  return rest
+
+
+class _DropLibraryInfo(std_logging.Filter):
+  """Drops INFO records of orbax, jax and absl internals (e.g. "Unable to initialize backend 'tpu'", orbax's
+  per-checkpoint chatter); warnings and errors still show."""
+
+  def filter(self, record) -> bool:
+    path = record.pathname.replace(os.sep, "/")
+    noisy = "/orbax/" in path or "/jax/" in path or "/jaxlib/" in path or "/absl/" in path
+    return not (noisy and record.levelno < std_logging.WARNING)
+
+
+def quiet_library_logs() -> None:
+  """Keeps library INFO lines out of the launcher's output (on every handler absl and Python logging use)."""
+  for handler in (logging.get_absl_handler(), *std_logging.getLogger().handlers):
+    if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
+      handler.addFilter(_DropLibraryInfo())
+
+
+def run(main: Callable[[list[str]], None], flags_parser: Callable[[list[str]], list[str]] = parse_flags) -> None:
+  """`app.run(main)` under the error contract: flag errors and `UserError` are one `error:` line and exit 2."""
+  def guarded(argv):
+    quiet_library_logs()
+    try:
+      main(argv)
+    except UserError as e:
+      fail(str(e))
+  app.run(guarded, flags_parser=flags_parser)

@@ -1,0 +1,9 @@
+"""Other people's checkpoints in and out of genjax (no network, no torch).
+
+- `genjax.interop.hf`: Hugging Face causal LMs (GPT-2, Llama, Mistral, Qwen2) — `load_lm`, `load_tokenizer`,
+  `save_lm`.
+- `genjax.interop.diffusers`: diffusers `UNet2DModel` DDPM U-Nets and their schedules — `load_unet`,
+  `load_schedule`, `load_sampler_options`, `load_pipeline` / `sample_images` (any genjax diffusion sampler).
+
+Submodules are imported on use (`from genjax.interop import hf`), so importing this package costs nothing.
+"""

@@ -1,0 +1,212 @@
+"""The launchers' front door, driven as a user would: each bad input is one `error:` line naming the bad value,
+exit status 2, no traceback, and the run directories on disk unchanged (file names and contents hashed before and
+after). Subprocesses of one kind run side by side to keep the module to a few tens of seconds."""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import sample as sample_cli
+from experiments.configs import gan as gan_configs
+from genjax.errors import CheckpointError, ConfigError, UserError, WorkdirError
+from tests.util import tiny_vae_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 300
+
+
+def tiny_gan_config():
+  """The conditional digits GAN shrunk to seconds (no R1: one compile fewer)."""
+  c = gan_configs.get_config("digits")
+  c.model.update(latent_dim=4, gen_channels=(8, 4, 4), disc_channels=(4, 4, 8), disc_features=8, r1_gamma=0.0)
+  c.update(batch_size=16, num_train_steps=1, checkpoint_every_steps=1, log_every_steps=1, eval_every_steps=-1,
+           sample_every_steps=-1, async_checkpointing=False)
+  return c
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """A finished tiny VAE run and a finished tiny conditional GAN run, trained through the launcher's `run`."""
+  from experiments.train import run
+  base = tmp_path_factory.mktemp("runs")
+  vae, gan = str(base / "vae"), str(base / "gan")
+  run(tiny_vae_config(num_train_steps=2, checkpoint_every_steps=2, sample_every_steps=-1, eval_every_steps=-1), vae)
+  run(tiny_gan_config(), gan)
+  a_file = base / "a_file"
+  a_file.write_text("not a run\n")
+  empty = base / "empty"
+  empty.mkdir()
+  return {"vae": vae, "gan": gan, "file": str(a_file), "empty": str(empty), "base": str(base)}
+
+
+def tree_hash(path: str) -> str:
+  """Names and contents of every file and directory under `path` (or of the file `path`)."""
+  h = hashlib.sha256()
+  if os.path.isfile(path):
+    h.update(open(path, "rb").read())
+    return h.hexdigest()
+  for dirpath, dirnames, filenames in sorted(os.walk(path)):
+    dirnames.sort()
+    h.update(os.path.relpath(dirpath, path).encode() + b"/\0")
+    for name in sorted(filenames):
+      h.update(name.encode() + b"\0")
+      with open(os.path.join(dirpath, name), "rb") as f:
+        h.update(hashlib.sha256(f.read()).digest())
+  return h.hexdigest()
+
+
+def run_all(commands: dict, cwd: str = ROOT, env=None) -> dict:
+  """Runs {name: argv} side by side; {name: CompletedProcess-like (returncode, stdout, stderr)}."""
+  env = {**os.environ, **(env or {})}
+  children = {name: subprocess.Popen([sys.executable, *argv], cwd=cwd, env=env, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+              for name, argv in commands.items()}
+  out = {}
+  for name, child in children.items():
+    stdout, stderr = child.communicate(timeout=TIMEOUT)
+    out[name] = subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
+  return out
+
+
+def assert_one_error_line(name: str, result, *needles: str) -> None:
+  text = result.stdout + result.stderr
+  assert "Traceback" not in text, (name, text)
+  errors = [line for line in text.splitlines() if line.startswith("error:")]
+  assert result.returncode == 2 and len(errors) == 1, (name, result.returncode, text)
+  for needle in needles:
+    assert needle in errors[0], (name, needle, errors[0])
+
+
+def check_refusals(cases: dict, protected: list[str], **kw) -> dict:
+  """cases: {name: (argv, needles)}; every case must be refused and leave `protected` paths unchanged."""
+  before = {p: tree_hash(p) for p in protected}
+  results = run_all({name: argv for name, (argv, _) in cases.items()}, **kw)
+  for name, (_, needles) in cases.items():
+    assert_one_error_line(name, results[name], *needles)
+  assert {p: tree_hash(p) for p in protected} == before
+  return results
+
+
+def test_train_refusals(runs, tmp_path):
+  train = ["-m", "experiments.train"]
+  vae_cfg = "--config=experiments/configs/vae.py:digits"
+  new = str(tmp_path / "new_run")
+  cases = {
+      "workdir is a file": ([*train, vae_cfg, f"--workdir={runs['file']}"], [runs["file"], "is a file"]),
+      "unknown config key": ([*train, vae_cfg, "--config.model.hiden=3", f"--workdir={runs['vae']}"],
+                             ["model.hiden", "config.model has:", "hidden", "latent_dim"]),
+      "unknown variant": ([*train, "--config=experiments/configs/vae.py:digitz", f"--workdir={runs['vae']}"],
+                          ["'digitz'", "digits"]),
+      "unknown data set": ([*train, vae_cfg, "--config.dataset.name=mnistt", f"--workdir={new}"],
+                           ["'mnistt'", "digits"]),
+      "missing workdir": ([*train, vae_cfg], ["--workdir is required"]),
+  }   # more flag mistakes: tests/test_faults.py::test_launcher_flag_errors_are_one_line_and_lose_nothing
+  check_refusals(cases, [runs["vae"], runs["file"]])
+  assert not os.path.exists(new)          # nothing created for a run that was refused
+
+
+def test_sample_refusals(runs):
+  sample = ["-m", "experiments.sample"]
+  cases = {
+      # --label is checked on the host even though the sampler is jitted (it used to write a NaN grid).
+      "GAN label out of range": ([*sample, f"--workdir={runs['gan']}", "--label=12"], ["[12]", "[0, 10)"]),
+      "GAN negative truncation": ([*sample, f"--workdir={runs['gan']}", "--truncation=-1"], ["truncation=-1.0"]),
+      "VAE negative temperature": ([*sample, f"--workdir={runs['vae']}", "--temperature=-1"],
+                                   ["temperature=-1.0"]),
+      "option the family lacks": ([*sample, f"--workdir={runs['vae']}", "--label=3"], ["['label']", "temperature"]),
+      "missing step": ([*sample, f"--workdir={runs['vae']}", "--step=99"], ["step 99", "[2]"]),
+      "workdir is a file": ([*sample, f"--workdir={runs['file']}"], [runs["file"], "a file"]),
+      "workdir is not a run": ([*sample, f"--workdir={runs['empty']}"], [runs["empty"], "config.json"]),
+      "no samples": ([*sample, f"--workdir={runs['vae']}", "--num_samples=0"], ["--num_samples=0"]),
+  }
+  results = check_refusals(cases, [runs["vae"], runs["gan"], runs["file"], runs["empty"]])
+  assert f"--workdir={runs['file']}" not in results["workdir is a file"].stderr   # no "train into the file"
+
+
+def test_evaluate_refusals(runs, tmp_path):
+  evaluate = ["-m", "experiments.evaluate"]
+  cases = {
+      "GAN negative truncation": ([*evaluate, f"--workdir={runs['gan']}", "--truncation=-0.5"],
+                                  ["truncation=-0.5"]),
+      "GAN label out of range": ([*evaluate, f"--workdir={runs['gan']}", "--label=10"], ["[10]", "[0, 10)"]),
+      "option the family lacks": ([*evaluate, f"--workdir={runs['vae']}", "--truncation=0.7"], ["['truncation']"]),
+      "malformed --option": ([*evaluate, f"--workdir={runs['vae']}", "--option=guidance"], ["'guidance'"]),
+      "workdir is a file": ([*evaluate, f"--workdir={runs['file']}"], [runs["file"], "a file"]),
+  }
+  # An empty feature cache: a refusal that came after the feature network would train it (a minute, an extra line).
+  cache = str(tmp_path / "features")
+  check_refusals(cases, [runs["vae"], runs["gan"], runs["file"]], env={"GENJAX_FEATURE_CACHE": cache})
+  assert not os.path.exists(cache)
+
+
+def test_launchers_run_from_any_directory_and_explain_their_flags(tmp_path):
+  results = run_all({
+      "print_config": [os.path.join(ROOT, "experiments", "train.py"), "--config=experiments/configs/gan.py:digits",
+                       "--config.num_train_steps=7", "--print_config"],
+      "sample help": [os.path.join(ROOT, "experiments", "sample.py"), "--help"],
+      "evaluate help": [os.path.join(ROOT, "experiments", "evaluate.py"), "--help"],
+  }, cwd=str(tmp_path))
+  printed = results["print_config"]
+  assert printed.returncode == 0, printed.stderr
+  for field in ("num_train_steps: 7", "disc_optimizer:", "learning_rate:", "latent_dim: 32", "dataset:"):
+    assert field in printed.stdout, field
+  for name in ("sample help", "evaluate help"):          # one shared definition: the same options, same help
+    text = " ".join((results[name].stdout + results[name].stderr).split())
+    assert "Traceback" not in text, text
+    for flag in ("--truncation", "--label", "--sampler", "--num_steps", "--eta", "--guidance", "--temperature"):
+      assert flag in text, (name, flag)
+    assert "restricted to" in text                      # what GAN truncation does
+  assert os.listdir(tmp_path) == []                      # nothing written where it was run
+
+
+def test_sample_files_are_named_from_their_options_and_interpolation_honours_them(runs, tmp_path):
+  import shutil
+  workdir = str(tmp_path / "gan")
+  shutil.copytree(runs["gan"], workdir)
+  a = sample_cli.sample_run(workdir, options={"label": 3, "truncation": 0.5}, num_samples=4, interpolate=True)
+  b = sample_cli.sample_run(workdir, options={"label": 4}, num_samples=4)
+  assert [os.path.basename(p) for p in a["paths"]] == [
+      "sample_step1_n4_seed0_label-3_truncation-0.5.png", "sample_step1_n4_seed0_label-3_truncation-0.5.npz",
+      "sample_step1_n4_seed0_label-3_truncation-0.5_interpolation.png"]
+  assert os.path.basename(b["paths"][0]) == "sample_step1_n4_seed0_label-4.png"
+  assert all(os.path.exists(p) for p in a["paths"] + b["paths"])     # the second request overwrote nothing
+  # The interpolation grid is the family's grid for the same label and truncation (and differs without them).
+  from genjax.models import gan
+  from genjax.train.checkpoint import load_run
+  from genjax.train.report import save_image_grid
+  config, params = load_run(workdir)
+  key = jax.random.fold_in(jax.random.PRNGKey(0), 1)
+  same, cols = gan.interpolation_images(config, params, key, label=3, truncation=0.5)
+  other, _ = gan.interpolation_images(config, params, key)
+  expect = save_image_grid(np.asarray(same), str(tmp_path / "expect.png"), columns=cols)
+  unlike = save_image_grid(np.asarray(other), str(tmp_path / "unlike.png"), columns=cols)
+  got = open(a["paths"][2], "rb").read()
+  assert got == open(expect, "rb").read() and got != open(unlike, "rb").read()
+
+
+def test_library_errors_are_user_errors(runs):
+  """The same mistakes from Python: UserError subclasses (ValueErrors), raised before anything is compiled."""
+  from experiments.configs import vae as vae_configs
+  from genjax import data as gdata
+  from genjax.models import get_task
+  from genjax.train.checkpoint import load_run
+  with pytest.raises(ConfigError, match=r"unknown variant 'digitz' for vae.py; valid: \['digits'"):
+    vae_configs.get_config("digitz")
+  with pytest.raises(UserError, match=r"unknown data set 'mnistt'; available: \["):
+    gdata.dataset_info("mnistt")
+  with pytest.raises(WorkdirError, match="is a file"):
+    load_run(runs["file"])
+  with pytest.raises(CheckpointError, match=r"no checkpoint of step 5 .*; steps: \[2\]"):
+    load_run(runs["vae"], step=5)
+  task = get_task(tiny_gan_config())
+  with pytest.raises(UserError, match=r"label values must be in \[0, 10\), got \[-1\]"):
+    task.sample_images({}, jax.random.PRNGKey(0), 2, label=-1)
+  with pytest.raises(UserError, match=r"temperature=-0.5 must be a float >= 0"):
+    get_task(tiny_vae_config()).sample_images({}, jax.random.PRNGKey(0), 2, temperature=-0.5)
+  assert issubclass(UserError, ValueError)
