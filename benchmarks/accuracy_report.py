@@ -3,7 +3,8 @@
     result = sampler_accuracy.run(...)
     result["goals"] == goals(result["records"]); print(markdown(result)); plot(result, "acc.png")
 
-Goals, checked per (schedule in linear/cosine, mixture, NFE), errors are RMSE against the exact ODE:
+Goals, checked per (schedule in linear/cosine, mixture, NFE), errors are RMSE against the exact ODE ("<=" with
+`TIE_TOLERANCE` relative slack for float32 rounding):
   (a) default: each genjax sampler's default <= the same diffusers scheduler's default (DDIM <-> FlaxDDIMScheduler,
       DPM-Solver++ 2M / 3M <-> FlaxDPMSolverMultistepScheduler order 2 / 3);
       best: the best of the genjax sampler's options <= the best of the diffusers scheduler's options;
@@ -18,6 +19,9 @@ from collections import defaultdict
 from benchmarks.accuracy_peers import PEER_OF
 
 GOAL_SCHEDULES = ("linear", "cosine")
+# "At least as accurate" allows this relative slack: the float32 rounding of identical arithmetic (genjax DDIM on
+# the "leading" grid vs diffusers' default DDIM, the same grid and update: ratios 0.99997-1.00004 measured).
+TIE_TOLERANCE = 1e-3
 SUMMARY_SAMPLERS = ("dpm_solver_2m", "unipc_2")   # goal (c)'s fast samplers, each against DDIM at twice the NFE
 
 
@@ -55,7 +59,7 @@ def goals(records) -> dict:
 
   def check(goal, cell, ours, theirs, **extra):
     out[goal]["checked"] += 1
-    if not ours <= theirs:
+    if not ours <= theirs * (1.0 + TIE_TOLERANCE):
       out[goal]["failed"].append(dict(cell=_cell_name(cell), genjax=ours, peer=theirs, ratio=ours / theirs, **extra))
 
   for cell, errs in sorted(cells.items()):
@@ -157,30 +161,45 @@ def markdown(result) -> str:
 def plot(result, path: str) -> None:
   """RMSE against model calls (log-log), one panel per (schedule, mixture), defaults only; diffusers dashed."""
   import matplotlib
+  import matplotlib.ticker
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   schedules = list(dict.fromkeys(r["schedule"] for r in result["records"]))
   names = list(result["mixtures"])
-  fig, axes = plt.subplots(len(schedules), len(names), figsize=(4.2 * len(names), 3.4 * len(schedules)),
+  fig, axes = plt.subplots(len(schedules), len(names), figsize=(4.0 * len(names), 3.0 * len(schedules) + 0.8),
                            dpi=100, squeeze=False)
+  keys = list(dict.fromkeys((r["library"], r["sampler"], r["label"]) for r in _ok(result["records"])))
+  ours = [k for k in keys if k[0] == "genjax"]
+  colors = {k: plt.get_cmap("tab10")(i % 10) for i, k in enumerate(ours)}
+  by_sampler = {k[1]: colors[k] for k in ours}
+  for k in keys:   # a diffusers scheduler is drawn dashed in the colour of the genjax solver it is compared with
+    colors.setdefault(k, by_sampler.get(PEER_OF.get(k[1]), "gray"))
+  handles = {}
   for i, schedule in enumerate(schedules):
     for j, mixture in enumerate(names):
       ax = axes[i][j]
       rows = [r for r in _ok(result["records"])
               if r["schedule"] == schedule and r["mixture"] == mixture and r["variant"] == "default"]
-      for key in dict.fromkeys((r["library"], r["sampler"], r["label"]) for r in rows):
+      for key in keys:
         pts = sorted((r["calls"], r["rmse"]) for r in rows if (r["library"], r["sampler"], r["label"]) == key)
-        ax.plot(*zip(*pts), marker="o", markersize=3, linestyle="--" if key[0] == "diffusers" else "-",
-                label=key[2] if key[0] == "genjax" else f"{key[2]} (diffusers)")
+        if pts:
+          (line,) = ax.plot(*zip(*pts), marker="o", markersize=3, color=colors[key],
+                            linestyle="--" if key[0] == "diffusers" else "-")
+          handles[key] = line
       ax.set_xscale("log")
       ax.set_yscale("log")
+      ax.set_xticks(result["nfes"], [str(n) for n in result["nfes"]])
+      ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
       ax.set_title(f"{schedule} / {mixture}", fontsize=9)
       ax.grid(True, which="both", alpha=0.3)
       if i == len(schedules) - 1:
         ax.set_xlabel("model calls (NFE)")
       if j == 0:
         ax.set_ylabel("RMSE vs exact ODE")
-      ax.legend(fontsize=6)
-  fig.tight_layout()
+  labels = [k[2] if k[0] == "genjax" else f"{k[2]} (diffusers 0.39 Flax, dashed)" for k in handles]
+  fig.legend(list(handles.values()), labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
+  fig.suptitle("Each sampler's defaults against the exact probability-flow ODE (float64), same model and x_T",
+               fontsize=10)
+  fig.tight_layout(rect=(0, 0.7 / (3.0 * len(schedules) + 0.8), 1, 0.97))
   fig.savefig(path)
   plt.close(fig)

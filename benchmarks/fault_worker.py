@@ -43,14 +43,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ---- helpers the parents (benchmarks/faults.py, tests/test_faults.py) share -----------------------------------
 
-def worker_env(devices: int, cache_dir) -> dict:
-  """This environment with `devices` simulated CPU devices and a shared persistent compilation cache."""
+def worker_env(devices: int, cache_dir=None) -> dict:
+  """This environment with `devices` simulated CPU devices (and a shared persistent compilation cache in
+  `cache_dir`, when given) for a subprocess that imports genjax from this checkout."""
   env = dict(os.environ)
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
   env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
   env.pop("JAX_NUM_CPU_DEVICES", None)
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
+      [ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != ROOT]))
+  if cache_dir is not None:
+    env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   return env
 
 

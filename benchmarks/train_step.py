@@ -48,6 +48,7 @@ import jax
 from absl import app, flags
 
 from benchmarks import common
+from benchmarks.fault_worker import worker_env
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIGS = ("ddpm.py:digits", "vae.py:digits", "gan.py:digits", "lm.py:pydoc")
@@ -223,16 +224,6 @@ def full_loop(config, log_every: int):
 
 
 # --------------------------------------------------------------------------------------------- scaling
-def _worker_env(num_devices: int) -> dict:
-  env = dict(os.environ)
-  kept = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-  env["XLA_FLAGS"] = " ".join(kept + [f"--xla_force_host_platform_device_count={num_devices}"])
-  env.pop("JAX_NUM_CPU_DEVICES", None)
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join([_REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-  return env
-
-
 def scaling_rows(spec: str, overrides: list[str], device_counts: list[int], log_every: int,
                  repeats: int) -> list[dict]:
   """One subprocess per simulated device count, each timing the bare pjit step at the same global batch."""
@@ -244,7 +235,7 @@ def scaling_rows(spec: str, overrides: list[str], device_counts: list[int], log_
              f"--json={out}", f"--log_every={log_every}", f"--repeats={repeats}"]
       cmd += [f"--train_override={o}" for o in overrides]
       try:
-        proc = subprocess.run(cmd, cwd=_REPO, env=_worker_env(n), capture_output=True, text=True,
+        proc = subprocess.run(cmd, cwd=_REPO, env=worker_env(n), capture_output=True, text=True,
                               timeout=WORKER_TIMEOUT_S)
       except subprocess.TimeoutExpired:
         rows.append(_row("scaling", spec, None, n, simulated=True,

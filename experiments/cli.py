@@ -50,6 +50,11 @@ SAMPLE_OPTIONS = {
     "num_beams": ("integer", "LM beam search width (1 = sampling)."),
     "length_penalty": ("float", "LM beam search length penalty."),
     "max_new_tokens": ("integer", "LM tokens to generate."),
+    "min_p": ("float", "LM min-p in [0, 1] (0 = off): drop tokens below min_p x the most likely token's probability."),
+    "stop": ("multi_string", "LM stop string; repeat the flag for several. A row ends once its text ends with one "
+                             "(included in the output)."),
+    "allow_longer_context": ("integer", "LM: allow prompt + new tokens up to this length, past the context the model "
+                                        "was trained on (at most the model's max_len)."),
 }
 
 

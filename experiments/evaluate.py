@@ -21,7 +21,9 @@ LM these are loss (nats), bits per byte and perplexity, next to the byte-unigram
 from __future__ import annotations
 
 if __name__ == "__main__" and not __package__:   # `python experiments/evaluate.py` from anywhere: run as the module
-  import os as _os, runpy as _runpy, sys as _sys
+  import os as _os
+  import runpy as _runpy
+  import sys as _sys
   _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
   _runpy.run_module("experiments.evaluate", run_name="__main__", alter_sys=True)
   _sys.exit()
@@ -35,7 +37,7 @@ import sys
 import time
 from typing import Any, Mapping, Optional
 
-from absl import flags
+from absl import flags, logging
 
 from experiments import cli
 from genjax.errors import UserError
@@ -229,19 +231,17 @@ def evaluate_run(workdir: str, *, step: Optional[int] = None, options: Optional[
   from genjax import data as gdata
   from genjax import metrics
   from genjax.models import get_task
-  from genjax.train.checkpoint import load_run
+  from genjax.train.checkpoint import load_run_at
   options = dict(options or {})
   if not os.path.isdir(workdir):
     what = "a file" if os.path.exists(workdir) else "missing"
     raise UserError(f"--workdir={workdir!r} is {what}, not a run directory")
-  config, params = load_run(workdir, step=step)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(ckpt_dir) else []
+  config, params, loaded_step = load_run_at(workdir, step=step)   # an older step when the newest is unreadable
   task = get_task(config)
   info = gdata.dataset_info(config.dataset.name)
   rng = jax.random.PRNGKey(seed)
   out = {"workdir": os.path.abspath(workdir), "family": config.family, "variant": config.get("variant", ""),
-         "dataset": config.dataset.name, "step": step if step is not None else (steps[-1] if steps else None),
+         "dataset": config.dataset.name, "step": loaded_step,
          "sample_options": options, "seed": seed}
   if info.kind == "image" and task.sample_images is not None:
     # Samples first: a bad sample option is named before the feature network is built (a minute the first time).
@@ -275,6 +275,7 @@ def evaluate_run(workdir: str, *, step: Optional[int] = None, options: Optional[
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)   # this launcher prints what it does; library INFO lines are noise here
   f = FLAGS
   options = parse_options(cli.sample_options_from_flags(), f.option)
   t0 = time.time()

@@ -9,6 +9,11 @@ Run from the repository root:
       --temperature=0.8 --top_p=0.9
   python -m experiments.sample --diffusers_model=ddpm-cifar10-32 --sampler=dpm_solver --num_steps=20
   python -m experiments.sample --hf_model=path/to/gpt2 --prompt="The return statement" --max_new_tokens=50
+  python -m experiments.sample --workdir=runs/ddpm_digits --init_image=digit.png --strength=0.6    # edit: img2img
+  python -m experiments.sample --workdir=runs/ddpm_digits --init_image=digit.png --inpaint_mask=mask.png  # inpaint
+  python -m experiments.sample --workdir=runs/lm_pydoc --prompt="The return" --min_p=0.05 --stop=. --stop=$'\n\n'
+  python -m experiments.sample --workdir=runs/lm_pydoc --prompt="The return" --max_new_tokens=300 \
+      --allow_longer_context=512          # past the 128-byte context it was trained on, knowingly
 
 Only the sample options you set (`experiments.cli.SAMPLE_OPTIONS`, the same flags as `experiments.evaluate`) are
 passed to the family (`task.sample_images(params, rng, n, **options)` or `task.sample_text(params, prompts, rng,
@@ -21,7 +26,9 @@ grid for families that have one (VAE: between test images; GAN: between random l
 from __future__ import annotations
 
 if __name__ == "__main__" and not __package__:   # `python experiments/sample.py` from anywhere: run as the module
-  import os as _os, runpy as _runpy, sys as _sys
+  import os as _os
+  import runpy as _runpy
+  import sys as _sys
   _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
   _runpy.run_module("experiments.sample", run_name="__main__", alter_sys=True)
   _sys.exit()
@@ -29,9 +36,9 @@ if __name__ == "__main__" and not __package__:   # `python experiments/sample.py
 import os
 from typing import Optional
 
-from absl import flags
+from absl import flags, logging
 
-from experiments import cli
+from experiments import cli, edit_flags
 from genjax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -55,6 +62,7 @@ def define_flags() -> None:
   flags.DEFINE_string("hf_model", None, "Decode a Hugging Face causal LM directory (GPT-2 / Llama / Mistral / Qwen2 "
                       "as save_pretrained writes it, with tokenizer.json) instead of a run: --prompt and the LM "
                       "sampling flags; EOS/pad ids come from its config files.")
+  edit_flags.define_flags()   # --init_image, --strength, --inpaint_mask, --num_resample (diffusion editing)
   cli.define_sample_option_flags()
   flags.adopt_module_key_flags(cli)          # listed by --help, not only --helpfull
   flags.register_multi_flags_validator(
@@ -90,9 +98,11 @@ def check_request(workdir: str, *, num_samples: int, prompts, output) -> None:
 
 
 def sample_run(workdir: str, *, options: dict, num_samples: int = 64, seed: int = 0, step=None, output=None,
-               prompts=(), interpolate: bool = False) -> dict:
-  """Loads the run, samples, writes files; returns {"images" | "texts": ..., "paths": [...]}."""
+               prompts=(), interpolate: bool = False, edits: Optional[dict] = None) -> dict:
+  """Loads the run, samples, writes files; returns {"images" | "texts": ..., "paths": [...]}. `edits`: the
+  editing flags of `experiments.edit_flags` (diffusion runs)."""
   check_request(workdir, num_samples=num_samples, prompts=prompts, output=output)
+  edit_opts, edit_parts = edit_flags.edit_options(edits or {})
   import jax
   import numpy as np
   from genjax.models import family_module, get_task
@@ -108,8 +118,7 @@ def sample_run(workdir: str, *, options: dict, num_samples: int = 64, seed: int 
     if interpolate:
       raise UserError("--interpolate is for image families (VAE, GAN); this is a text model")
     texts = task.sample_text(params, list(prompts), rng, **options)
-    for p, t in zip(prompts, texts):
-      print(f"--- prompt: {p!r}\n{p}{t}\n")
+    print_texts(prompts, texts, options.get("stop") or ())
     return {"texts": texts, "paths": []}
   if task.sample_images is None:
     raise UserError(f"family {config.family!r} has no sampler")
@@ -117,13 +126,15 @@ def sample_run(workdir: str, *, options: dict, num_samples: int = 64, seed: int 
   if interpolate and not hasattr(module, "interpolation_images"):
     raise UserError(f"--interpolate: family {config.family!r} has no interpolation grid")
   # The family checks its options on the host (labels, truncation, ...) and jits its own sampler.
-  images = np.asarray(jax.jit(lambda p, r: task.sample_images(p, r, num_samples, **options))(params, rng))
+  if edit_opts and config.family != "diffusion":
+    raise UserError(f"--{', --'.join(edits)} edit images with a diffusion run; this run is {config.family!r}")
+  images = np.asarray(task.sample_images(params, rng, num_samples, **options, **edit_opts))
   grid = None
   if interpolate:
     kw = {k: options[k] for k in INTERPOLATION_OPTIONS if k in options}
-    grid, cols = module.interpolation_images(config, params, jax.random.fold_in(rng, 1))
-  stem = output or output_stem(workdir, step if step is not None else latest_step(workdir), num_samples, seed,
-                               options)
+    grid, cols = module.interpolation_images(config, params, jax.random.fold_in(rng, 1), **kw)
+  stem = output or "_".join([output_stem(workdir, step if step is not None else latest_step(workdir), num_samples,
+                                         seed, options)] + edit_parts)
   os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
   paths = [save_image_grid(images, stem + ".png")]
   np.savez(stem + ".npz", images=images)
@@ -165,13 +176,23 @@ def sample_hf(model_dir: str, *, options: dict, prompts, seed: int = 0) -> dict:
   cfg, params = hf.load_lm(model_dir)
   texts = transformer.sample_text(cfg, params, list(prompts), jax.random.PRNGKey(seed),
                                   tokenizer=hf.load_tokenizer(model_dir), **options)
-  for p, t in zip(prompts, texts):
-    print(f"--- prompt: {p!r}\n{p}{t}\n")
+  print_texts(prompts, texts, options.get("stop") or ())
   return {"texts": texts, "paths": []}
+
+
+def print_texts(prompts, texts, stops=()) -> None:
+  """Each prompt and its continuation; a continuation that ended at a `--stop` string says which one."""
+  for p, t in zip(prompts, texts):
+    hit = next((s for s in stops if t.endswith(s)), None)
+    print(f"--- prompt: {p!r}\n{p}{t}\n" + ("" if hit is None else f"--- stopped at --stop={hit!r}\n"))
 
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)   # this launcher prints what it does; library INFO lines are noise here
+  edits = edit_flags.edits_from_flags()
+  if edits and FLAGS.workdir is None:
+    raise UserError(f"--{', --'.join(edits)} edit images with a genjax diffusion run: give --workdir")
   if FLAGS.hf_model is not None:
     sample_hf(FLAGS.hf_model, options=cli.sample_options_from_flags(), prompts=FLAGS.prompt, seed=FLAGS.seed)
     return
@@ -183,7 +204,7 @@ def main(argv):
     return
   out = sample_run(FLAGS.workdir, options=cli.sample_options_from_flags(), num_samples=FLAGS.num_samples,
                    seed=FLAGS.seed, step=FLAGS.step, output=FLAGS.output, prompts=FLAGS.prompt,
-                   interpolate=FLAGS.interpolate)
+                   interpolate=FLAGS.interpolate, edits=edits)
   for p in out["paths"]:
     print(f"wrote {p}")
 

@@ -16,7 +16,9 @@ matplotlib (`pip install -e ".[plot]"`).
 from __future__ import annotations
 
 if __name__ == "__main__" and not __package__:   # `python experiments/steps_sweep.py` from anywhere: as the module
-  import os as _os, runpy as _runpy, sys as _sys
+  import os as _os
+  import runpy as _runpy
+  import sys as _sys
   _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
   _runpy.run_module("experiments.steps_sweep", run_name="__main__", alter_sys=True)
   _sys.exit()

@@ -14,7 +14,9 @@ one `error: ...` line (exit status 2) before anything is compiled or written.
 from __future__ import annotations
 
 if __name__ == "__main__" and not __package__:   # `python experiments/train.py` from anywhere: run as the module
-  import os as _os, runpy as _runpy, sys as _sys
+  import os as _os
+  import runpy as _runpy
+  import sys as _sys
   _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
   _runpy.run_module("experiments.train", run_name="__main__", alter_sys=True)
   _sys.exit()

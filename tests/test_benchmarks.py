@@ -107,7 +107,8 @@ def test_every_sampler_is_benchmarked():
 
 
 def test_decoding_quick(tmp_path):
-  records = _run(decoding, tmp_path, "--batch_sizes=2", "--prompt_lens=4", "--new_tokens=6", config_flag="lm_config",
+  records = _run(decoding, tmp_path, "--batch_sizes=2", "--prompt_lens=4", "--new_tokens=6", "--hf_new_tokens=6",
+                 "--hf_vocab=64", config_flag="lm_config",
                  model=dict(num_layers=1, embed_dim=16, num_heads=2, mlp_dim=32, max_len=32))
   _has_keys(records, ["mode", "batch", "prompt_len", "new_tokens", "tokens_per_second", "seconds"])
   by_mode = {r["mode"]: r for r in records}
@@ -120,8 +121,14 @@ def test_decoding_quick(tmp_path):
   # Greedy ("cached") has its own argmax-only program; top-k and top-p are runtime values of one sampling program,
   # compiled by whichever of them runs first.
   assert sorted(by_mode[mode]["compiles"] for mode in decoding.SAMPLING) == [0, 1]
-  if importlib.util.find_spec("transformers") is None:
-    assert by_mode["transformers_flax"]["status"].startswith("peer not installed")
+  peer = by_mode["transformers_flax"]          # HF generate vs genjax on one GPT-2, or why it could not run
+  if peer["status"] == "ok":
+    ours = by_mode["genjax_gpt2"]
+    assert peer["vs_genjax"] == pytest.approx(peer["seconds"] / ours["seconds"])
+    assert ours["host_fraction"] == pytest.approx(ours["host_seconds"] / ours["program_seconds"])
+    assert ours["compiles_new_batch"] == 1         # one program per new batch size, nothing else
+  else:
+    assert peer["status"].startswith("peer not installed")
 
 
 TINY_VAE = ("model.channels=(4,8)", "model.hidden=8", "model.latent_dim=2", "batch_size=8", "model.iw_samples=2")

@@ -83,10 +83,11 @@ def assert_one_error_line(name: str, result, *needles: str) -> None:
     assert needle in errors[0], (name, needle, errors[0])
 
 
-def check_refusals(cases: dict, protected: list[str], **kw) -> dict:
-  """cases: {name: (argv, needles)}; every case must be refused and leave `protected` paths unchanged."""
+def check_refusals(cases: dict, protected: list[str], also: dict = None, **kw) -> dict:
+  """cases: {name: (argv, needles)}; every case must be refused and leave `protected` paths unchanged. `also`:
+  more {name: argv} to run alongside (their results are returned with the others')."""
   before = {p: tree_hash(p) for p in protected}
-  results = run_all({name: argv for name, (argv, _) in cases.items()}, **kw)
+  results = run_all({**{name: argv for name, (argv, _) in cases.items()}, **(also or {})}, **kw)
   for name, (_, needles) in cases.items():
     assert_one_error_line(name, results[name], *needles)
   assert {p: tree_hash(p) for p in protected} == before
@@ -107,8 +108,20 @@ def test_train_refusals(runs, tmp_path):
                            ["'mnistt'", "digits"]),
       "missing workdir": ([*train, vae_cfg], ["--workdir is required"]),
   }   # more flag mistakes: tests/test_faults.py::test_launcher_flag_errors_are_one_line_and_lose_nothing
-  check_refusals(cases, [runs["vae"], runs["file"]])
+  import shutil
+  finished = shutil.copytree(runs["vae"], str(tmp_path / "finished"))
+  tiny = ["--config.model.latent_dim=4", "--config.model.channels=(8, 16)", "--config.model.hidden=32",
+          "--config.batch_size=16", "--config.num_train_steps=2", "--config.log_every_steps=2",
+          "--config.checkpoint_every_steps=2", "--config.eval_every_steps=-1", "--config.sample_every_steps=-1",
+          "--config.num_eval_batches=1", "--config.num_sample_images=4", "--config.optimizer.schedule=constant",
+          "--config.async_checkpointing=False"]       # the run's config (tiny_vae_config) but for the learning rate
+  rerun = [*train, vae_cfg, *tiny, f"--workdir={finished}", "--config.optimizer.learning_rate=0.5"]
+  results = check_refusals(cases, [runs["vae"], runs["file"]], also={"rerun": rerun})
   assert not os.path.exists(new)          # nothing created for a run that was refused
+  # A finished run, rerun with another learning rate: says it is complete and that the change is ignored.
+  done = results["rerun"]
+  assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+  assert "already complete at step 2" in done.stderr and "optimizer.learning_rate" in done.stderr, done.stderr
 
 
 def test_sample_refusals(runs):
@@ -138,6 +151,10 @@ def test_evaluate_refusals(runs, tmp_path):
       "option the family lacks": ([*evaluate, f"--workdir={runs['vae']}", "--truncation=0.7"], ["['truncation']"]),
       "malformed --option": ([*evaluate, f"--workdir={runs['vae']}", "--option=guidance"], ["'guidance'"]),
       "workdir is a file": ([*evaluate, f"--workdir={runs['file']}"], [runs["file"], "a file"]),
+      "sweep: unknown sampler": (["-m", "experiments.steps_sweep", f"--workdir={runs['gan']}", "--samplers=ddmi"],
+                                 ["['ddmi']", "dpm_solver"]),
+      "sweep: steps not ints": (["-m", "experiments.steps_sweep", f"--workdir={runs['gan']}", "--num_steps=10,x"],
+                                ["--num_steps=10,x"]),
   }
   # An empty feature cache: a refusal that came after the feature network would train it (a minute, an extra line).
   cache = str(tmp_path / "features")

@@ -31,7 +31,7 @@ from experiments.train import run
 from genjax.errors import WorkdirError
 from genjax.models import get_task
 from genjax.train.checkpoint import (CheckpointMismatchError, Checkpointer, CheckpointReadError, CheckpointSaveError,
-                                     CheckpointUnreadableError, array_checksums, load_run)
+                                     CheckpointUnreadableError, array_checksums, load_run, load_run_at)
 from genjax.train.trainer import NonFiniteLossError, train_and_evaluate
 from tests.util import flat, tiny_vae_config
 
@@ -418,6 +418,14 @@ def test_unwritable_or_wrong_workdir(tmp_path, monkeypatch):
     load_run(str(tmp_path))
 
 
+def test_load_run_reports_the_step_it_fell_back_to(ref, tmp_path):
+  workdir = copy_run(ref, tmp_path / "run")
+  DAMAGE["bit flips in array data"](os.path.join(workdir, "checkpoints", "6"))
+  _, params, step = load_run_at(workdir)
+  assert step == 4 and steps_on_disk(workdir) == [2, 4, 6]            # read-only: nothing moved
+  np.testing.assert_array_equal(flat(params), flat(restored_tree(ref["workdir"], 4)["ema_params"]))
+
+
 def test_load_run_names_the_steps_there_are(ref):
   with pytest.raises(ValueError, match=r"no checkpoint of step 5 .*; steps: \[2, 4, 6\]"):
     load_run(ref["workdir"], step=5)
@@ -429,8 +437,8 @@ def test_prompt_longer_than_the_cache_and_unknown_sample_options():
   from genjax.models import get_task
   c = lm_configs.get_config("pydoc")
   c.model.update(embed_dim=16, num_layers=1, num_heads=2, mlp_dim=32, max_len=32)
-  with pytest.raises(ValueError, match=r"a prompt of 40 tokens is longer than the KV cache \(32 slots, model "
-                                       r"max_len=32\)"):
+  with pytest.raises(ValueError, match=r"the longest prompt \(40 tokens\) \+ max_new_tokens=4 = 44 does not fit in "
+                                       r"the model's context max_len=32"):
     get_task(c).sample_text({}, ["x" * 40], jax.random.PRNGKey(1), max_new_tokens=4)
   with pytest.raises(ValueError, match=r"unknown VAE sample options \['sampler'\]; valid: \['temperature'\]"):
     get_task(cfg()).sample_images({}, jax.random.PRNGKey(0), 2, sampler="ddim")

@@ -97,6 +97,28 @@ def test_pipeline_directory_runs_genjax_ddim_like_diffusers_ddim(tmp_path):
   np.testing.assert_allclose(images, np.clip((np.asarray(direct) + 1) / 2, 0, 1), atol=1e-6)
 
 
+def test_apply_fn_checks_shapes_in_one_line(saved_unet):
+  _, (apply_fn, params) = saved_unet
+  with pytest.raises(UserError, match=r"x must be NHWC \[batch, height, width, 3\] with height and width multiples "
+                                      r"of 2, got shape \(1, 3, 8, 8\)"):
+    apply_fn(params, jnp.zeros((1, 3, 8, 8)), jnp.zeros((1,)))        # NCHW by mistake
+  with pytest.raises(UserError, match=r"t must have shape \[batch\] = \(2,\) or be a scalar, got shape \(3,\)"):
+    apply_fn(params, jnp.zeros((2, 8, 8, 3)), jnp.zeros((3,)))
+
+
+def test_half_precision_checkpoints_load_as_float32(saved_unet, tmp_path):
+  import copy
+  import torch
+  model, (_, params) = saved_unet
+  for dtype, eps in ((torch.float16, 2.0 ** -11), (torch.bfloat16, 2.0 ** -8)):  # unit roundoff of the storage
+    path = str(tmp_path / str(dtype))
+    copy.deepcopy(model).to(dtype).save_pretrained(path)
+    _, loaded = load_unet(path)
+    assert {leaf.dtype for leaf in jax.tree.leaves(loaded)} == {jnp.dtype(jnp.float32)}
+    close = jax.tree.map(lambda a, b: bool(np.allclose(a, b, rtol=eps, atol=1e-6)), params, loaded)
+    assert all(jax.tree.leaves(close))
+
+
 def test_sample_cli_rejects_options_that_do_not_apply(tmp_path):
   from experiments.sample import sample_diffusers
   with pytest.raises(UserError, match="--guidance does not apply to --diffusers_model; valid: --sampler"):

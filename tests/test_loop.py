@@ -256,7 +256,7 @@ def test_lm_flops_per_step_match_6_n_tokens_and_mfu_uses_the_peak(tmp_path):
   c.model.update(embed_dim=64, num_layers=2, num_heads=2, mlp_dim=256, max_len=32)
   c.dataset.seq_len = 16
   c.update(batch_size=16, num_train_steps=2, log_every_steps=2, checkpoint_every_steps=2, eval_every_steps=-1,
-           sample_every_steps=-1, async_checkpointing=False, peak_flops=1e9)
+           sample_every_steps=-1, async_checkpointing=False, peak_flops=1e9, profile_steps="1,2")
   logged = {}
   state = train_and_evaluate(c, str(tmp_path), get_task,
                              hooks=(lambda event, step, info: logged.update(info) if event == "log" else None,))
@@ -266,6 +266,8 @@ def test_lm_flops_per_step_match_6_n_tokens_and_mfu_uses_the_peak(tmp_path):
   assert logged["flops_per_step"] == pytest.approx(analytic, rel=0.10)
   assert logged["tokens_per_second"] == pytest.approx(logged["steps_per_second"] * tokens)
   assert logged["mfu"] == pytest.approx(logged["flops_per_step"] * logged["steps_per_second"] / (1e9 * 8))
+  traces = [f for _, _, files in os.walk(tmp_path / "profile") for f in files]   # profile_steps="1,2": step 2
+  assert any(f.endswith(".xplane.pb") for f in traces), traces
 
 
 def test_refused_runs_leave_no_litter_and_a_file_is_not_a_workdir(tmp_path, caplog):

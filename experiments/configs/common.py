@@ -34,7 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.async_checkpointing = True
   c.peak_flops = 0.0                 # per-device peak FLOP/s for the MFU figure; 0 = known accelerators' table
   c.profile_steps = ""               # "a,b": jax.profiler trace of steps a+1..b into <workdir>/profile
-  c.dataset = ml_collections.ConfigDict(dict(name="", data_dir=None, train_split="train", eval_split="test"))
+  # download: let TFDS fetch and prepare a data set that is not under data_dir (needs internet and TensorFlow).
+  c.dataset = ml_collections.ConfigDict(dict(name="", data_dir=None, train_split="train", eval_split="test",
+                                             download=False))
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adam", learning_rate=1e-3, schedule="constant", warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
       weight_decay=0.0, grad_clip_norm=1.0))

@@ -18,7 +18,8 @@ EDM-style samplers use this). Supported: DownBlock2D / AttnDownBlock2D / UpBlock
 `UNetRes`-prefixed), UNetMidBlock2D or none, positional time embedding with any `flip_sin_to_cos` / `freq_shift`,
 `resnet_time_scale_shift` default | scale_shift, single- or multi-head attention, the old query/key/value/proj_attn
 attention weight names. Anything else (cross-attention or skip blocks, class embeddings, Fourier or learned time
-embeddings, resnet down/upsampling) is refused with a one-line `CheckpointError` naming the field.
+embeddings, resnet down/upsampling) is refused with a one-line `CheckpointError` naming the field; config keys that
+do not change inference (dropout, num_train_timesteps, ...) are ignored, as diffusers ignores unknown ones.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genjax.errors import CheckpointError
+from genjax.errors import CheckpointError, UserError, check_choice
 from genjax.interop.diffusers_unet import ACTIVATIONS, DOWN_BLOCK_TYPES, UP_BLOCK_TYPES, DiffusersUNet, UNet2DConfig
 from genjax.samplers.schedules import NoiseSchedule
 
@@ -97,33 +98,35 @@ def load_unet_config(path: str) -> UNet2DConfig:
       norm_eps=float(get("norm_eps", 1e-5)), resnet_time_scale_shift=shift)
 
 
-def load_unet(path: str, dtype=jnp.float32):
+def load_unet(path: str):
   """Loads a diffusers `UNet2DModel` directory: returns `(apply_fn, params)`.
 
-  `apply_fn(params, x, t)`: x [B, H, W, in_channels] (NHWC, any float), t [B] int or float timesteps (a scalar is
-  broadcast) -> [B, H, W, out_channels] in `dtype`. Jitted (int and float t share one program); pass `jax.tree_util.Partial(apply_fn, params)` to a
-  sampler. `params` is a Flax parameter tree in `dtype` (float32 by default, whatever the checkpoint's storage).
+  `apply_fn(params, x, t)`: x [B, H, W, in_channels] (NHWC, any float; H and W multiples of 2^(number of blocks -
+  1)), t [B] int or float timesteps (a scalar is broadcast) -> float32 [B, H, W, out_channels]. Jitted, and int
+  and float t share one program; pass `jax.tree_util.Partial(apply_fn, params)` to a sampler. `params` is a Flax
+  parameter tree in float32, whatever the checkpoint's storage (float32, float16 or bfloat16).
   """
   cfg = load_unet_config(path)
   net = DiffusersUNet(cfg)
-  size = cfg.sample_size or (2 ** len(cfg.block_out_channels),) * 2
-  expected = jax.eval_shape(net.init, jax.random.PRNGKey(0), jnp.zeros((1, *size, cfg.in_channels), dtype),
-                            jnp.zeros((1,), jnp.float32))["params"]
-  params = _convert_weights(_read_weights(_weights_dir(path)), expected, dtype)
-
+  factor = 2 ** (len(cfg.block_out_channels) - 1)
+  size = cfg.sample_size or (factor, factor)
+  expected = jax.eval_shape(net.init, jax.random.PRNGKey(0), jnp.zeros((1, *size, cfg.in_channels)),
+                            jnp.zeros((1,)))["params"]
+  params = _convert_weights(_read_weights(_weights_dir(path)), expected)
   forward = jax.jit(lambda params, x, t: net.apply({"params": params}, x, t))
 
   def apply_fn(params, x, t):
     x = jnp.asarray(x)
-    if x.ndim != 4 or x.shape[-1] != cfg.in_channels:
-      raise CheckpointError(f"x must be NHWC [batch, height, width, {cfg.in_channels}], got shape {x.shape}")
+    if x.ndim != 4 or x.shape[-1] != cfg.in_channels or x.shape[1] % factor or x.shape[2] % factor:
+      raise UserError(f"x must be NHWC [batch, height, width, {cfg.in_channels}] with height and width multiples "
+                      f"of {factor}, got shape {x.shape}")
     t = jnp.asarray(t)
     if t.ndim == 0:
       t = jnp.broadcast_to(t, (x.shape[0],))
     if t.shape != (x.shape[0],):
-      raise CheckpointError(f"t must have shape [batch] = ({x.shape[0]},) or be a scalar, got shape {t.shape}")
+      raise UserError(f"t must have shape [batch] = ({x.shape[0]},) or be a scalar, got shape {t.shape}")
     # float32 t, as diffusers' embedding does: int and float timesteps share one compiled program
-    return forward(params, x.astype(dtype), t.astype(jnp.float32))
+    return forward(params, x.astype(jnp.float32), t.astype(jnp.float32))
 
   return apply_fn, params
 
@@ -201,9 +204,9 @@ class DiffusersPipeline:
     return (*self.config.sample_size, self.config.in_channels)
 
 
-def load_pipeline(path: str, dtype=jnp.float32) -> DiffusersPipeline:
+def load_pipeline(path: str) -> DiffusersPipeline:
   """`load_unet` + `load_schedule` + `load_sampler_options` on one directory (flat, or `unet/` + `scheduler/`)."""
-  apply_fn, params = load_unet(path, dtype=dtype)
+  apply_fn, params = load_unet(path)
   return DiffusersPipeline(apply_fn, params, load_unet_config(path), load_schedule(path), load_sampler_options(path))
 
 
@@ -212,14 +215,13 @@ def sample_images(pipe: DiffusersPipeline, rng, num_samples: int, *, sampler: st
   """`num_samples` images in [0, 1], float32 NHWC, drawn with the genjax sampler `sampler` (one of `SAMPLERS`)
   in `num_steps` steps from x_T ~ N(0, I); `eta` for "ddim" / "euler_ancestral" only. The model's [-1, 1] output
   range is mapped to [0, 1] as diffusers' DDPMPipeline does."""
-  if sampler not in SAMPLERS:
-    raise CheckpointError(f"sampler={sampler!r} is not one of: {', '.join(SAMPLERS)}")
+  check_choice("sampler", sampler, SAMPLERS)
   if not isinstance(num_samples, int) or num_samples < 1:
-    raise CheckpointError(f"num_samples={num_samples!r} must be a positive int")
+    raise UserError(f"num_samples={num_samples!r} must be a positive int")
   kwargs = dict(pipe.options)
   if eta is not None:
     if sampler not in _ETA_SAMPLERS:
-      raise CheckpointError(f"eta={eta} applies only to sampler in {_ETA_SAMPLERS}, got sampler={sampler!r}")
+      raise UserError(f"eta={eta} applies only to sampler in {_ETA_SAMPLERS}, got sampler={sampler!r}")
     kwargs["eta"] = float(eta)
   noise_rng, sampler_rng = jax.random.split(rng)
   x_T = jax.random.normal(noise_rng, (num_samples, *pipe.image_shape()), jnp.float32)
@@ -309,7 +311,7 @@ def _diffusers_key(flax_path: tuple[str, ...]) -> str:
   return ".".join(names + ["bias" if leaf == "bias" else "weight"])
 
 
-def _convert_weights(tensors: dict[str, np.ndarray], expected, dtype) -> dict:
+def _convert_weights(tensors: dict[str, np.ndarray], expected) -> dict:
   """Maps diffusers state-dict tensors onto the Flax tree `expected` (shapes from `eval_shape`): conv OIHW -> HWIO,
   linear [out, in] -> [in, out], norm weight -> scale. Every expected leaf must be filled and no tensor left over."""
   from flax import traverse_util
@@ -335,7 +337,7 @@ def _convert_weights(tensors: dict[str, np.ndarray], expected, dtype) -> dict:
     if tuple(array.shape) != tuple(want[target].shape):
       raise CheckpointError(f"tensor {key} has shape {value.shape}, config.json implies "
                             f"{_torch_shape(want[target].shape, target[-1])}")
-    out[target] = jnp.asarray(np.asarray(array, dtype=np.float32), dtype=dtype)
+    out[target] = jnp.asarray(np.asarray(array, dtype=np.float32))
   missing = [p for p in want if p not in out]
   if missing:
     raise CheckpointError(f"the checkpoint lacks {_diffusers_key(missing[0])} ({len(missing)} tensors missing) "

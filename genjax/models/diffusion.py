@@ -292,6 +292,8 @@ def _sample_fn(unet: UNet, schedule, space: _Space, defaults: dict, prediction: 
     else:
       labels = np.full((n,), o["label"], np.int32)
     if edits:  # eager: img2img picks its grid on the host; the samplers it calls are jitted
+      if o["label"] is None:  # an edit keeps the image's class: unconditional (the null label) unless one is given
+        labels = np.full((n,), num_classes, np.int32)
       guided = bool(num_classes) and o["guidance"] != 1.0
       model_fn = model_for(params, jnp.asarray(labels), jnp.float32(o["guidance"]), guided)
       return edit_images(model_fn, schedule, space, params, rng, int(n), o, edits, prediction)

@@ -197,13 +197,13 @@ class GAN:
                        f"image size {h}x{w}; use fewer entries")
     if not m.disc_channels:
       raise ConfigError("model.disc_channels must name at least one width")
-    self.r1_interval = int(m.get("r1_interval", 1))
+    self.r1_interval = int(m.r1_interval)
     if self.r1_interval < 1:
       raise ConfigError(f"model.r1_interval={self.r1_interval} must be >= 1")
     self.loss, self.latent_dim = m.loss, int(m.latent_dim)
-    self.r1_gamma, self.gp_weight = float(m.get("r1_gamma", 0.0)), float(m.get("gp_weight", 10.0))
-    self.num_classes = int(num_classes) if m.get("conditional", False) else 0
-    if m.get("conditional", False) and self.num_classes < 2:
+    self.r1_gamma, self.gp_weight = float(m.r1_gamma), float(m.gp_weight)
+    self.num_classes = int(num_classes) if m.conditional else 0
+    if m.conditional and self.num_classes < 2:
       raise ConfigError(f"model.conditional needs a labelled dataset, got num_classes={num_classes}")
     dtype = COMPUTE_DTYPES[compute_dtype]
     self.gen = Generator(self.image_shape, tuple(m.gen_channels), self.num_classes, dtype)
@@ -353,9 +353,9 @@ class GAN:
 
 def make_task(config, image_shape, num_classes: int) -> Task:
   """The GAN Task for a config and a known data shape (tests use this; `task` reads the shape from the dataset)."""
-  gan = GAN(config.model, image_shape, num_classes, config.get("compute_dtype", "float32"))
+  gan = GAN(config.model, image_shape, num_classes, config.compute_dtype)
   steps = int(config.num_train_steps)
-  disc_opt_cfg = config.disc_optimizer if "disc_optimizer" in config else config.optimizer
+  disc_opt_cfg = config.disc_optimizer
   return Task(
       init=gan.init,
       phases=(Phase("disc", gan.disc_loss, make_optimizer(disc_opt_cfg, steps), params_key="disc"),
@@ -375,7 +375,7 @@ def _image_info(config):
 def build(config) -> GAN:
   """The GAN object (modules, losses, interpolation_grid) for a config, shaped by its dataset."""
   info = _image_info(config)
-  return GAN(config.model, info.image_shape, info.num_classes, config.get("compute_dtype", "float32"))
+  return GAN(config.model, info.image_shape, info.num_classes, config.compute_dtype)
 
 
 def interpolation_images(config, params, rng, rows: int | None = None, cols: int = 8, truncation=None, label=None):

@@ -36,7 +36,8 @@ from genjax.train.optim import make_optimizer
 from genjax.train.task import Phase, Task
 
 SAMPLE_OPTIONS = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 0, "top_p": 0.95, "repetition_penalty": 1.0,
-                  "presence_penalty": 0.0, "frequency_penalty": 0.0, "num_beams": 1, "length_penalty": 1.0}
+                  "presence_penalty": 0.0, "frequency_penalty": 0.0, "num_beams": 1, "length_penalty": 1.0,
+                  "min_p": 0.0, "stop": (), "allow_longer_context": None}
 
 
 def lm_config(config) -> LMConfig:
@@ -134,6 +135,14 @@ def sample_text(cfg: LMConfig, params, prompts, rng, *, tokenizer=None, max_len:
   for r, i in enumerate(ids):
     tokens[r, :len(i)] = i
   lengths = np.array([len(i) for i in ids], np.int32)
+  if o["allow_longer_context"] is not None:   # decode past the trained context, knowingly (at most cfg.max_len)
+    max_len = int(o["allow_longer_context"])
+  stops = [o["stop"]] if isinstance(o["stop"], str) else list(o["stop"])
+  if any(not isinstance(st, str) or not st for st in stops):
+    raise UserError(f"stop={o['stop']!r}: each stop must be a non-empty string")
+  if stops and int(o["num_beams"]) > 1:
+    raise UserError(f"stop strings apply to sampling / greedy decoding, not to beam search (num_beams="
+                    f"{o['num_beams']})")
   model, params = decoding_model(cfg, max_len), nn.unbox(params)
   new = int(o["max_new_tokens"])
   if "max_new_tokens" not in options:        # the default never asks for more than the context holds
@@ -148,7 +157,8 @@ def sample_text(cfg: LMConfig, params, prompts, rng, *, tokenizer=None, max_len:
     out = generate(model, params, tokens, rng, prompt_lengths=lengths, max_new_tokens=new,
                    temperature=o["temperature"], top_k=o["top_k"], top_p=o["top_p"],
                    repetition_penalty=o["repetition_penalty"], presence_penalty=o["presence_penalty"],
-                   frequency_penalty=o["frequency_penalty"], eos_id=eos_id, pad_id=pad_id, cache_len=cache_len)
+                   frequency_penalty=o["frequency_penalty"], eos_id=eos_id, pad_id=pad_id, cache_len=cache_len,
+                   min_p=o["min_p"], stop_sequences=[tokenizer.encode(st) for st in stops] or None)
     generated = np.asarray(out.tokens)
   return [tokenizer.decode(row[:n]) for row, n in zip(generated, np.asarray(out.lengths).reshape(len(ids), -1)[:, 0])]
 

@@ -131,7 +131,7 @@ def _decoder_out(model, params, likelihood):
 def task(config) -> Task:
   model = vae_model(config)
   likelihood, beta = config.model.likelihood, float(config.model.beta)
-  sigma = float(config.model.get("gaussian_sigma", 0.1))
+  sigma = float(config.model.gaussian_sigma)
   if likelihood not in LIKELIHOODS:
     raise ConfigError(f"model.likelihood={likelihood!r} is not one of {LIKELIHOODS}")
 
@@ -149,7 +149,7 @@ def task(config) -> Task:
     ll, kl = terms(params, batch, rng)
     return jnp.mean(-ll + beta * kl), {"recon_nll": -jnp.mean(ll), "kl": jnp.mean(kl)}
 
-  iw_samples = int(config.model.get("iw_samples", 64))
+  iw_samples = int(config.model.iw_samples)
 
   def evaluate(params, batch, rng):
     ll, kl = terms(params, batch, rng)
@@ -188,7 +188,7 @@ def task(config) -> Task:
 def interpolation_images(config, params, rng, rows: int = 8, cols: int = 8):
   """(images, cols): rows of decoded interpolations between pairs of test images drawn with `rng`."""
   from genjax.data import load_arrays
-  x = load_arrays(config.dataset.name, config.dataset.eval_split, config.dataset.get("data_dir"))["image"]
+  x = load_arrays(config.dataset.name, config.dataset.eval_split, config.dataset.data_dir)["image"]
   idx = jax.random.choice(rng, len(x), (2 * rows,), replace=False)
   pairs = jnp.asarray(x)[idx]
   return interpolation_grid(vae_model(config), params, pairs[:rows], pairs[rows:], cols), cols

@@ -3,15 +3,17 @@
 A `NoiseSchedule` is a small frozen pytree of float32 arrays describing the forward process
 q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) on the discrete training timesteps t = 0 .. T-1:
 
+    import jax, jax.numpy as jnp
+    from genjax.samplers import NoiseSchedule
     sched = NoiseSchedule.linear(num_timesteps=1000, beta_start=1e-4, beta_end=0.02)
     sched = NoiseSchedule.cosine(num_timesteps=1000, s=0.008)
     sched = NoiseSchedule.scaled_linear(zero_terminal_snr=True)   # Stable Diffusion's, rescaled (Lin et al. 2024)
     sched.alphas_cumprod                                   # float32 [T]
-
-Noise levels as sigma = sqrt((1 - abar) / abar) (the VE / EDM view of the same process), for float timesteps too:
-
-    sigma = sched.t_to_sigma(jnp.asarray([999, 500.5]))   # float t: log-sigma interpolated (k-diffusion)
-    t = sched.sigma_to_t(sigma)                            # float32, the inverse
+    sigma = sched.t_to_sigma(jnp.asarray([500.0, 500.5]))  # sqrt((1 - abar) / abar); float t: log-sigma interpolated
+    t = sched.sigma_to_t(sigma)                            # float32 [500.0, 500.5], the inverse
+    x0, noise = jnp.ones((2, 3)), jax.random.normal(jax.random.key(0), (2, 3))
+    x_t = sched.add_noise(x0, noise, jnp.asarray([10, 900]))
+    v = sched.training_target(x0, noise, jnp.asarray([10, 900]), "v_prediction")   # diffusers' name for "v"
 
 Training side (what a model family needs for its loss; `t` is int32 [batch] in [0, T)):
 

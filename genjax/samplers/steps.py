@@ -1,14 +1,19 @@
 """Pure diffusion sampler steps on an explicit state, for hand-written sampling loops (and used by the samplers).
 
+    import jax, jax.numpy as jnp
     from genjax.samplers import NoiseSchedule, SamplerState, dpm_solver_step, make_timesteps
     sched = NoiseSchedule.linear()
+    def model_fn(x, t):                  # the optimal eps for data ~ N(0.3, 0.5^2); put your network here
+      a = sched.alpha_sigma(t)[0][:, None] ** 2
+      return jnp.sqrt(1 - a) * (x - jnp.sqrt(a) * 0.3) / (a * 0.25 + 1 - a)
+    x_T = jax.random.normal(jax.random.key(0), (4096, 1))
     ts = make_timesteps(sched, 20, spacing="log_snr")          # where the model is called
     state = SamplerState.init(x_T)
     for i in range(len(ts)):
       t, t_next = ts[i], (ts[i + 1] if i + 1 < len(ts) else -1)   # -1: the last step lands on the clean sample
       pred = model_fn(state.x, jnp.full((x_T.shape[0],), t))
       state = dpm_solver_step(sched, state, pred, t, t_next, order=2)
-    x0 = state.x
+    x0 = state.x                                               # ~ N(0.3, 0.5^2)
 
 Every step takes the state at timestep `t`, the model's raw output there (`prediction="epsilon" | "v" | "x0"`, or
 diffusers' "v_prediction" / "sample"), and the next timestep `t_next` (-1 = clean), and returns the next state. t may

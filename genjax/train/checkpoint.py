@@ -4,6 +4,7 @@
     ckpt.save(step, state, data_state={"next_index": ...}, meta={"family": "vae"})
     restored = ckpt.restore_latest(abstract_state, expect_meta={"family": "vae"})   # None: no checkpoint yet
     config, params = load_run(workdir)        # for sampling/evaluation: EMA params of the latest readable step
+    config, params, step = load_run_at(workdir)   # ... and the step they are from
 
 What survives what:
 - Layout. The state is saved as a nested dict of arrays (`flax.serialization.to_state_dict`) and restored onto the
@@ -414,13 +415,20 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def load_run(workdir: str, step: Optional[int] = None) -> tuple[ml_collections.ConfigDict, Any]:
-  """(config, params) of a run for sampling/evaluation: the EMA params when the run kept them.
+  """(config, params) of a run for sampling/evaluation: `load_run_at` without the step."""
+  config, params, _ = load_run_at(workdir, step)
+  return config, params
+
+
+def load_run_at(workdir: str, step: Optional[int] = None) -> tuple[ml_collections.ConfigDict, Any, int]:
+  """(config, params, the step they are from) of a run: the EMA params when the run kept them.
 
   Arrays land on the first local device whatever device layout wrote them. Without `step`, the newest intact
-  checkpoint (damaged ones are skipped with a warning, not moved: this is a read-only path).
+  checkpoint (damaged ones are skipped with a warning, not moved: this is a read-only path), so the step returned
+  can be older than the newest on disk.
   """
   config = load_config(workdir)
-  ckpt = Checkpointer(workdir, keep=max(1, int(config.get("keep_checkpoints", 3))), async_save=False)
+  ckpt = Checkpointer(workdir, keep=max(1, int(config.keep_checkpoints)), async_save=False)
   try:
     steps = ckpt.all_steps()
     if step is not None and step not in steps:
@@ -438,7 +446,7 @@ def load_run(workdir: str, step: Optional[int] = None) -> tuple[ml_collections.C
         errors.append(f"step {s}: {_first_line(e)}")
         continue
       params = tree["ema_params"] if tree.get("ema_params") is not None else tree["params"]
-      return config, params
+      return config, params, s
     raise CheckpointUnreadableError(f"no readable checkpoint in {ckpt.directory} ({'; '.join(errors[:3])})")
   finally:
     ckpt.manager.close()
