@@ -113,27 +113,39 @@ def _geomean(values):
   return math.exp(sum(math.log(max(v, 1e-30)) for v in values) / len(values)) if values else None
 
 
-def summary_rows(result, schedule) -> list[dict]:
-  """Per (library, sampler): its default and its best option on `schedule` (the geometric mean of RMSE over the
-  mixtures, per NFE; "best" = the option with the lowest mean over all NFEs)."""
+def summary_rows(result, schedules) -> list[dict]:
+  """Per (library, sampler): its default and its best option over `schedules`, errors[schedule][nfe] = the
+  geometric mean of RMSE over the mixtures ("best" = the option with the lowest mean over all those cells)."""
   nfes = result["nfes"]
-  by = defaultdict(lambda: defaultdict(list))      # (lib, sampler, variant) -> nfe -> [rmse per mixture]
+  by = defaultdict(lambda: defaultdict(list))      # (lib, sampler, variant) -> (schedule, nfe) -> [rmse per mixture]
   for r in _ok(result["records"]):
-    if r["schedule"] == schedule:
-      by[(r["library"], r["sampler"], r["variant"])][r["nfe"]].append(r["rmse"])
-  n_mix = max((len(v) for d in by.values() for v in d.values()), default=0)
-  complete = {k: {n: _geomean(d[n]) for n in nfes} for k, d in by.items()
-              if all(len(d.get(n, [])) == n_mix for n in nfes)}
+    if r["schedule"] in schedules:
+      by[(r["library"], r["sampler"], r["variant"])][(r["schedule"], r["nfe"])].append(r["rmse"])
+  n_mix = len(result["mixtures"])
+  cells = [(s, n) for s in schedules for n in nfes]
+  complete = {k: d for k, d in by.items() if all(len(d.get(c, [])) == n_mix for c in cells)}
   rows = []
   for lib, sampler in dict.fromkeys((k[0], k[1]) for k in complete):
-    options = {v: errs for (l, s, v), errs in complete.items() if (l, s) == (lib, sampler)}
+    options = {v: {c: _geomean(d[c]) for c in cells} for (l, s, v), d in complete.items() if (l, s) == (lib, sampler)}
     best = min(options, key=lambda v: _geomean(list(options[v].values())))
     label = next(r["label"] for r in result["records"] if r["sampler"] == sampler)
-    if "default" in options:
-      rows.append(dict(library=lib, sampler=label, variant="default", errors=options["default"]))
-    if best != "default":
-      rows.append(dict(library=lib, sampler=label, variant=f"best: {best}", errors=options[best]))
+    for variant in dict.fromkeys(v for v in ("default", best) if v in options):
+      errors = {s: {n: options[variant][(s, n)] for n in nfes} for s in schedules}
+      rows.append(dict(library=lib, sampler=label, variant=variant if variant == "default" else f"best: {variant}",
+                       errors=errors))
   return rows
+
+
+def compact_table(result, schedules=GOAL_SCHEDULES) -> list[str]:
+  """One markdown table (the README's): a row per (library, sampler) default and best option, NFE columns per
+  schedule, each cell the geometric mean of RMSE over the mixtures."""
+  nfes = result["nfes"]
+  head = "| library | sampler | option | " + " | ".join(f"{s[:3]} {n}" for s in schedules for n in nfes) + " |"
+  out = [head, "|---|---|---|" + "---:|" * (len(nfes) * len(schedules))]
+  for row in summary_rows(result, schedules):
+    cells = [f"{row['errors'][s][n]:.2g}" for s in schedules for n in nfes]
+    out.append(f"| {row['library']} | {row['sampler']} | {row['variant']} | " + " | ".join(cells) + " |")
+  return out
 
 
 def markdown(result) -> str:
@@ -144,8 +156,8 @@ def markdown(result) -> str:
     out += [f"**{schedule}** — RMSE vs the exact ODE, geometric mean over {len(result['mixtures'])} mixtures",
             "", "| library | sampler | option | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
             "|---|---|---|" + "---:|" * len(nfes)]
-    for row in summary_rows(result, schedule):
-      cells = " | ".join(f"{row['errors'][n]:.2e}" for n in nfes)
+    for row in summary_rows(result, [schedule]):
+      cells = " | ".join(f"{row['errors'][schedule][n]:.2e}" for n in nfes)
       out.append(f"| {row['library']} | {row['sampler']} | {row['variant']} | {cells} |")
     out.append("")
   out += ["Goals (per schedule x mixture x NFE):", ""] + goal_lines(result)

@@ -137,7 +137,9 @@ def parse_flags(argv):
   argv = resolve_config_path(argv)
   try:
     rest = flags.FLAGS(argv)
-    _CONFIG.value.get("family")      # a config file that failed to load raises only when first read
+    config = _CONFIG.value           # a config file that failed to load raises only when first read
+    if config is not None:
+      config.get("family")
   except (flags.Error, ValueError, TypeError, KeyError, AttributeError, OSError) as e:
     cli.fail(_flag_error_message(e, argv))
   if len(rest) > 1:

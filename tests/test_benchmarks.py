@@ -131,6 +131,31 @@ def test_decoding_quick(tmp_path):
     assert peer["status"].startswith("peer not installed")
 
 
+def test_hf_gpt2_wrapper_decodes_like_a_full_forward():
+  """benchmarks/hf_gpt2.py (a cache with a shared write index, wrapped): greedy generate on mixed-length prompts and
+  its log-probs equal HF's own full forward without a cache; beam search with one beam agrees. Runs where
+  transformers still has Flax models (<= 4.57, the `peers` extra), else skips."""
+  transformers = pytest.importorskip("transformers")
+  if not hasattr(transformers, "FlaxGPT2LMHeadModel"):
+    pytest.skip(f"transformers {transformers.__version__} has no Flax models")
+  from benchmarks.hf_gpt2 import gpt2_decoding_model
+  from genjax.samplers import beam_search, generate
+  hf = transformers.FlaxGPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50,
+                                                                n_positions=24), seed=0)
+  model, prompts, n = gpt2_decoding_model(hf), [[5, 6, 7, 8, 9], [11, 12], [40, 41, 42]], 6
+  out = generate(model, hf.params, prompts, greedy=True, max_new_tokens=n)
+  for r, p in enumerate(prompts):
+    seq = list(p)
+    for _ in range(n):
+      seq.append(int(np.argmax(hf(np.array([seq]), params=hf.params).logits[0, -1])))
+    assert seq[len(p):] == list(np.asarray(out.tokens[r]))
+    logp = jax.nn.log_softmax(hf(np.array([seq[:-1]]), params=hf.params).logits[0])
+    np.testing.assert_allclose(out.logprobs[r], [logp[len(p) - 1 + t, seq[len(p) + t]] for t in range(n)],
+                               rtol=1e-4, atol=1e-5)
+  beams = beam_search(model, hf.params, prompts, num_beams=1, max_new_tokens=n, length_penalty=0.0)
+  np.testing.assert_array_equal(beams.sequences[:, 0], out.tokens)
+
+
 TINY_VAE = ("model.channels=(4,8)", "model.hidden=8", "model.latent_dim=2", "batch_size=8", "model.iw_samples=2")
 
 

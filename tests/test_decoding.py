@@ -524,3 +524,29 @@ def test_beam_search_batch_rows_are_independent():
 def test_decoding_imports_without_flax():
   code = "import sys, genjax.samplers.decoding; assert 'flax' not in sys.modules, 'flax was imported'"
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_lm_sample_text_stop_min_p_and_longer_context(capsys):
+  """The LM's sample_text / the sample CLI: --stop strings end a row at their match (and the CLI says which),
+  --min_p reaches the filter, --allow_longer_context lifts the trained-context guard knowingly."""
+  from experiments.sample import print_texts
+  from genjax.models import get_task
+  from tests.test_transformer import _config, _params as lm_params
+  c = _config()
+  c.dataset.seq_len = 16                                 # the trained context: 8-byte prompt + 12 new is past it
+  task, params, prompt = get_task(c), lm_params(), ["Hi there"]
+  kw = dict(max_new_tokens=12, temperature=0.0, allow_longer_context=40)
+  with pytest.raises(UserError, match=r"\(8 tokens\) \+ max_new_tokens=12 = 20 does not fit in the model's context "
+                                      r"max_len=16"):
+    task.sample_text(params, prompt, jax.random.key(0), max_new_tokens=12)
+  free = task.sample_text(params, prompt, jax.random.key(0), **kw)[0]
+  ascii_chars = [ch for ch in free[1:] if ord(ch) < 128]
+  assert ascii_chars, free                               # random bytes: some are ASCII (a one-byte stop string)
+  stop = ascii_chars[0]
+  cut = task.sample_text(params, prompt, jax.random.key(0), stop=[stop, "\x00\x00"], **kw)[0]
+  assert cut == free[:free.index(stop, 1) + 1] and len(cut) < len(free), (free, cut)
+  print_texts(prompt, [cut], ["\x00\x00", stop])
+  assert f"--- stopped at --stop={stop!r}" in capsys.readouterr().out
+  # min_p = 1 keeps only the most likely byte: sampling at any temperature is then greedy.
+  assert task.sample_text(params, prompt, jax.random.key(3), **{**kw, "temperature": 1.5}, min_p=1.0,
+                          top_p=1.0)[0] == free

@@ -138,7 +138,7 @@ def test_timestep_tables():
   steps = np.diff(lam[np.asarray(spacing_table(SCHED, jnp.int32(20), "log_snr"))[:20]])
   # T-1 (log-SNR -10.1), then uniform from the floor (-6) up to lambda_0, up to integer rounding.
   assert np.allclose(steps[1:], steps[1:].mean(), rtol=0.1) and abs(lam[999] + 10.1) < 0.05, steps
-  np.testing.assert_allclose(steps[1:].mean(), (lam[0] + 6.0) / 18, rtol=0.01)
+  np.testing.assert_allclose(steps[1:].mean(), (lam[0] + 6.0) / 19, rtol=0.01)  # the floor is grid point 0
 
 
 # ------------------------------------------------------------------------------------------------ closed forms

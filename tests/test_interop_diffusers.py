@@ -43,18 +43,28 @@ def _tiny_unet(**options):
   return model.eval()
 
 
-@pytest.fixture(scope="module", params=sorted(VARIANTS))
-def saved_unet(request, tmp_path_factory):
-  model = _tiny_unet(**VARIANTS[request.param])
-  path = str(tmp_path_factory.mktemp(request.param))
-  model.save_pretrained(path)
-  return model, load_unet(path)
+@pytest.fixture(scope="module")
+def saved_unets(tmp_path_factory):
+  """variant -> (torch model, (apply_fn, params) loaded by genjax from its save_pretrained directory)."""
+  out = {}
+  for name, options in VARIANTS.items():
+    model = _tiny_unet(**options)
+    path = str(tmp_path_factory.mktemp(name))
+    model.save_pretrained(path)
+    out[name] = model, load_unet(path)
+  return out
 
 
+@pytest.fixture
+def saved_unet(saved_unets):
+  return saved_unets["ddpm_style_scale_shift"]   # the google/ddpm-* style: what old-format checkpoints are
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("timesteps", [[0, 417, 999], [0.5, 123.25, 998.9]], ids=["int_t", "fractional_t"])
-def test_unet_output_matches_diffusers(saved_unet, timesteps):
+def test_unet_output_matches_diffusers(saved_unets, variant, timesteps):
   import torch
-  model, (apply_fn, params) = saved_unet
+  model, (apply_fn, params) = saved_unets[variant]
   x = np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32)  # NCHW for torch
   t = np.asarray(timesteps)
   with torch.no_grad():
@@ -86,15 +96,20 @@ def test_pipeline_directory_runs_genjax_ddim_like_diffusers_ddim(tmp_path):
     for t in scheduler.timesteps:
       x = scheduler.step(model(x, t).sample, t, x).prev_sample
   expected = x.numpy()
-  got = ddim_sample(pipe.model_fn, pipe.schedule, jnp.asarray(x_T.transpose(0, 2, 3, 1)), num_steps=4, **pipe.options)
+  got = ddim_sample(pipe.model_fn, pipe.schedule, jnp.asarray(x_T.transpose(0, 2, 3, 1)), num_steps=4,
+                    spacing="trailing", **pipe.options)
   got = np.asarray(got).transpose(0, 3, 1, 2)
   np.testing.assert_array_less(np.abs(got - expected).max(), 1e-4 * np.abs(expected).max())
   # sample_images draws x_T from the first half of its rng and maps [-1, 1] to [0, 1] (same compiled program).
   rng = jax.random.PRNGKey(3)
-  images = sample_images(pipe, rng, 2, sampler="ddim", num_steps=4)
+  images = sample_images(pipe, rng, 2, sampler="ddim", num_steps=4, spacing="trailing")
   x_T = jax.random.normal(jax.random.split(rng)[0], (2, 8, 8, 3))
-  direct = ddim_sample(pipe.model_fn, pipe.schedule, x_T, num_steps=4, **pipe.options)
+  direct = ddim_sample(pipe.model_fn, pipe.schedule, x_T, num_steps=4, spacing="trailing", **pipe.options)
   np.testing.assert_allclose(images, np.clip((np.asarray(direct) + 1) / 2, 0, 1), atol=1e-6)
+  with pytest.raises(UserError, match="option 'eta' does not apply to sampler='dpm_solver'; valid: order"):
+    sample_images(pipe, rng, 2, sampler="dpm_solver", eta=0.5)
+  with pytest.raises(UserError, match="sampler='ddmi' is not one of: ddpm, ddim"):
+    sample_images(pipe, rng, 2, sampler="ddmi")
 
 
 def test_apply_fn_checks_shapes_in_one_line(saved_unet):

@@ -185,6 +185,48 @@ def test_transformer_sampling_is_batch_invariant():
   assert np.all((toks < 256) | (toks == tok_lib.EOS_ID) | (toks == tok_lib.PAD_ID))   # BOS/padding ids masked
 
 
+# ------------------------------------------------------------------------------- scan, remat, attention --------
+DEEP = T.LMConfig(embed_dim=32, num_layers=3, num_heads=4, num_kv_heads=2, mlp_dim=64, max_len=40)
+
+
+def _loss_and_grads(cfg, params, tokens):
+  return jax.jit(jax.value_and_grad(lambda p: T.lm_metrics(T.TransformerLM(cfg), p, tokens)["loss"]))(params)
+
+
+def test_scan_remat_and_dot_product_attention_equal_the_unrolled_reference():
+  params = _params(DEEP, seed=3)
+  tokens = jax.random.randint(jax.random.key(4), (2, 13), 0, 256)
+  loss, grads = _loss_and_grads(DEEP, params, tokens)
+  variants = [dict(scan_layers=True, remat="dots_saveable"), dict(remat="full"), dict(attention="dot_product")]
+  for kw in variants:
+    cfg = T.LMConfig(**{**DEEP.__dict__, **kw})
+    stacked = T.stack_layers(params, DEEP.num_layers) if cfg.scan_layers else params
+    loss2, grads2 = _loss_and_grads(cfg, stacked, tokens)
+    if cfg.scan_layers:
+      grads2 = T.unstack_layers(grads2, DEEP.num_layers)
+    # float32; only the summation order differs (scan: the same ops in a loop; remat: recomputed, not changed).
+    np.testing.assert_allclose(loss2, loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), grads2, grads)
+
+
+def test_scanned_layers_stack_params_on_a_layers_axis_and_decode_like_unrolled():
+  from genjax.train import parallel
+  cfg = T.LMConfig(**{**DEEP.__dict__, "scan_layers": True, "attention": "dot_product"})
+  boxed = _jitted(cfg)[0](jax.random.key(0))
+  query = boxed["blocks"]["attention"]["query"]["kernel"]
+  assert query.names == ("layers", "embed", "heads", "kv") and query.value.shape == (3, 32, 4, 8)
+  mesh = parallel.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
+  spec = parallel.param_shardings(boxed, mesh)["blocks"]["attention"]["query"]["kernel"].spec
+  assert spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+  cache = T.init_cache(cfg, 3, 20)
+  assert cache["blocks"]["k"].shape == (3, 3, 20, 2, 8)          # batch first, then the layer axis
+  params = _params(DEEP, seed=5)
+  kw = dict(prompt_lengths=LENGTHS, greedy=True, **DECODE)
+  unrolled = generate(T.decoding_model(DEEP), params, IDS, **kw)
+  scanned = generate(T.decoding_model(cfg), T.stack_layers(params, 3), IDS, **kw)
+  np.testing.assert_array_equal(scanned.tokens, unrolled.tokens)
+
+
 # -------------------------------------------------------------------------------------- task and configs --------
 def _config(**model):
   c = base_config()

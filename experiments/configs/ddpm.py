@@ -47,7 +47,7 @@ def _ddpm_defaults(c: ml_collections.ConfigDict) -> None:
       beta_start=1e-4,                # linear schedule only
       beta_end=0.02,                  # linear schedule only
       cosine_s=0.008,                 # cosine schedule only
-      sampler="ddim",                 # default sampler for sample grids: "ddpm" | "ddim" | "dpm_solver"
+      sampler="ddim",                 # default sampler for sample grids: genjax.models.diffusion.SAMPLERS
       num_sample_steps=50,
       eta=0.0,
       guidance=1.0,                   # classifier-free guidance scale (1 = plain conditional model)

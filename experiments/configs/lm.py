@@ -22,6 +22,9 @@ def _model(c, embed_dim, num_layers, num_heads, mlp_dim, max_len, vocab_multiple
   c.model.mlp_dim = mlp_dim
   c.model.max_len = max_len            # longest KV cache for sampling (training uses dataset.seq_len)
   c.model.rope_base = 10000.0
+  c.model.scan_layers = False          # True: nn.scan over the blocks (compile time flat in depth)
+  c.model.remat = "none"               # "none" | "full" | "dots_saveable": recompute activations in the backward
+  c.model.attention = "einsum"         # "einsum" | "dot_product" (jax.nn.dot_product_attention)
 
 
 def pydoc(c):
@@ -104,6 +107,8 @@ def hf_finetune(c):
   # vocabulary are the checkpoint's; export the result with `python -m experiments.export --workdir=... --out=DIR`.
   c.family = "lm"
   c.model.init_from = ""
+  c.model.remat = "none"               # how it runs may be chosen; the architecture is the checkpoint's
+  c.model.attention = "einsum"
   c.dataset.name = "pydoc"
   c.dataset.tokenizer = c.model.get_ref("init_from")    # follows --config.model.init_from
   c.dataset.seq_len = 128

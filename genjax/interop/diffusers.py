@@ -24,6 +24,7 @@ do not change inference (dropout, num_train_timesteps, ...) are ignored, as diff
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Callable, Optional
@@ -109,10 +110,7 @@ def load_unet(path: str):
   cfg = load_unet_config(path)
   net = DiffusersUNet(cfg)
   factor = 2 ** (len(cfg.block_out_channels) - 1)
-  size = cfg.sample_size or (factor, factor)
-  expected = jax.eval_shape(net.init, jax.random.PRNGKey(0), jnp.zeros((1, *size, cfg.in_channels)),
-                            jnp.zeros((1,)))["params"]
-  params = _convert_weights(_read_weights(_weights_dir(path)), expected)
+  params = _convert_weights(_read_weights(_weights_dir(path)), _param_shapes(cfg))
   forward = jax.jit(lambda params, x, t: net.apply({"params": params}, x, t))
 
   def apply_fn(params, x, t):
@@ -129,6 +127,14 @@ def load_unet(path: str):
     return forward(params, x.astype(jnp.float32), t.astype(jnp.float32))
 
   return apply_fn, params
+
+
+@functools.lru_cache(maxsize=8)
+def _param_shapes(cfg: UNet2DConfig):
+  """The Flax parameter tree's shapes for `cfg` (traced once per config, no compute)."""
+  size = cfg.sample_size or (2 ** (len(cfg.block_out_channels) - 1),) * 2
+  return jax.eval_shape(DiffusersUNet(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, *size, cfg.in_channels)),
+                        jnp.zeros((1,)))["params"]
 
 
 # --------------------------------------------------------------------------------------------- schedule
@@ -179,7 +185,6 @@ def _sampler_functions() -> dict[str, Callable]:
 
 
 SAMPLERS = ("ddpm", "ddim", "dpm_solver", "unipc", "euler", "heun", "euler_ancestral")
-_ETA_SAMPLERS = ("ddim", "euler_ancestral")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,22 +216,25 @@ def load_pipeline(path: str) -> DiffusersPipeline:
 
 
 def sample_images(pipe: DiffusersPipeline, rng, num_samples: int, *, sampler: str = "dpm_solver",
-                  num_steps: int = 20, eta: Optional[float] = None) -> np.ndarray:
+                  num_steps: int = 20, **options) -> np.ndarray:
   """`num_samples` images in [0, 1], float32 NHWC, drawn with the genjax sampler `sampler` (one of `SAMPLERS`)
-  in `num_steps` steps from x_T ~ N(0, I); `eta` for "ddim" / "euler_ancestral" only. The model's [-1, 1] output
-  range is mapped to [0, 1] as diffusers' DDPMPipeline does."""
+  in `num_steps` steps from x_T ~ N(0, I) (drawn from the first half of `rng`; the sampler gets the second).
+  `options` go to the sampler (e.g. eta=0.5 for ddim, spacing="trailing", order=3) and override the scheduler
+  config's prediction / clip_denoised. The model's [-1, 1] range is mapped to [0, 1] as diffusers' DDPMPipeline
+  does."""
+  import inspect
   check_choice("sampler", sampler, SAMPLERS)
   if not isinstance(num_samples, int) or num_samples < 1:
     raise UserError(f"num_samples={num_samples!r} must be a positive int")
-  kwargs = dict(pipe.options)
-  if eta is not None:
-    if sampler not in _ETA_SAMPLERS:
-      raise UserError(f"eta={eta} applies only to sampler in {_ETA_SAMPLERS}, got sampler={sampler!r}")
-    kwargs["eta"] = float(eta)
+  fn = _sampler_functions()[sampler]
+  valid = [p for p in inspect.signature(fn).parameters if p not in ("model_fn", "schedule", "x_T", "num_steps",
+                                                                      "rng")]
+  bad = [k for k in options if k not in valid]
+  if bad:
+    raise UserError(f"option {bad[0]!r} does not apply to sampler={sampler!r}; valid: {', '.join(valid)}")
   noise_rng, sampler_rng = jax.random.split(rng)
   x_T = jax.random.normal(noise_rng, (num_samples, *pipe.image_shape()), jnp.float32)
-  x0 = _sampler_functions()[sampler](pipe.model_fn, pipe.schedule, x_T, num_steps=num_steps, rng=sampler_rng,
-                                     **kwargs)
+  x0 = fn(pipe.model_fn, pipe.schedule, x_T, num_steps=num_steps, rng=sampler_rng, **{**pipe.options, **options})
   return np.clip((np.asarray(x0, np.float32) + 1.0) / 2.0, 0.0, 1.0)
 
 

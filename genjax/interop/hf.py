@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from genjax.errors import CheckpointError, UserError
-from genjax.models.lm_layers import DTYPES, PARAM_DTYPES, LMConfig, TransformerLM
+from genjax.models.lm_layers import PARAM_DTYPES, LMConfig, TransformerLM
 from genjax.interop.hf_tokenizer import HFTokenizer, load_tokenizer  # noqa: F401
 
 MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
@@ -103,7 +103,7 @@ def _llama_config(c: dict, model_type: str) -> LMConfig:
   _refuse(c, "use_sliding_window", lambda v: not v, "sliding-window attention")
   _refuse(c, "layer_types", lambda v: all(t == "full_attention" for t in v), "sliding-window attention")
   d, heads = int(c["hidden_size"]), int(c["num_attention_heads"])
-  _refuse(c, "head_dim", lambda v: v is None or int(v) == d // heads, f"head_dim != hidden_size / heads")
+  _refuse(c, "head_dim", lambda v: v is None or int(v) == d // heads, "head_dim != hidden_size / heads")
   return LMConfig(vocab_size=int(c["vocab_size"]), embed_dim=d, num_layers=int(c["num_hidden_layers"]),
                   num_heads=heads, mlp_dim=int(c["intermediate_size"]), max_len=int(c["max_position_embeddings"]),
                   rope_base=_rope_theta(c), norm="rms", norm_eps=float(c.get("rms_norm_eps", 1e-6)), mlp="swiglu",

@@ -19,10 +19,12 @@ Editing: `sample_images(params, rng, n, init_image=..., strength=... | inpaint_m
 see `genjax.models.diffusion_editing`).
 
 Sampling: `sample_images(params, rng, n, sampler=..., num_steps=..., eta=..., guidance=..., label=...)` runs the
-jitted samplers of `genjax.samplers.diffusion` (defaults from `config.model`: sampler, num_sample_steps, eta,
-guidance); any other option is a ValueError naming the valid ones. Sampling is one jitted program per (n, sampler,
-guided-or-not): num_steps, eta, the guidance scale and the label are runtime values (changing them compiles nothing
-new). `evaluate` gives the same loss (no label dropout, no dropout) on a test batch.
+jitted samplers of `genjax.samplers` (`SAMPLERS`: DDPM, DDIM, DPM-Solver++ 2M / 3M / 2M-SDE, UniPC, EDM Euler /
+Heun / Euler-ancestral, each with its defaults; a flow model takes `FLOW_METHODS`; defaults from `config.model`:
+sampler, num_sample_steps, eta, guidance); any other option is a ValueError naming the valid ones. Sampling is
+one jitted program per (n, sampler, guided-or-not): num_steps, eta, the guidance scale and the label are runtime
+values (changing them compiles nothing new). `evaluate` gives the same loss (no label dropout, no dropout) on a
+test batch.
 """
 from __future__ import annotations
 

@@ -34,6 +34,8 @@ PARAM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp
 NORMS = ("rms", "layer")
 MLPS = ("gelu", "swiglu")
 POSITIONS = ("rope", "learned")
+ATTENTIONS = ("einsum", "dot_product")     # dot_product: jax.nn.dot_product_attention (cuDNN flash on GPU)
+REMATS = ("none", "full", "dots_saveable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +59,10 @@ class LMConfig:
   token_vocab_size: int = 0      # 0: the byte tokenizer's ids; > 0: ids >= this are padding (logits -inf)
   param_dtype: str = "float32"   # storage dtype of the params (PARAM_DTYPES)
   context_len: int = 0           # the context the model was trained on (0: unknown); decoding's default limit
+  # How it runs (the same function of the same params, up to summation order):
+  scan_layers: bool = False      # nn.scan over the blocks: params stacked [num_layers, ...] under "blocks"
+  remat: str = "none"            # "none" | "full" | "dots_saveable": recompute block activations in the backward
+  attention: str = "einsum"      # "einsum" (scores in float32 by hand) | "dot_product" (jax.nn.dot_product_attention)
 
   @property
   def head_dim(self) -> int:
@@ -70,7 +76,8 @@ class LMConfig:
     """Raises ValueError naming the first inconsistent field; returns self."""
     for name, value, choices in (("norm", self.norm, NORMS), ("mlp", self.mlp, MLPS),
                                  ("positions", self.positions, POSITIONS), ("dtype", self.dtype, DTYPES),
-                                 ("param_dtype", self.param_dtype, PARAM_DTYPES)):
+                                 ("param_dtype", self.param_dtype, PARAM_DTYPES), ("remat", self.remat, REMATS),
+                                 ("attention", self.attention, ATTENTIONS)):
       if value not in choices:
         raise ValueError(f"model.{name}={value!r} is not one of {sorted(choices)}")
     if self.embed_dim % self.num_heads or (self.positions == "rope" and self.head_dim % 2):
@@ -85,6 +92,9 @@ class LMConfig:
     if self.context_len < 0 or self.context_len > self.max_len:
       raise ValueError(f"context_len={self.context_len} must be in [0, max_len={self.max_len}]")
     return self
+
+
+REMAT_POLICIES = {"full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable}
 
 
 def _init(axes, init=None):
@@ -166,19 +176,27 @@ class Attention(nn.Module):
       values = cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype))
       key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape[:2])
       cache = {"k": keys, "v": values}
-    groups = cfg.num_heads // cfg.kv_heads
-    if groups > 1:     # grouped-query attention: query head h reads key/value head h // groups
-      keys, values = jnp.repeat(keys, groups, axis=2), jnp.repeat(values, groups, axis=2)
-    scores = jnp.einsum("bthd,bshd->bhts", q, keys.astype(dtype),
-                        preferred_element_type=jnp.float32) / math.sqrt(cfg.head_dim)
     mask = key_pos[:, None, None, :] <= positions[:, None, :, None]
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bhts,bshd->bthd", probs, values.astype(dtype))
+    if cfg.attention == "dot_product":   # grouped-query attention and the mask handled by JAX
+      out = jax.nn.dot_product_attention(q, keys.astype(dtype), values.astype(dtype), mask=mask)
+    else:
+      out = reference_attention(q, keys.astype(dtype), values.astype(dtype), mask)
     out = nn.DenseGeneral(cfg.embed_dim, axis=(-2, -1), use_bias=cfg.use_bias, dtype=dtype,
                           param_dtype=PARAM_DTYPES[cfg.param_dtype], bias_init=_bias(("embed",)),
                           kernel_init=_residual_init(cfg, ("heads", "kv", "embed")), name="out")(out)
     return out, cache
+
+
+def reference_attention(q, keys, values, mask):
+  """Softmax attention by hand: q [B, T, H, D], keys/values [B, S, K, D] (K divides H: query head h reads key/value
+  head h // (H / K)), mask bool [B, 1, T, S]; scores and softmax in float32."""
+  groups = q.shape[2] // keys.shape[2]
+  if groups > 1:
+    keys, values = jnp.repeat(keys, groups, axis=2), jnp.repeat(values, groups, axis=2)
+  scores = jnp.einsum("bthd,bshd->bhts", q, keys, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  return jnp.einsum("bhts,bshd->bthd", probs, values)
 
 
 def mlp(cfg: LMConfig, x):
@@ -225,10 +243,18 @@ class TransformerLM(nn.Module):
       table = self.param("position_embedding", _init((None, "embed"), nn.initializers.normal(0.02)),
                          (cfg.max_len, cfg.embed_dim), param_dtype)
       x = x + jnp.take(table, positions, axis=0).astype(dtype)
-    new_cache = {}
-    for i in range(cfg.num_layers):
-      name = f"block_{i}"
-      x, new_cache[name] = Block(cfg, name=name)(x, positions, None if cache is None else cache[name])
+    block = Block if cfg.remat == "none" else nn.remat(Block, policy=REMAT_POLICIES[cfg.remat])
+    if cfg.scan_layers:   # one block's program, params stacked on a leading "layers" axis; cache [B, L, ...]
+      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.num_layers,
+                      in_axes=(nn.broadcast, nn.broadcast if cache is None else 1), out_axes=1,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x, blocks_cache = stack(cfg, name="blocks")(x, positions, None if cache is None else cache["blocks"])
+      new_cache = {"blocks": blocks_cache}
+    else:
+      new_cache = {}
+      for i in range(cfg.num_layers):
+        name = f"block_{i}"
+        x, new_cache[name] = block(cfg, name=name)(x, positions, None if cache is None else cache[name])
     x = norm(cfg, "final_norm", jnp.float32)(x)
     if cfg.tie_embeddings:
       logits = jnp.einsum("btd,vd->btv", x, embedding.astype(jnp.float32))
@@ -243,5 +269,21 @@ class TransformerLM(nn.Module):
 def init_cache(cfg: LMConfig, batch_size: int, cache_len: int) -> dict:
   """{"block_i": {"k", "v": [batch, cache_len, kv_heads, head_dim]}} zeros in the compute dtype (batch first)."""
   shape = (batch_size, cache_len, cfg.kv_heads, cfg.head_dim)
+  if cfg.scan_layers:      # {"blocks": {"k", "v": [batch, num_layers, cache_len, kv_heads, head_dim]}}
+    shape = (batch_size, cfg.num_layers) + shape[1:]
+    return {"blocks": {"k": jnp.zeros(shape, DTYPES[cfg.dtype]), "v": jnp.zeros(shape, DTYPES[cfg.dtype])}}
   zeros = lambda: jnp.zeros(shape, DTYPES[cfg.dtype])
   return {f"block_{i}": {"k": zeros(), "v": zeros()} for i in range(cfg.num_layers)}
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+  """Unrolled params ({"block_i": ...}) -> the `scan_layers` layout ({"blocks": leaves stacked on axis 0})."""
+  blocks = [params[f"block_{i}"] for i in range(num_layers)]
+  rest = {k: v for k, v in params.items() if not k.startswith("block_")}
+  return {**rest, "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+
+
+def unstack_layers(params: dict, num_layers: int) -> dict:
+  """The inverse of `stack_layers`."""
+  rest = {k: v for k, v in params.items() if k != "blocks"}
+  return {**rest, **{f"block_{i}": jax.tree.map(lambda x: x[i], params["blocks"]) for i in range(num_layers)}}

@@ -1,4 +1,4 @@
-"""Decoder-only transformer LM family ("lm"): RoPE, pre-norm RMSNorm, causal attention, GELU MLP, byte vocabulary.
+"""Decoder-only transformer LM family ("lm"): genjax's byte LM, GPT-2 and the Llama family, decoding and training.
 
     task = genjax.models.get_task(config)        # config.family == "lm"; see experiments/configs/lm.py
     cfg = lm_config(config)                      # frozen LMConfig from config.model.* and config.compute_dtype
@@ -6,20 +6,27 @@
     logits, cache = TransformerLM(cfg).apply({"params": params}, tok, pos, cache)   # cached step
     out = genjax.samplers.generate(decoding_model(cfg), params, prompts, rng, max_new_tokens=100)
 
-Params carry logical axis names (`nn.with_logical_partitioning`): "vocab", "embed", "heads", "kv", "mlp", "norm";
-the loop maps them to mesh axes and unboxes them (the functions here also accept boxed params). Activations run in
-`config.compute_dtype` (bfloat16 or float32); params, norms, softmax and logits stay float32.
+The architecture is chosen by `LMConfig` fields (`genjax/models/lm_layers.py`): the default is genjax's own byte LM
+(RoPE, pre-norm RMSNorm, GELU MLP); GPT-2 and Llama-family checkpoints come from `genjax.interop.hf.load_lm`, and
+`config.model.init_from=DIR` fine-tunes one through the shared loop (its tokenizer then tokenizes the data via
+`config.dataset.tokenizer`). Params carry logical axis names (`nn.with_logical_partitioning`): "vocab", "embed",
+"heads", "kv", "mlp", "norm" (+ "layers" with `scan_layers`); the loop maps them to mesh axes and unboxes them (the
+functions here also accept boxed params). Activations run in `config.compute_dtype`; norms, softmax and logits in
+float32.
 
-KV cache: {"block_i": {"k", "v": [B, cache_len, heads, head_dim]}}; a step writes its keys/values at slot ==
-position and a query at position q attends to slots <= q, which is the `genjax.samplers.decoding` contract.
-Loss: next-byte cross-entropy on `batch["tokens"]` [B, seq_len + 1]; metrics loss, bits_per_byte, perplexity.
+KV cache: {"block_i": {"k", "v": [B, cache_len, kv_heads, head_dim]}} ({"blocks": [B, num_layers, ...]} with
+`scan_layers`); a step writes its keys/values at slot == position and a query at position q attends to slots <= q,
+which is the `genjax.samplers.decoding` contract. `decoding_model(cfg).max_len` is the context the model was trained
+on (`config.dataset.seq_len`) unless `decoding_model(cfg, max_len=...)` asks for longer.
+Loss: next-token cross-entropy on `batch["tokens"]` [B, seq_len + 1]; metrics loss, bits_per_byte (bits_per_token
+for a checkpoint's vocabulary), perplexity.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -30,7 +37,7 @@ import optax
 from genjax import tokenizer as tok_lib
 from genjax.errors import UserError
 from genjax.models.lm_layers import (DTYPES, PARAM_DTYPES, LMConfig, TransformerLM, init_cache,  # noqa: F401
-                                     rope)
+                                     rope, stack_layers, unstack_layers)
 from genjax.samplers.decoding import DecodingModel, beam_search, generate
 from genjax.train.optim import make_optimizer
 from genjax.train.task import Phase, Task
@@ -55,7 +62,8 @@ def lm_config(config) -> LMConfig:
     raise UserError(f"compute_dtype={dtype!r} is not one of {sorted(DTYPES)}")
   if init_from:
     from genjax.interop import hf     # the checkpoint's own architecture; params stay float32 for training
-    cfg = dataclasses.replace(hf.read_config(init_from), dtype=dtype, param_dtype="float32")
+    run = {k: model.pop(k) for k in ("remat", "attention") if k in model}     # how it runs may be chosen
+    cfg = dataclasses.replace(hf.read_config(init_from), dtype=dtype, param_dtype="float32", **run)
     extra = {k for k, v in model.items() if v != getattr(cfg, k, v)}
     if extra:
       raise UserError(f"config.model fields {sorted(extra)} contradict the checkpoint model.init_from={init_from!r}"

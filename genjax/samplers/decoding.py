@@ -228,7 +228,7 @@ def generate(model: DecodingModel, params, prompts, rng=None, *, max_new_tokens:
   if sample and rng is None:
     raise UserError("sampling needs an rng key (or pass greedy=True / temperature=0)")
   row_ids = (np.arange(batch, dtype=np.int32) if row_ids is None
-             else inputs._host_vector("row_ids", row_ids, batch, np.int32))
+             else inputs.host_vector("row_ids", row_ids, batch, np.int32))
   ids = np.array([-1 if eos_id is None else eos_id, pad_id], np.int32)
   stops = inputs.stop_table(stop_sequences, batch)
   return _generate_jit(model, inputs.positive_int("max_new_tokens", max_new_tokens), cache_len, n, sample,

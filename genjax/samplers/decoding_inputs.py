@@ -57,7 +57,7 @@ def prepare_prompts(prompts, prompt_lengths, pad_id: int) -> tuple[np.ndarray, n
   return tokens, lengths
 
 
-def _host_vector(name: str, value, batch: int, dtype) -> np.ndarray:
+def host_vector(name: str, value, batch: int, dtype) -> np.ndarray:
   try:
     array = np.asarray(value)
   except jax.errors.TracerArrayConversionError:
@@ -92,7 +92,7 @@ _RULES = {
 
 def check_setting(name: str, value, batch: int, dtype=np.float32) -> np.ndarray:
   """`value` (a scalar or one per row) as a [batch] numpy vector; UserError naming `name` and the bad value."""
-  vector = _host_vector(name, value, batch, dtype)
+  vector = host_vector(name, value, batch, dtype)
   valid, rule = _RULES[name]
   ok = valid(vector.astype(np.float64))
   if not np.all(ok):
@@ -160,7 +160,8 @@ def check_context(model, lengths: np.ndarray, max_new_tokens: int, cache_len: Op
   if max_len is not None and longest + max_new_tokens > max_len:
     raise UserError(f"the longest prompt ({longest} tokens) + max_new_tokens={max_new_tokens} = "
                     f"{longest + max_new_tokens} does not fit in the model's context max_len={max_len}; shorten the "
-                    f"prompt, lower max_new_tokens, or build the model with a longer max_len")
+                    f"prompt, lower max_new_tokens, or knowingly decode past the context with a longer max_len (the "
+                    f"LM: decoding_model(cfg, max_len=...); the sample CLI: --allow_longer_context)")
   needed = longest + max_new_tokens - 1
   if cache_len is None:
     cache_len = width + max_new_tokens - 1 + extra

@@ -360,4 +360,5 @@ def _sample_loop(model_dynamic, sched, x_T, table, num_steps, rng, opts, clip, t
                                     noise=noise if static["stochastic"] else None, **common)
     return _steps.unipc_step(sched, state, out, t, t_next, order=order, variant=static["variant"], **common)
 
-  return jax.lax.fori_loop(0, num_steps, body, _steps.SamplerState.init(x_T)).x
+  history = {"ddim": 0, "ddpm": 0, "dpm": 2, "unipc": 3}[method]
+  return jax.lax.fori_loop(0, num_steps, body, _steps.SamplerState.init(x_T, history)).x

@@ -47,7 +47,8 @@ def sorted_filtered_logits(logits: jax.Array, top_k=0, top_p=1.0, min_p=0.0,
   sort: the lower id first on ties) and the first output holds float32 logits with the filtered ones at -inf.
 
   Top-k keeps the first max(k, min_tokens_to_keep) positions; top-p measures the probability mass before each
-  position after renormalising over those; min-p compares each probability with the top one (a ratio, so renormalising changes nothing).
+  position after renormalising over those; min-p compares each probability with the top one (a ratio, so
+  renormalising changes nothing).
   """
   logits = jnp.asarray(logits, jnp.float32)
   if logits.ndim < 1:

@@ -186,7 +186,7 @@ def speculative_generate(target: DecodingModel, target_params, draft: DecodingMo
   if sample and rng is None:
     raise UserError("sampling needs an rng key (or pass greedy=True / temperature=0)")
   row_ids = (np.arange(batch, dtype=np.int32) if row_ids is None
-             else inputs._host_vector("row_ids", row_ids, batch, np.int32))
+             else inputs.host_vector("row_ids", row_ids, batch, np.int32))
   ids = np.array([-1 if eos_id is None else eos_id, pad_id], np.int32)
   return _speculative_jit(target, draft, inputs.positive_int("max_new_tokens", max_new_tokens), k, cache_len,
                           sample, target_params, draft_params, tokens, lengths, rng if sample else None, row_ids,

@@ -44,8 +44,8 @@ HISTORY = 3  # data predictions kept in the state: UniPC-3's corrector needs thr
 class SamplerState(NamedTuple):
   """The loop state of every sampler step (a pytree).
 
-  x: the current sample, float32. step: steps taken so far (int32). x0_hist [HISTORY, ...] / lam_hist [HISTORY]:
-  the last data predictions and the log-SNR / 2 (lambda = log(alpha / sigma)) at which they were made, newest first.
+  x: the current sample, float32. step: steps taken so far (int32). x0_hist [history, ...] / lam_hist [history]:
+  the last `history` data predictions and the lambda = log(alpha / sigma) at which they were made, newest first.
   x_prev: the sample the last step started from (UniPC's corrector redoes that step). last_order: its order.
   """
   x: jax.Array
@@ -56,10 +56,11 @@ class SamplerState(NamedTuple):
   last_order: jax.Array
 
   @classmethod
-  def init(cls, x_T) -> "SamplerState":
+  def init(cls, x_T, history: int = HISTORY) -> "SamplerState":
+    """The state at x_T. `history`: data predictions to keep (DDIM / DDPM need 0, DPM-Solver++ 2, UniPC 3)."""
     x = jnp.asarray(x_T, jnp.float32)
-    return cls(x=x, step=jnp.zeros((), jnp.int32), x0_hist=jnp.zeros((HISTORY,) + x.shape, jnp.float32),
-               lam_hist=jnp.zeros((HISTORY,), jnp.float32), x_prev=x, last_order=jnp.ones((), jnp.int32))
+    return cls(x=x, step=jnp.zeros((), jnp.int32), x0_hist=jnp.zeros((history,) + x.shape, jnp.float32),
+               lam_hist=jnp.zeros((history,), jnp.float32), x_prev=x, last_order=jnp.ones((), jnp.int32))
 
 
 # --------------------------------------------------------------------------------------------- shared pieces
@@ -110,6 +111,8 @@ def _is_zero(value) -> bool:
 
 
 def _push(state: SamplerState, x0, lam) -> tuple[jax.Array, jax.Array]:
+  if state.x0_hist.shape[0] == 0:
+    return state.x0_hist, state.lam_hist
   return (jnp.concatenate([x0[None], state.x0_hist[:-1]]), jnp.concatenate([lam[None], state.lam_hist[:-1]]))
 
 
@@ -173,6 +176,12 @@ def ddpm_step(sched: NoiseSchedule, state: SamplerState, model_output, t, t_next
   return _advance(state, x, x0, lam_of(sched, t), 1)
 
 
+def _check_history(state: SamplerState, need: int, who: str) -> None:
+  if state.x0_hist.shape[0] < need:
+    raise UserError(f"{who} needs a state with history >= {need} (SamplerState.init(x_T)), got "
+                    f"{state.x0_hist.shape[0]}")
+
+
 def _advance(state, x, x0, lam, order):
   x0_hist, lam_hist = _push(state, x0, lam)
   return SamplerState(x=x, step=state.step + 1, x0_hist=x0_hist, lam_hist=lam_hist, x_prev=state.x,
@@ -189,6 +198,7 @@ def dpm_solver_step(sched: NoiseSchedule, state: SamplerState, model_output, t, 
   h = lambda' - lambda in lambda = log(alpha / sigma); diffusers' "midpoint" form of the 2nd-order term. Orders 1-2
   equal diffusers' DPMSolverMultistepScheduler step for step; the 3rd-order term's weight is the Taylor-consistent
   one (twice diffusers' and the reference code's), which makes 3M third order (tested on closed forms)."""
+  _check_history(state, 2, "dpm_solver_step")
   x = state.x
   x0, _ = denoise(sched, model_output, x, t, prediction=prediction, clip_denoised=clip_denoised,
                   dynamic_threshold=dynamic_threshold, threshold_max=threshold_max)
@@ -272,6 +282,7 @@ def unipc_step(sched: NoiseSchedule, state: SamplerState, model_output, t, t_nex
   warmed up) predicts x at t_next. `variant` "bh2" (B(h) = e^h - 1) or "bh1" (B(h) = h)."""
   if variant not in UNIPC_VARIANTS:
     raise UserError(f"variant={variant!r} is not one of: {', '.join(UNIPC_VARIANTS)}")
+  _check_history(state, 3, "unipc_step")
   expm1_b = variant == "bh2"
   x0, _ = denoise(sched, model_output, state.x, t, prediction=prediction, clip_denoised=clip_denoised,
                   dynamic_threshold=dynamic_threshold, threshold_max=threshold_max)

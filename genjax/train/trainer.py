@@ -304,6 +304,7 @@ class _Loop:
       return
     c, nproc = self.config, jax.process_count()
     src = gdata.get_source(c.dataset, c.dataset.eval_split)
+    logging.info("evaluating on %d %r batches ...", int(c.num_eval_batches), c.dataset.eval_split)
     sums, n = {}, 0
     params = self.built.view(state).eval_params
     for i, b in enumerate(gdata.eval_batches(src, global_batch=c.batch_size, num_batches=int(c.num_eval_batches),
