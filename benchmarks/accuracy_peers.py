@@ -89,5 +89,7 @@ def peer_runners() -> list[PeerRunner]:
   return runners
 
 
+LABELS = {"diffusers_ddim": "FlaxDDIMScheduler", "diffusers_dpm_2m": "FlaxDPMSolverMultistep 2M",
+          "diffusers_dpm_3m": "FlaxDPMSolverMultistep 3M"}
 # The genjax sampler each peer is compared with (goal (a) of the accuracy benchmark).
 PEER_OF = {"diffusers_ddim": "ddim", "diffusers_dpm_2m": "dpm_solver_2m", "diffusers_dpm_3m": "dpm_solver_3m"}

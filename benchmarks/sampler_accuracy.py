@@ -37,7 +37,7 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks import accuracy_peers, common, mixtures
-from benchmarks.accuracy_report import clean_json, goals, markdown, plot
+from benchmarks.accuracy_report import clean_json, geomean_records, goals, markdown, plot
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _RESULTS = os.path.join(_REPO, "docs", "results")
@@ -125,8 +125,9 @@ def variants(spec: SamplerSpec, fn: Callable) -> list[tuple[str, dict]]:
   params = inspect.signature(fn).parameters
   out = [("default", {})]
   if "spacing" in params:
-    out += [(s, {"spacing": s}) for s in SPACING_CANDIDATES]
-    if "steps_offset" in params:
+    offset = {"steps_offset": 0} if "steps_offset" in params else {}
+    out += [(s, {"spacing": s, **(offset if s == "leading" else {})}) for s in SPACING_CANDIDATES]
+    if offset:
       out.append(("leading+1", {"spacing": "leading", "steps_offset": 1}))
   out += [(name, dict(kw)) for name, kw in spec.variants if all(k in params for k, _ in kw)]
   return out
@@ -195,7 +196,7 @@ def run_peers(problem: Problem, runners, nfes) -> list[dict]:
   records = []
   for runner in runners:
     for nfe in nfes:
-      r = _record(problem, runner.key, runner.key, runner.variant, "diffusers", nfe, nfe, nfe)
+      r = _record(problem, runner.key, accuracy_peers.LABELS[runner.key], runner.variant, "diffusers", nfe, nfe, nfe)
       mixtures.reset_calls()
       try:
         x = np.asarray(jax.block_until_ready(runner.sample(problem.model_fn, problem.schedule, problem.x_T, nfe)))
@@ -247,7 +248,7 @@ def run(mixture_names, schedules, nfes, sampler_keys=None, *, num_points: int = 
                                                                      for n in mixture_names},
           "ground_truth": truths, "missing_samplers": missing,
           "peers": "diffusers " + _diffusers_version() if runners else "not installed",
-          "records": records, "goals": goals(records)}
+          "records": records, "goals": goals(records), "goals_geomean": goals(geomean_records(records))}
 
 
 def _diffusers_version() -> str:

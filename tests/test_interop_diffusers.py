@@ -97,14 +97,15 @@ def test_pipeline_directory_runs_genjax_ddim_like_diffusers_ddim(tmp_path):
       x = scheduler.step(model(x, t).sample, t, x).prev_sample
   expected = x.numpy()
   got = ddim_sample(pipe.model_fn, pipe.schedule, jnp.asarray(x_T.transpose(0, 2, 3, 1)), num_steps=4,
-                    spacing="trailing", **pipe.options)
+                    spacing="trailing", rng=jax.random.PRNGKey(0), **pipe.options)  # rng as sample_images passes
   got = np.asarray(got).transpose(0, 3, 1, 2)
   np.testing.assert_array_less(np.abs(got - expected).max(), 1e-4 * np.abs(expected).max())
   # sample_images draws x_T from the first half of its rng and maps [-1, 1] to [0, 1] (same compiled program).
   rng = jax.random.PRNGKey(3)
   images = sample_images(pipe, rng, 2, sampler="ddim", num_steps=4, spacing="trailing")
-  x_T = jax.random.normal(jax.random.split(rng)[0], (2, 8, 8, 3))
-  direct = ddim_sample(pipe.model_fn, pipe.schedule, x_T, num_steps=4, spacing="trailing", **pipe.options)
+  noise_rng, sampler_rng = jax.random.split(rng)
+  direct = ddim_sample(pipe.model_fn, pipe.schedule, jax.random.normal(noise_rng, (2, 8, 8, 3)), num_steps=4,
+                       spacing="trailing", rng=sampler_rng, **pipe.options)
   np.testing.assert_allclose(images, np.clip((np.asarray(direct) + 1) / 2, 0, 1), atol=1e-6)
   with pytest.raises(UserError, match="option 'eta' does not apply to sampler='dpm_solver'; valid: order"):
     sample_images(pipe, rng, 2, sampler="dpm_solver", eta=0.5)
@@ -158,6 +159,18 @@ def test_old_attention_weight_names_load_the_same(saved_unet, tmp_path):
   _, from_old_names = load_unet(str(tmp_path))
   same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), params, from_old_names)
   assert all(jax.tree.leaves(same))
+
+
+def test_sharded_checkpoint_loads_the_same_and_a_missing_shard_is_named(saved_unet, tmp_path):
+  model, (_, params) = saved_unet
+  model.save_pretrained(str(tmp_path), max_shard_size="20KB")   # diffusers writes shards + an index
+  shards = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))
+  assert len(shards) > 2 and os.path.exists(tmp_path / "diffusion_pytorch_model.safetensors.index.json")
+  _, loaded = load_unet(str(tmp_path))
+  assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), params, loaded)))
+  os.remove(tmp_path / shards[1])
+  with pytest.raises(CheckpointError, match=f"missing shard {shards[1]} listed in"):
+    load_unet(str(tmp_path))
 
 
 @pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])

@@ -103,7 +103,8 @@ def test_tiny_run_counts_calls_and_writes_the_records(tmp_path):
   for key in (("linear", "ddim"), ("flow", "flow_euler")):   # more steps, closer to the exact ODE
     assert recs[(*key, 8)]["rmse"] < recs[(*key, 2)]["rmse"] / 2
   assert [g["rk4_steps"] for g in result["ground_truth"]] == [600, 600]
-  assert set(result["goals"]) == {"a_default", "a_best", "b", "c"} and result["goals"]["a_default"]["checked"] == 0
+  assert set(result["goals"]) == set(result["goals_geomean"]) == {"a_default", "a_best", "b", "c"}
+  assert result["goals"]["a_default"]["checked"] == 0           # no peers in this run
   md = accuracy_report.markdown(result)
   assert "| genjax | DDIM (eta=0) | default |" in md and "not checked" in md
   json.dumps(accuracy_report.clean_json(result), allow_nan=False)
@@ -111,8 +112,8 @@ def test_tiny_run_counts_calls_and_writes_the_records(tmp_path):
   assert (tmp_path / "acc.png").stat().st_size > 10_000
 
 
-def _rec(schedule, sampler, variant, nfe, rmse, library="genjax"):
-  return dict(schedule=schedule, mixture="m", sampler=sampler, label=sampler, variant=variant, library=library,
+def _rec(schedule, sampler, variant, nfe, rmse, library="genjax", mixture="m"):
+  return dict(schedule=schedule, mixture=mixture, sampler=sampler, label=sampler, variant=variant, library=library,
               nfe=nfe, calls=nfe, rmse=rmse, status="ok")
 
 
@@ -131,6 +132,12 @@ def test_goals_compare_defaults_best_options_and_ddim_at_twice_the_nfe():
   tie = [_rec("cosine", "ddim", "default", 5, 0.1 * (1 + accuracy_report.TIE_TOLERANCE / 2)),
          _rec("cosine", "diffusers_ddim", "default", 5, 0.1, "diffusers")]
   assert accuracy_report.goals(tie)["a_default"] == {"checked": 1, "failed": []}
+  # Pooled over mixtures: the geometric mean, only where every mixture ran.
+  two = [_rec("linear", "ddim", "default", 5, 0.1, mixture="a"), _rec("linear", "ddim", "default", 5, 0.4, mixture="b"),
+         _rec("linear", "unipc_2", "default", 5, 0.3, mixture="a")]
+  pooled = accuracy_report.geomean_records(two)
+  assert [(r["sampler"], r["mixture"]) for r in pooled] == [("ddim", "geomean")]
+  assert pooled[0]["rmse"] == pytest.approx(0.2)
 
 
 def test_bad_arguments_name_the_choices():

@@ -204,7 +204,7 @@ def test_one_call_shape_keyword_only_and_rng_where_noise_is_drawn():
   with pytest.raises(TypeError):
     ddpm_sample(MODEL, SCHED, X_T, jax.random.key(0))  # rng is keyword-only
   with pytest.raises(UserError, match="needs rng"):
-    ddpm_sample(MODEL, SCHED, X_T, rng=None)
+    ddpm_sample(MODEL, SCHED, X_T)
   with pytest.raises(UserError, match="order=5 is not one of"):
     unipc_sample(MODEL, SCHED, X_T, order=5)
   for v in ("v_prediction", "sample"):  # diffusers' names

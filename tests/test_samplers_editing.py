@@ -118,3 +118,32 @@ def test_img2img_at_small_strength_stays_close_to_the_image():
 def test_bad_arguments_raise_one_clear_error(call, match):
   with pytest.raises(UserError, match=match):
     call()
+
+
+# ------------------------------------------------------------------------------------------------ a diffusion run
+def test_a_diffusion_run_edits_images():
+  from experiments.configs import ddpm as ddpm_configs
+  from genjax.models import diffusion
+  c = ddpm_configs.get_config("digits")
+  c.model.update(ch=8, num_res_blocks=1, num_heads=2, norm_groups=4, num_timesteps=50, num_sample_steps=3)
+  task = diffusion.task(c)
+  abstract = jax.eval_shape(task.init, jax.random.key(0), None)
+  leaves, treedef = jax.tree_util.tree_flatten(abstract["unet"])
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = {"unet": jax.tree_util.tree_unflatten(
+      treedef, [0.05 * jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)])}
+  image = np.asarray(jax.random.uniform(jax.random.key(2), (8, 8, 1)))
+  mask = np.zeros((8, 8), np.float32)
+  mask[:4] = 1.0  # keep the top half
+  filled = np.asarray(task.sample_images(params, jax.random.key(3), 2, init_image=image, inpaint_mask=mask,
+                                         num_resample=2))
+  assert filled.shape == (2, 8, 8, 1)
+  np.testing.assert_allclose(filled[:, :4], np.broadcast_to(image[:4], (2, 4, 8, 1)), atol=1e-5)
+  edited = np.asarray(task.sample_images(params, jax.random.key(3), 2, init_image=image, strength=0.7))
+  assert edited.shape == (2, 8, 8, 1) and 0.0 <= edited.min() and edited.max() <= 1.0
+  for options, match in [(dict(strength=0.5), "give init_image too"),
+                         (dict(init_image=image), "exactly one of strength"),
+                         (dict(init_image=image, inpaint_mask=mask, sampler="ddim"), "leave the sampler"),
+                         (dict(init_image=image[:4], strength=0.5), "this model's images are")]:
+    with pytest.raises(UserError, match=match):
+      task.sample_images(params, jax.random.key(3), 2, **options)

@@ -13,9 +13,9 @@ is what lets the loader map a checkpoint by name. Use it through the loader:
     apply_fn, params = load_unet("ddpm-cifar10-32")
     eps = apply_fn(params, x, t)          # x float [B, H, W, C] NHWC, t int or float [B] -> [B, H, W, C_out]
 
-or directly (random init, e.g. for fine-tuning from scratch):
+or directly, e.g. with random weights of the same architecture:
 
-    net = DiffusersUNet(config)           # a `UNet2DConfig`
+    net = DiffusersUNet(load_unet_config("ddpm-cifar10-32"))
     params = net.init(rng, x, t)["params"]
 """
 from __future__ import annotations

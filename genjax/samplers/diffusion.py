@@ -75,7 +75,7 @@ _MAX_T = 46340  # T * (T + 1) must fit int32 for the exact integer timestep tabl
 
 
 # --------------------------------------------------------------------------------------------- public samplers
-def ddpm_sample(model_fn: Callable, schedule: NoiseSchedule, x_T, *, rng, num_steps=None, timesteps=None,
+def ddpm_sample(model_fn: Callable, schedule: NoiseSchedule, x_T, *, rng=None, num_steps=None, timesteps=None,
                 spacing: str = "trailing", steps_offset=0, variance: str = "fixed_small",
                 prediction: str = "epsilon", clip_denoised=None, dynamic_threshold=None,
                 threshold_max=1.0) -> jax.Array:
