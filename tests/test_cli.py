@@ -21,28 +21,35 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 300
 
 
+# The conditional digits GAN shrunk to seconds (no R1: one compile fewer), as --config.* overrides.
+TINY_GAN = {"model.latent_dim": 4, "model.gen_channels": (8, 4, 4), "model.disc_channels": (4, 4, 8),
+            "model.disc_features": 8, "model.r1_gamma": 0.0, "batch_size": 16, "num_train_steps": 1,
+            "checkpoint_every_steps": 1, "log_every_steps": 1, "eval_every_steps": -1, "sample_every_steps": -1,
+            "async_checkpointing": False}
+GAN_CONFIG = "--config=experiments/configs/gan.py:digits"
+
+
 def tiny_gan_config():
-  """The conditional digits GAN shrunk to seconds (no R1: one compile fewer)."""
   c = gan_configs.get_config("digits")
-  c.model.update(latent_dim=4, gen_channels=(8, 4, 4), disc_channels=(4, 4, 8), disc_features=8, r1_gamma=0.0)
-  c.update(batch_size=16, num_train_steps=1, checkpoint_every_steps=1, log_every_steps=1, eval_every_steps=-1,
-           sample_every_steps=-1, async_checkpointing=False)
+  for key, value in TINY_GAN.items():
+    *path, last = key.split(".")
+    (c[path[0]] if path else c)[last] = value
   return c
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """A finished tiny VAE run and a finished tiny conditional GAN run, trained through the launcher's `run`."""
+  """A finished tiny conditional GAN run (trained through the launcher's `run`), a file and an empty directory.
+  One run only: each costs ~20 s of compiling."""
   from experiments.train import run
   base = tmp_path_factory.mktemp("runs")
-  vae, gan = str(base / "vae"), str(base / "gan")
-  run(tiny_vae_config(num_train_steps=2, checkpoint_every_steps=2, sample_every_steps=-1, eval_every_steps=-1), vae)
+  gan = str(base / "gan")
   run(tiny_gan_config(), gan)
   a_file = base / "a_file"
   a_file.write_text("not a run\n")
   empty = base / "empty"
   empty.mkdir()
-  return {"vae": vae, "gan": gan, "file": str(a_file), "empty": str(empty), "base": str(base)}
+  return {"gan": gan, "file": str(a_file), "empty": str(empty), "base": str(base)}
 
 
 def tree_hash(path: str) -> str:
@@ -94,72 +101,83 @@ def check_refusals(cases: dict, protected: list[str], also: dict = None, **kw) -
   return results
 
 
+def cli_overrides(overrides: dict) -> list[str]:
+  return [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
 def test_train_refusals(runs, tmp_path):
+  import shutil
   train = ["-m", "experiments.train"]
-  vae_cfg = "--config=experiments/configs/vae.py:digits"
   new = str(tmp_path / "new_run")
   cases = {
-      "workdir is a file": ([*train, vae_cfg, f"--workdir={runs['file']}"], [runs["file"], "is a file"]),
-      "unknown config key": ([*train, vae_cfg, "--config.model.hiden=3", f"--workdir={runs['vae']}"],
-                             ["model.hiden", "config.model has:", "hidden", "latent_dim"]),
-      "unknown variant": ([*train, "--config=experiments/configs/vae.py:digitz", f"--workdir={runs['vae']}"],
+      "workdir is a file": ([*train, GAN_CONFIG, f"--workdir={runs['file']}"], [runs["file"], "is a file"]),
+      "unknown config key": ([*train, GAN_CONFIG, "--config.model.latnt_dim=3", f"--workdir={runs['gan']}"],
+                             ["model.latnt_dim", "config.model has:", "latent_dim", "r1_gamma"]),
+      "unknown variant": ([*train, "--config=experiments/configs/gan.py:digitz", f"--workdir={runs['gan']}"],
                           ["'digitz'", "digits"]),
-      "unknown data set": ([*train, vae_cfg, "--config.dataset.name=mnistt", f"--workdir={new}"],
+      "unknown data set": ([*train, GAN_CONFIG, "--config.dataset.name=mnistt", f"--workdir={new}"],
                            ["'mnistt'", "digits"]),
-      "missing workdir": ([*train, vae_cfg], ["--workdir is required"]),
+      "bad shared value": ([*train, GAN_CONFIG, "--config.parallel=pjt", f"--workdir={new}"], ["'pjt'", "pmap"]),
+      "missing workdir": ([*train, GAN_CONFIG], ["--workdir is required"]),
   }   # more flag mistakes: tests/test_faults.py::test_launcher_flag_errors_are_one_line_and_lose_nothing
-  import shutil
-  finished = shutil.copytree(runs["vae"], str(tmp_path / "finished"))
-  tiny = ["--config.model.latent_dim=4", "--config.model.channels=(8, 16)", "--config.model.hidden=32",
-          "--config.batch_size=16", "--config.num_train_steps=2", "--config.log_every_steps=2",
-          "--config.checkpoint_every_steps=2", "--config.eval_every_steps=-1", "--config.sample_every_steps=-1",
-          "--config.num_eval_batches=1", "--config.num_sample_images=4", "--config.optimizer.schedule=constant",
-          "--config.async_checkpointing=False"]       # the run's config (tiny_vae_config) but for the learning rate
-  rerun = [*train, vae_cfg, *tiny, f"--workdir={finished}", "--config.optimizer.learning_rate=0.5"]
-  results = check_refusals(cases, [runs["vae"], runs["file"]], also={"rerun": rerun})
+  finished = shutil.copytree(runs["gan"], str(tmp_path / "finished"))
+  rerun = [*train, GAN_CONFIG, *cli_overrides(TINY_GAN), "--config.optimizer.learning_rate=0.5",
+           f"--workdir={finished}"]
+  results = check_refusals(cases, [runs["gan"], runs["file"]], also={"rerun": rerun})
   assert not os.path.exists(new)          # nothing created for a run that was refused
-  # A finished run, rerun with another learning rate: says it is complete and that the change is ignored.
+  # The finished run, rerun with another learning rate: says it is complete and that the change is ignored.
   done = results["rerun"]
   assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
-  assert "already complete at step 2" in done.stderr and "optimizer.learning_rate" in done.stderr, done.stderr
+  assert "already complete at step 1" in done.stderr and "optimizer.learning_rate" in done.stderr, done.stderr
 
 
 def test_sample_refusals(runs):
-  sample = ["-m", "experiments.sample"]
+  sample = ["-m", "experiments.sample", f"--workdir={runs['gan']}"]
   cases = {
       # --label is checked on the host even though the sampler is jitted (it used to write a NaN grid).
-      "GAN label out of range": ([*sample, f"--workdir={runs['gan']}", "--label=12"], ["[12]", "[0, 10)"]),
-      "GAN negative truncation": ([*sample, f"--workdir={runs['gan']}", "--truncation=-1"], ["truncation=-1.0"]),
-      "VAE negative temperature": ([*sample, f"--workdir={runs['vae']}", "--temperature=-1"],
-                                   ["temperature=-1.0"]),
-      "option the family lacks": ([*sample, f"--workdir={runs['vae']}", "--label=3"], ["['label']", "temperature"]),
-      "missing step": ([*sample, f"--workdir={runs['vae']}", "--step=99"], ["step 99", "[2]"]),
-      "workdir is a file": ([*sample, f"--workdir={runs['file']}"], [runs["file"], "a file"]),
-      "workdir is not a run": ([*sample, f"--workdir={runs['empty']}"], [runs["empty"], "config.json"]),
-      "no samples": ([*sample, f"--workdir={runs['vae']}", "--num_samples=0"], ["--num_samples=0"]),
+      "label out of range": ([*sample, "--label=12"], ["[12]", "[0, 10)"]),
+      "negative truncation": ([*sample, "--truncation=-1", "--interpolate"], ["truncation=-1.0"]),
+      "option the family lacks": ([*sample, "--temperature=0.5"], ["['temperature']", "truncation", "label"]),
+      "missing step": ([*sample, "--step=99"], ["step 99", "[1]"]),
+      "no samples": ([*sample, "--num_samples=0"], ["--num_samples=0"]),
+      "workdir is a file": (["-m", "experiments.sample", f"--workdir={runs['file']}"], [runs["file"], "a file"]),
+      "workdir is not a run": (["-m", "experiments.sample", f"--workdir={runs['empty']}"],
+                               [runs["empty"], "config.json"]),
   }
-  results = check_refusals(cases, [runs["vae"], runs["gan"], runs["file"], runs["empty"]])
+  results = check_refusals(cases, [runs["gan"], runs["file"], runs["empty"]])
   assert f"--workdir={runs['file']}" not in results["workdir is a file"].stderr   # no "train into the file"
 
 
 def test_evaluate_refusals(runs, tmp_path):
-  evaluate = ["-m", "experiments.evaluate"]
+  evaluate = ["-m", "experiments.evaluate", f"--workdir={runs['gan']}"]
+  sweep = ["-m", "experiments.steps_sweep", f"--workdir={runs['gan']}"]
   cases = {
-      "GAN negative truncation": ([*evaluate, f"--workdir={runs['gan']}", "--truncation=-0.5"],
-                                  ["truncation=-0.5"]),
-      "GAN label out of range": ([*evaluate, f"--workdir={runs['gan']}", "--label=10"], ["[10]", "[0, 10)"]),
-      "option the family lacks": ([*evaluate, f"--workdir={runs['vae']}", "--truncation=0.7"], ["['truncation']"]),
-      "malformed --option": ([*evaluate, f"--workdir={runs['vae']}", "--option=guidance"], ["'guidance'"]),
-      "workdir is a file": ([*evaluate, f"--workdir={runs['file']}"], [runs["file"], "a file"]),
-      "sweep: unknown sampler": (["-m", "experiments.steps_sweep", f"--workdir={runs['gan']}", "--samplers=ddmi"],
-                                 ["['ddmi']", "dpm_solver"]),
-      "sweep: steps not ints": (["-m", "experiments.steps_sweep", f"--workdir={runs['gan']}", "--num_steps=10,x"],
-                                ["--num_steps=10,x"]),
+      "negative truncation": ([*evaluate, "--truncation=-0.5"], ["truncation=-0.5"]),
+      "label out of range": ([*evaluate, "--label=10"], ["[10]", "[0, 10)"]),
+      "option the family lacks": ([*evaluate, "--sampler=ddim"], ["['sampler']"]),
+      "malformed --option": ([*evaluate, "--option=guidance"], ["'guidance'"]),
+      "workdir is a file": (["-m", "experiments.evaluate", f"--workdir={runs['file']}"], [runs["file"], "a file"]),
+      "sweep: unknown sampler": ([*sweep, "--samplers=ddmi"], ["['ddmi']", "dpm_solver"]),
+      "sweep: steps not ints": ([*sweep, "--num_steps=10,x"], ["--num_steps=10,x"]),
   }
   # An empty feature cache: a refusal that came after the feature network would train it (a minute, an extra line).
   cache = str(tmp_path / "features")
-  check_refusals(cases, [runs["vae"], runs["gan"], runs["file"]], env={"GENJAX_FEATURE_CACHE": cache})
+  check_refusals(cases, [runs["gan"], runs["file"]], env={"GENJAX_FEATURE_CACHE": cache})
   assert not os.path.exists(cache)
+
+
+@pytest.mark.slow
+def test_vae_trials(tmp_path):
+  """The VAE's trials through the launchers (a second trained run: slow)."""
+  from experiments.train import run
+  vae = str(tmp_path / "vae")
+  run(tiny_vae_config(num_train_steps=2, sample_every_steps=-1, eval_every_steps=-1), vae)
+  check_refusals({
+      "negative temperature": (["-m", "experiments.sample", f"--workdir={vae}", "--temperature=-1"],
+                               ["temperature=-1.0"]),
+      "option the family lacks": (["-m", "experiments.evaluate", f"--workdir={vae}", "--label=3"],
+                                  ["['label']", "temperature"]),
+  }, [vae])
 
 
 def test_launchers_run_from_any_directory_and_explain_their_flags(tmp_path):
@@ -219,8 +237,8 @@ def test_library_errors_are_user_errors(runs):
     gdata.dataset_info("mnistt")
   with pytest.raises(WorkdirError, match="is a file"):
     load_run(runs["file"])
-  with pytest.raises(CheckpointError, match=r"no checkpoint of step 5 .*; steps: \[2\]"):
-    load_run(runs["vae"], step=5)
+  with pytest.raises(CheckpointError, match=r"no checkpoint of step 5 .*; steps: \[1\]"):
+    load_run(runs["gan"], step=5)
   task = get_task(tiny_gan_config())
   with pytest.raises(UserError, match=r"label values must be in \[0, 10\), got \[-1\]"):
     task.sample_images({}, jax.random.PRNGKey(0), 2, label=-1)

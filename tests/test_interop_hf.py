@@ -104,13 +104,28 @@ def test_logits_and_greedy_generate_match_transformers(saved, arch):
     assert n == 32 or ref[n - 1] == EOS
 
 
+def test_beam_search_matches_transformers_on_grouped_query_attention(saved):
+  from genjax.samplers import beam_search
+  model, path = saved["llama"]
+  cfg, params = hf.load_lm(path)
+  tokens, lengths = _padded(PROMPTS)
+  out = beam_search(T.decoding_model(cfg), params, tokens, prompt_lengths=lengths, num_beams=3, max_new_tokens=10,
+                    length_penalty=1.0, eos_id=EOS, pad_id=PAD)
+  for r, prompt in enumerate(PROMPTS):
+    with torch.no_grad():
+      ref = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                           do_sample=False, num_beams=3, max_new_tokens=10, length_penalty=1.0, early_stopping=False,
+                           eos_token_id=EOS, pad_token_id=PAD)[0, len(prompt):].numpy()
+    n = int(out.lengths[r, 0])
+    np.testing.assert_array_equal(np.asarray(out.sequences[r, 0, :n]), ref[:n])
+    assert n == len(ref)
+
+
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_save_lm_round_trip_through_transformers(saved, arch, tmp_path):
   model, path = saved[arch]
   cfg, params = hf.load_lm(path, vocab_multiple=64)        # padded for sharding: 96 -> 128 rows
   assert cfg.vocab_size == 128 and params["embedding"].shape[0] == 128
-  tokenizer_dir = tmp_path / "tok"
-  tokenizer_dir.mkdir()
   out = hf.save_lm(cfg, params, str(tmp_path / "export"))
   back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
   assert type(back) is type(model) and back.config.vocab_size == VOCAB   # the exact vocabulary is written
@@ -306,3 +321,14 @@ def test_hf_finetune_starts_from_the_checkpoint_and_exports_back(tmp_path):
   with pytest.raises(UserError) as e:
     export.export_run(str(tmp_path / "run"), out)
   _one_line(e, "not an empty directory")
+
+
+def test_command_lines_report_bad_directories_in_one_line(tmp_path):
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for args, needle in ((["experiments.sample", f"--hf_model={tmp_path}", "--prompt=x"], "has no config.json"),
+                       (["experiments.export", f"--workdir={tmp_path}"], "give both --workdir=RUN and --out=DIR")):
+    done = subprocess.run([sys.executable, "-m", *args], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.strip().startswith("error:") and needle in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr

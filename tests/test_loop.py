@@ -248,15 +248,18 @@ def test_progress_counts_neither_the_compile_nor_excluded_time(monkeypatch):
 
 
 def test_lm_flops_per_step_match_6_n_tokens_and_mfu_uses_the_peak(tmp_path):
-  """FLOPs of the compiled step (XLA cost analysis, all 8 devices) vs the analytic count (Kaplan et al. 2020):
-  6 · N · tokens for the weight matmuls (N without the input embedding table, a gather) plus 12 · layers · T · d
-  per token for dense attention scores and values; optimizer and elementwise work make up the rest (< 10%)."""
+  """FLOPs of the compiled step (XLA cost analysis) vs the analytic count (Kaplan et al. 2020): 6 · N · tokens for
+  the weight matmuls (N without the input embedding table, a gather) plus 12 · layers · T · d per token for dense
+  attention scores and values; optimizer and elementwise work make up the rest (measured: +5.9%). One device:
+  with the params replicated over 8, every device repeats the optimizer update and XLA counts it 8 times (226M
+  instead of 200M FLOPs here)."""
   from experiments.configs import lm as lm_configs
   c = lm_configs.get_config("pydoc")
   c.model.update(embed_dim=64, num_layers=2, num_heads=2, mlp_dim=256, max_len=32)
   c.dataset.seq_len = 16
   c.update(batch_size=16, num_train_steps=2, log_every_steps=2, checkpoint_every_steps=2, eval_every_steps=-1,
            sample_every_steps=-1, async_checkpointing=False, peak_flops=1e9, profile_steps="1,2")
+  c.mesh.data = 1
   logged = {}
   state = train_and_evaluate(c, str(tmp_path), get_task,
                              hooks=(lambda event, step, info: logged.update(info) if event == "log" else None,))
@@ -265,7 +268,7 @@ def test_lm_flops_per_step_match_6_n_tokens_and_mfu_uses_the_peak(tmp_path):
   analytic = 6 * n * tokens + 12 * layers * t * d * tokens
   assert logged["flops_per_step"] == pytest.approx(analytic, rel=0.10)
   assert logged["tokens_per_second"] == pytest.approx(logged["steps_per_second"] * tokens)
-  assert logged["mfu"] == pytest.approx(logged["flops_per_step"] * logged["steps_per_second"] / (1e9 * 8))
+  assert logged["mfu"] == pytest.approx(logged["flops_per_step"] * logged["steps_per_second"] / 1e9)
   traces = [f for _, _, files in os.walk(tmp_path / "profile") for f in files]   # profile_steps="1,2": step 2
   assert any(f.endswith(".xplane.pb") for f in traces), traces
 

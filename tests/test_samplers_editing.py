@@ -16,6 +16,7 @@ from genjax.samplers.diffusion import ddim_sample
 from genjax.samplers.edm import heun_sample
 from genjax.samplers.editing import img2img_sample, inpaint_sample
 from genjax.samplers.schedules import NoiseSchedule
+from genjax.samplers.spacing import make_timesteps
 
 SCHED = NoiseSchedule.linear(num_timesteps=1000, beta_start=1e-4, beta_end=0.02)
 MU = np.array([0.3, -0.2])
@@ -74,17 +75,27 @@ N_LINE = 64
 IMAGE = jnp.tile(jnp.asarray([[0.6, 0.1]], jnp.float32), (N_LINE, 1))  # mu + 0.6 std along Sigma's long axis
 
 
-def test_img2img_at_strength_one_is_sampling_from_noise():
+def test_img2img_runs_the_tail_of_the_samplers_grid():
   key = jax.random.key(3)
-  out = img2img_sample(MODEL, SCHED, IMAGE, strength=1.0, num_steps=25, rng=key)
-  # The documented rng use: the starting noise from fold_in(rng, 0), the full trailing grid from T-1.
+  # The documented rng use: the starting noise from fold_in(rng, 0).
   noise = jax.random.normal(jax.random.fold_in(key, 0), IMAGE.shape, jnp.float32)
-  x_T = SCHED.add_noise(IMAGE, noise, jnp.full((N_LINE,), 999, jnp.int32))
-  np.testing.assert_allclose(out, ddim_sample(MODEL, SCHED, x_T, num_steps=25), atol=1e-5)
-  # ... and x_T there is noise: sqrt(abar_999) = 0.006, the image's weight in it.
-  np.testing.assert_allclose(x_T, noise, atol=0.01)
-  heun = img2img_sample(MODEL, SCHED, IMAGE, strength=1.0, num_steps=25, rng=key, sampler="heun")
-  np.testing.assert_allclose(heun, heun_sample(MODEL, SCHED, x_T, num_steps=25), atol=2e-3)
+  start = lambda t: SCHED.add_noise(IMAGE, noise, jnp.full((N_LINE,), t))
+  # strength 1: the whole trailing grid from T-1, from x_T = sqrt(abar_999) image + ... = noise to 0.006.
+  out = img2img_sample(MODEL, SCHED, IMAGE, strength=1.0, num_steps=25, rng=key, spacing="trailing")
+  np.testing.assert_allclose(out, ddim_sample(MODEL, SCHED, start(999), num_steps=25, spacing="trailing"),
+                             atol=1e-5)
+  np.testing.assert_allclose(start(999), noise, atol=0.01)
+  # strength 0.5 of 10 steps: the last 5 of the 10-step grid, the image noised to the first of them (diffusers').
+  full = np.asarray(make_timesteps(SCHED, 10, spacing="trailing"))
+  with CompileCounter() as cc:
+    half = img2img_sample(MODEL, SCHED, IMAGE, strength=0.5, num_steps=10, rng=key, spacing="trailing")
+  assert cc.count <= 2  # the noising; the DDIM program is the one above (strength and the grid are runtime)
+  np.testing.assert_allclose(half, ddim_sample(MODEL, SCHED, start(int(full[5])), timesteps=full[5:]), atol=1e-5)
+  # An EDM sampler: its Karras grid (float timesteps), the same tail rule.
+  karras = np.asarray(make_timesteps(SCHED, 12, spacing="karras"))
+  heun = img2img_sample(MODEL, SCHED, IMAGE, strength=0.5, num_steps=12, rng=key, sampler="heun")
+  np.testing.assert_allclose(heun, heun_sample(MODEL, SCHED, start(float(karras[6])), timesteps=karras[6:]),
+                             atol=1e-5)
 
 
 def test_img2img_at_small_strength_stays_close_to_the_image():
@@ -121,6 +132,7 @@ def test_bad_arguments_raise_one_clear_error(call, match):
 
 
 # ------------------------------------------------------------------------------------------------ a diffusion run
+@pytest.mark.slow  # ~30 s of CPU: compiles the U-Net inside RePaint's and DDIM's loops
 def test_a_diffusion_run_edits_images():
   from experiments.configs import ddpm as ddpm_configs
   from genjax.models import diffusion

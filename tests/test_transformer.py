@@ -202,6 +202,8 @@ def test_scan_remat_and_dot_product_attention_equal_the_unrolled_reference():
     cfg = T.LMConfig(**{**DEEP.__dict__, **kw})
     stacked = T.stack_layers(params, DEEP.num_layers) if cfg.scan_layers else params
     loss2, grads2 = _loss_and_grads(cfg, stacked, tokens)
+    traced = str(jax.make_jaxpr(jax.grad(lambda p: T.lm_metrics(T.TransformerLM(cfg), p, tokens)["loss"]))(stacked))
+    assert ("remat" in traced) == (cfg.remat != "none")      # the backward really recomputes (jax.checkpoint)
     if cfg.scan_layers:
       grads2 = T.unstack_layers(grads2, DEEP.num_layers)
     # float32; only the summation order differs (scan: the same ops in a loop; remat: recomputed, not changed).

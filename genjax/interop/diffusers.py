@@ -13,6 +13,9 @@ network in `genjax.interop.diffusers_unet` (NHWC):
     model_fn = jax.tree_util.Partial(apply_fn, params)
     x0 = dpm_solver_sample(model_fn, sched, jax.random.normal(key, (16, 32, 32, 3)), num_steps=20, **options)
 
+    pipe = load_pipeline("ddpm-cifar10-32")                  # the three above in one object
+    images = sample_images(pipe, key, 16, sampler="heun", num_steps=18)   # [16, 32, 32, 3] in [0, 1]
+
 `t` may be int or float: a fractional timestep goes straight into the sinusoidal embedding, as in diffusers (the
 EDM-style samplers use this). Supported: DownBlock2D / AttnDownBlock2D / UpBlock2D / AttnUpBlock2D (optionally
 `UNetRes`-prefixed), UNetMidBlock2D or none, positional time embedding with any `flip_sin_to_cos` / `freq_shift`,

@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from genjax.errors import CheckpointError, UserError
-from genjax.models.lm_layers import PARAM_DTYPES, LMConfig, TransformerLM
+from genjax.models.lm_layers import PARAM_DTYPES, LMConfig, TransformerLM, unstack_layers
 from genjax.interop.hf_tokenizer import HFTokenizer, load_tokenizer  # noqa: F401
 
 MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
@@ -327,6 +327,8 @@ def _hf_tensors(cfg: LMConfig, params) -> dict:
   """genjax params -> {hf name: numpy array}: the inverse of the load plan, vocabulary cut to its exact size."""
   import flax.linen as nn
   params, vocab, linear = nn.unbox(params), cfg.token_vocab_size or cfg.vocab_size, cfg.positions == "rope"
+  if cfg.scan_layers:
+    params = unstack_layers(params, cfg.num_layers)
   out = {}
   for keys, (names, _) in _plan(cfg, set()).items():
     w, name = np.asarray(_get(params, keys)), names[0]

@@ -10,7 +10,10 @@ sqrt(1 - abar_t) x0, "x0" -> x0). The loss is the mean over examples of the per-
 Class-conditional models (`config.model.conditional`) see the label, replaced by the null label `num_classes`
 with probability `label_dropout`, so the same network is also the unconditional model classifier-free guidance
 needs. Schedules ("linear" | "cosine") and every training target come from `genjax.samplers.schedules`; the loop
-keeps the EMA of the params (`config.ema_decay`).
+keeps the EMA of the params (`config.ema_decay`). Flow matching (`config.model.schedule="flow"`, prediction
+"velocity", `ddpm.py:flow_digits`): t ~ U(0, 1) (time-shifted by `flow_shift`), x_t = (1 - t) x0 + t eps, the U-Net
+sees t * num_timesteps and regresses eps - x0 (`genjax.samplers.flow`); its samplers are "euler" | "heun" |
+"midpoint" (`flow_sample`).
 
 Params: `{"unet": U-Net variables}`; latent diffusion (a config with `model.vae_workdir`) adds the frozen `"vae"` variables and `"latent_scale"` (the
 single phase trains only `params["unet"]`), so a checkpoint is enough to sample and decode.

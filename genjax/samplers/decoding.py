@@ -11,8 +11,8 @@ temperature, top-k, top-p, min-p and penalties; stop sequences; log-probs; n sam
     max_len: int | None                             the longest context the model supports (None: no limit)
 
 A model whose cache keeps one write index for the whole batch (Hugging Face Flax, the Flax decode cache) fits by
-storing that index once per row and keeping a per-slot position table: see `benchmarks/decoding.py`
-(`hf_gpt2_decoding_model`) for GPT-2 wrapped this way.
+storing that index once per row and keeping a per-slot position table as its attention mask: see
+`benchmarks/hf_gpt2.py` (`gpt2_decoding_model`) for transformers' Flax GPT-2 wrapped this way.
 
 Usage (the transformer LM provides its DecodingModel: `transformer.decoding_model(transformer.lm_config(config))`):
 

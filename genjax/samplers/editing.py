@@ -86,7 +86,9 @@ def img2img_sample(model_fn: Callable, schedule: NoiseSchedule, image, *, streng
   fn = IMG2IMG_SAMPLERS[sampler]
   params = inspect.signature(fn).parameters
   spacing = sampler_options.pop("spacing", params["spacing"].default)
-  steps_offset = sampler_options.pop("steps_offset", 0)
+  steps_offset = sampler_options.pop("steps_offset", params["steps_offset"].default)
+  if steps_offset is None:  # DDIM's default: 1 for "leading" (Stable Diffusion's), else 0
+    steps_offset = 1 if spacing == "leading" else 0
   full = np.asarray(make_timesteps(schedule, int(n), spacing=spacing, steps_offset=steps_offset))
   keep = min(int(int(n) * float(s)), int(n))  # diffusers' init_timestep
   if keep < 1:
