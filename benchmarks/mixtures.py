@@ -5,7 +5,7 @@ Data x0 ~ sum_k pi_k N(mu_k, s_k^2 I). Under the variance-preserving forward pro
 N(alpha mu_k, (abar s_k^2 + 1 - abar) I); so the optimal noise prediction is exact, a softmax-weighted
 (logsumexp) sum of per-component Gaussian predictions:
 
-    mix = MIXTURES["ring"]
+    mix = MIXTURES["ring"]        # or "wide_1d", "narrow_1d", "offset_1d"
     model_fn = mixture_model_fn(mix, sched)          # (x [B, D] float32, t [B] int or float) -> eps, jax
     x0 = exact_flow(mix, sigma_max, x_T)             # float64 numpy: the probability-flow ODE solved to convergence
 
@@ -68,6 +68,10 @@ MIXTURES = {
     "narrow_1d": Mixture("narrow_1d", np.array([0.2, 0.5, 0.3]), np.array([[-0.8], [-0.1], [0.7]]),
                          np.full(3, 0.03), "1-D, three narrow components (std 0.03) at -0.8, -0.1, 0.7, "
                          "weights 0.2 / 0.5 / 0.3"),
+    # Image-like: most mass on a narrow "background" far from 0 (digits in [-1, 1] average about -0.7). A grid
+    # that starts below T - 1 treats x_T as noisier data than it is; a zero-mean mixture hides that bias.
+    "offset_1d": Mixture("offset_1d", np.array([0.7, 0.3]), np.array([[-0.8], [0.5]]), np.array([0.05, 0.3]),
+                         "1-D, image-like, mean -0.41: 0.7 N(-0.8, 0.05^2) + 0.3 N(0.5, 0.3^2)"),
 }
 
 

@@ -33,7 +33,9 @@ EXIT_USER_ERROR = 2
 
 # name -> (kind, help). kind is an absl DEFINE_<kind>. Every entry is a flag of both `sample` and `evaluate`.
 SAMPLE_OPTIONS = {
-    "sampler": ("string", "Diffusion sampler: ddpm | ddim | dpm_solver (default: the config's)."),
+    "sampler": ("string", "Diffusion sampler: ddpm | ddim | dpm_solver | dpm_solver_3m | dpm_solver_sde | unipc | "
+                          "euler | heun | euler_ancestral; flow-matching runs (ddpm.py:flow_digits): euler | heun | "
+                          "midpoint (default: the config's)."),
     "num_steps": ("integer", "Diffusion sampler steps (default: the config's)."),
     "eta": ("float", "DDIM eta: 0 is deterministic, 1 is DDPM-like noise."),
     "guidance": ("float", "Classifier-free guidance scale for conditional diffusion (1 = no guidance)."),
@@ -41,7 +43,7 @@ SAMPLE_OPTIONS = {
                          "the classes in turn."),
     "truncation": ("float", "GAN truncation t >= 0: each latent coordinate is drawn from N(0, 1) restricted to "
                             "[-t, t]. Smaller t gives cleaner, less varied images; unset = no truncation."),
-    "temperature": ("float", "LM sampling temperature (0 = greedy); VAE latent scale (prior std, > 0)."),
+    "temperature": ("float", "LM sampling temperature (0 = greedy); VAE latent scale (prior std >= 0)."),
     "top_k": ("integer", "LM top-k (0 = off)."),
     "top_p": ("float", "LM nucleus p in (0, 1]."),
     "repetition_penalty": ("float", "LM repetition penalty (HF-style, 1 = off)."),

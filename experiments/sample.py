@@ -34,6 +34,7 @@ if __name__ == "__main__" and not __package__:   # `python experiments/sample.py
   _sys.exit()
 
 import os
+import re
 from typing import Optional
 
 from absl import flags, logging
@@ -73,9 +74,12 @@ def define_flags() -> None:
 
 def output_stem(workdir: str, step: Optional[int], num_samples: int, seed: int, options: dict) -> str:
   """<workdir>/samples/sample_step<S>_n<N>_seed<K>[_<option>-<value>...]: a file per distinct request."""
+  def value(v) -> str:     # a path option names its file; nothing that would make a directory or an odd name
+    text = os.path.splitext(os.path.basename(v))[0] if isinstance(v, str) and os.sep in v else str(v)
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_") or "_"
   parts = [f"step{step}" if step is not None else "latest", f"n{num_samples}", f"seed{seed}"]
-  parts += [f"{k}-{options[k]}" for k in cli.SAMPLE_OPTIONS if k in options]
-  parts += [f"{k}-{options[k]}" for k in sorted(options) if k not in cli.SAMPLE_OPTIONS]
+  parts += [f"{k}-{value(options[k])}" for k in cli.SAMPLE_OPTIONS if k in options]
+  parts += [f"{k}-{value(options[k])}" for k in sorted(options) if k not in cli.SAMPLE_OPTIONS]
   return os.path.join(workdir, "samples", "sample_" + "_".join(parts))
 
 

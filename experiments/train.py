@@ -24,6 +24,7 @@ if __name__ == "__main__" and not __package__:   # `python experiments/train.py`
 import glob
 import importlib.util
 import os
+import re
 
 from absl import flags, logging
 from ml_collections import config_flags
@@ -161,7 +162,7 @@ def _flag_error_message(e: Exception, argv: list[str]) -> str:
       message = f"unknown config field {lines[0].strip(chr(39))!r} in a --config.* override"
       message += "".join(f"; {line}" for line in lines[1:])
   elif isinstance(e, OSError) or any(line.startswith("Traceback") for line in lines):
-    message = lines[-1]
+    message = re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1])   # the config file's error, without its class
   else:
     message = " ".join(lines)
   if isinstance(e, OSError):

@@ -272,7 +272,7 @@ def test_runtime_options_compile_nothing_new(digits_task):
 
 @pytest.mark.parametrize("options,match", [
     (dict(temperature=1.0), "unknown diffusion sample options \\['temperature'\\]"),
-    (dict(sampler="euler"), "unknown sampler 'euler'"),
+    (dict(sampler="plms"), "unknown sampler 'plms'"),
     (dict(num_steps=0), "num_steps must be an int in \\[1, 50\\]"),
     (dict(num_steps=51), "num_steps"),
     (dict(eta=0.5, sampler="dpm_solver"), "eta=0.5 applies only to sampler='ddim'"),
@@ -299,7 +299,7 @@ def test_unconditional_model_rejects_label_and_guidance():
 
 def test_bad_config_values_name_the_choices():
   for field, value, match in [("schedule", "sigmoid", "linear"), ("prediction", "score", "epsilon"),
-                              ("sampler", "euler", "ddim")]:
+                              ("sampler", "plms", "ddim")]:
     config = tiny_config("digits")
     config.model[field] = value
     with pytest.raises(ValueError, match=match):

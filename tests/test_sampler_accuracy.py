@@ -141,7 +141,7 @@ def test_goals_compare_defaults_best_options_and_ddim_at_twice_the_nfe():
 
 
 def test_bad_arguments_name_the_choices():
-  with pytest.raises(ValueError, match=r"unknown mixtures \['moon'\]; valid: \['ring', 'wide_1d', 'narrow_1d'\]"):
+  with pytest.raises(ValueError, match=r"unknown mixtures \['moon'\]; valid: \['ring', 'wide_1d', 'narrow_1d', "):
     sampler_accuracy.run(["moon"], ["linear"], [5])
   with pytest.raises(ValueError, match=r"unknown samplers \['ddmi'\]"):
     sampler_accuracy.run(["ring"], ["linear"], [5], ["ddmi"])

@@ -2,7 +2,8 @@
 
 Multivariate Gaussian data x0 ~ N(mu, Sigma) has the optimal noise prediction eps(x, t) = sqrt(1 - a) Sigma_t^-1
 (x - sqrt(a) mu), Sigma_t = a Sigma + (1 - a) I, and the conditional of the unknown dims given the known ones is
-Gaussian in closed form: mean mu_u + Sigma_uk Sigma_kk^-1 (x_k - mu_k), variance Sigma_uu - Sigma_uk Sigma_kk^-1 Sigma_ku.
+Gaussian in closed form: mean mu_u + Sigma_uk Sigma_kk^-1 (x_k - mu_k), variance
+Sigma_uu - Sigma_uk Sigma_kk^-1 Sigma_ku.
 """
 import jax
 import jax.numpy as jnp

@@ -39,7 +39,8 @@ X_LINE = jnp.linspace(-2.5, 2.5, 32, dtype=jnp.float32)[:, None]
 
 
 def exact_map(x_T, sigma_max=SIGMA_MAX):
-  return MU + S * (np.asarray(x_T, np.float64) * math.sqrt(1 + sigma_max ** 2) - MU) / math.sqrt(S ** 2 + sigma_max ** 2)
+  x_sigma = np.asarray(x_T, np.float64) * math.sqrt(1 + sigma_max ** 2)  # the VP state x_T in EDM variables
+  return MU + S * (x_sigma - MU) / math.sqrt(S ** 2 + sigma_max ** 2)
 
 
 def max_error(out, x_T=X_LINE):

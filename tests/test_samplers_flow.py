@@ -110,3 +110,23 @@ def test_flow_schedule_training_side():
 def test_bad_arguments_raise_one_clear_error(call, match):
   with pytest.raises(UserError, match=match):
     call()
+
+
+def test_the_diffusion_familys_flow_matching_loss():
+  from genjax.models.diffusion import diffusion_loss
+  k1, k2 = jax.random.split(jax.random.key(1))
+  x0, noise = jax.random.normal(k1, (4, 3)), jax.random.normal(k2, (4, 3))
+  t = jnp.array([0.1, 0.4, 0.7, 1.0])
+  seen = {}
+
+  def apply_fn(x_t, tt, label, keys):
+    seen["x_t"], seen["t"] = x_t, tt
+    return 0.5 * x_t
+
+  loss, _ = diffusion_loss(apply_fn, FlowSchedule(), x0, jax.random.key(0), t=t, noise=noise)
+  x_t = (1 - t[:, None]) * x0 + t[:, None] * noise
+  np.testing.assert_allclose(seen["x_t"], x_t, atol=1e-6)
+  np.testing.assert_allclose(seen["t"], t)  # float t in [0, 1]: the task scales it for the U-Net
+  np.testing.assert_allclose(loss, np.mean((0.5 * x_t - (noise - x0)) ** 2), rtol=1e-5)
+  diffusion_loss(apply_fn, FlowSchedule(shift=3.0), x0, jax.random.key(0))  # t drawn by the schedule
+  assert seen["t"].dtype == jnp.float32 and 0 <= float(seen["t"].min()) and float(seen["t"].max()) <= 1

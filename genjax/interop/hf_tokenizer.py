@@ -68,6 +68,10 @@ class HFTokenizer:
       raise ValueError(f"encode expects a str, got {type(text).__name__}")
     return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+  def encode_plain(self, text: str) -> list[int]:
+    """`text`'s ids without the special tokens the post-processor adds (e.g. a BOS): for stop strings."""
+    return self.encode(text, add_special_tokens=False)
+
   def decode(self, ids: Iterable[int], stop_at_eos: bool = True, skip_special_tokens: bool = True) -> str:
     ids = [int(i) for i in np.asarray(list(ids), np.int64).reshape(-1)]
     if stop_at_eos and self.eos_ids:

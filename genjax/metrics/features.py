@@ -307,9 +307,9 @@ def _main(argv):
   f = flags.FLAGS
   try:
     fx = build_feature_extractor(f.dataset, cache_dir=f.cache_dir, data_dir=f.data_dir, force=f.force)
-  except ValueError as e:
+  except UserError as e:                      # the launchers' contract: one line, exit status 2
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    sys.exit(2)
   m = fx.meta
   where = os.path.join(os.path.expanduser(f.cache_dir or default_cache_dir()), fx.dataset)
   print(f"feature network {fx.dataset}: test accuracy {m['test_accuracy']:.4f} (train {m['train_accuracy']:.4f}; "

@@ -15,6 +15,11 @@ Params carry logical axis names (`nn.with_logical_partitioning`): "vocab", "embe
 (the learned position table is (None, "embed")). Params are stored in `param_dtype` (float32 unless a checkpoint is
 kept in bfloat16 / float16); activations run in `dtype`; norms, softmax and logits are computed in float32.
 `token_vocab_size` > 0 names the real vocabulary of a padded embedding table: the logits of the padding ids are -inf.
+
+How it runs, the same function of the same params up to summation order: `scan_layers` (nn.scan over the blocks;
+params stacked on a leading "layers" axis under "blocks", see `stack_layers` / `unstack_layers`; KV cache
+[batch, num_layers, ...]), `remat` ("full" or "dots_saveable": `jax.checkpoint` around each block), `attention`
+("dot_product": `jax.nn.dot_product_attention`, which XLA or cuDNN implement, instead of the float32 einsum).
 """
 from __future__ import annotations
 

@@ -151,6 +151,7 @@ def sample_text(cfg: LMConfig, params, prompts, rng, *, tokenizer=None, max_len:
   if stops and int(o["num_beams"]) > 1:
     raise UserError(f"stop strings apply to sampling / greedy decoding, not to beam search (num_beams="
                     f"{o['num_beams']})")
+  plain = getattr(tokenizer, "encode_plain", tokenizer.encode)   # stop strings: ids without BOS / special tokens
   model, params = decoding_model(cfg, max_len), nn.unbox(params)
   new = int(o["max_new_tokens"])
   if "max_new_tokens" not in options:        # the default never asks for more than the context holds
@@ -166,7 +167,7 @@ def sample_text(cfg: LMConfig, params, prompts, rng, *, tokenizer=None, max_len:
                    temperature=o["temperature"], top_k=o["top_k"], top_p=o["top_p"],
                    repetition_penalty=o["repetition_penalty"], presence_penalty=o["presence_penalty"],
                    frequency_penalty=o["frequency_penalty"], eos_id=eos_id, pad_id=pad_id, cache_len=cache_len,
-                   min_p=o["min_p"], stop_sequences=[tokenizer.encode(st) for st in stops] or None)
+                   min_p=o["min_p"], stop_sequences=[plain(st) for st in stops] or None)
     generated = np.asarray(out.tokens)
   return [tokenizer.decode(row[:n]) for row, n in zip(generated, np.asarray(out.lengths).reshape(len(ids), -1)[:, 0])]
 

@@ -20,6 +20,9 @@ Grid: `num_steps` noise levels sigma_i = (sigma_max^(1/rho) + i / (n - 1) (sigma
 sigma_max^(1/rho)))^rho, then 0 (Karras spacing, rho = 7), by default over the schedule's own range [sigma_0,
 sigma_{T-1}] (the largest finite one for a zero-terminal-SNR schedule). x_T (standard normal) is the VP state at the
 first level: the samplers start from x = x_T sqrt(1 + sigma_max^2), so x_T -> x0 is comparable with DDIM's map.
+Instead of the Karras grid, `timesteps=` (an explicit descending grid of int or float timesteps) or another
+`spacing=` of `genjax.samplers.spacing` gives the levels t_to_sigma(t); `dynamic_threshold` / `threshold_max` and
+`clip_denoised` act on the x0 prediction as in the other samplers.
 
 The model gets float timesteps. These levels fall between the training timesteps: `model_fn(x, t)` receives float32
 t [B] = `schedule.sigma_to_t(sigma)` (log-sigma interpolated linearly between the neighbouring integer timesteps,
@@ -27,8 +30,9 @@ k-diffusion's convention), so it must accept float t (a sinusoidal embedding, li
 `quantize=True` rounds each level to the nearest training timestep (the grid and churned levels snap to
 `t_to_sigma(round(t))`) and passes int32 t, for models that accept integers only.
 
-Compilation: one XLA program per (x_T shape/dtype, T, prediction, sampler, quantize, model_fn); `num_steps`, rho,
-sigma_min/max, the churn options, eta and clip_denoised are runtime values: changing them compiles nothing. Model
+Compilation: one XLA program per (x_T shape/dtype, T, prediction, sampler, quantize, Karras or table grid, clipping
+on / off, model_fn); `num_steps`, rho, sigma_min/max, the churn options, eta, clip values and a `timesteps=` grid's
+values are runtime values: changing them compiles nothing. Model
 functions are keyed as in `genjax.samplers.diffusion` (pass a `jax.tree_util.Partial(apply_fn, params)`).
 """
 from __future__ import annotations
