@@ -2,9 +2,9 @@ r"""Sampler accuracy against the exact probability-flow ODE of Gaussian mixtures
 
   python -m benchmarks.sampler_accuracy                      # writes docs/results/sampler_accuracy.{json,png,md}
   python -m benchmarks.sampler_accuracy --quick --json=/tmp/acc.json --png= --markdown=
-  /work/venv-peers/bin/python -m benchmarks.sampler_accuracy # with the `peers` extra: diffusers 0.39 Flax rows too
+  pip install -e ".[peers]"                                   # then the same command adds diffusers 0.39's Flax rows
 
-For each mixture in `benchmarks.mixtures.MIXTURES` (a 2-D ring, wide and narrow 1-D mixtures), each schedule
+For each mixture in `benchmarks.mixtures.MIXTURES` (a 2-D ring; wide, narrow and image-like 1-D mixtures), each schedule
 (linear and cosine, T = 1000) and each NFE budget (5, 10, 20, 50 model calls), every deterministic sampler in
 `SAMPLERS` maps the same x_T (`--num_points` standard-normal draws) through the exact mixture model
 (`mixtures.mixture_model_fn`, float32) and is scored against the probability-flow ODE solved in float64 to
@@ -14,11 +14,12 @@ The error is the RMSE over points and coordinates; `calls` is the number of mode
 inside the model (it must equal the sampler's declared count, else the run fails).
 
 Each sampler runs with its defaults (variant "default") and with every structural option it offers: every
-`spacing=` it accepts (discovered by calling it), "leading" with steps_offset=1, and the options in its
+`spacing=` it accepts (discovered by calling it; "leading" with steps_offset 0 and 1), and the options in its
 `SAMPLERS` entry. Stochastic samplers (DDPM, DDIM eta > 0, DPM-Solver++ 2M-SDE, Euler-ancestral, Heun with churn)
 have no ODE solution to match and are not scored here (their tests check them in distribution).
 Peers (`benchmarks.accuracy_peers`): diffusers' FlaxDDIMScheduler and FlaxDPMSolverMultistepScheduler with their
-options, same model, x_T and NFE. `goals()` checks the issue's three goals per (schedule, mixture, NFE).
+options, same model, x_T and NFE. `accuracy_report.goals()` checks the issue's three goals per (schedule, mixture,
+NFE) and pooled over the mixtures (geometric mean).
 
 To add a sampler: one `SamplerSpec` line in SAMPLERS.
 """
