@@ -42,7 +42,7 @@ def test_two_processes_match_one(tmp_path, parallel):
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
-  assert "process 0 of 2, 4 devices" in outs[0] and "process 1 of 2, 4 devices" in outs[1]
+  assert "4 cpu device(s) (process 0 of 2)" in outs[0] and "4 cpu device(s) (process 1 of 2)" in outs[1]
   _, multi_params = load_run(workdir)
   single = run(tiny_vae_config(parallel="pjit", **{"mesh.data": 4}), str(tmp_path / "single"))
   # Same global batches and per-example keys; only the float32 reduction order differs.

@@ -122,9 +122,9 @@ def train_and_evaluate(config, workdir: str, task: Union[Task, Callable[[Any], T
   TrainState (one logical state whatever the parallel path). Raises `Interrupted` after saving on SIGINT/SIGTERM."""
   check_config(config)
   quiet_library_logs()
+  task = task if isinstance(task, Task) else task(config)   # the family's own checks come before the workdir's
   check_workdir(workdir)
   _check_family(config, workdir)
-  task = task if isinstance(task, Task) else task(config)
   pid, nproc = jax.process_index(), jax.process_count()
   logging.info("training %s:%s in %s on %d %s device(s) (process %d of %d), parallel=%s", config.family,
                config.variant, os.path.abspath(workdir), jax.device_count(), jax.devices()[0].platform, pid, nproc,
