@@ -38,8 +38,10 @@ def build(config, task: Task, example_batch: dict) -> Built:
   abstract = abstract_state(task, config, example_batch)
   place = functools.partial(replicate, devices=devices)
   init = jax.jit(functools.partial(init_state, task, ema_decay=float(config.ema_decay)))
+  # No `devices=`: the step spans every process's devices, so `pmean` averages across hosts too (given only the
+  # local devices, each host would average its own gradients and the hosts would drift apart).
   step_fn = jax.pmap(make_train_step(task, axis_name=AXIS_NAME, **step_kwargs(config)), axis_name=AXIS_NAME,
-                     devices=devices, donate_argnums=0)
+                     donate_argnums=0)
   return Built(parallel="pmap", init_fn=lambda rng: place(init(rng, example_batch)), step_fn=step_fn,
                put_batch=functools.partial(parallel.split_for_pmap, num_local_devices=len(devices)),
                put_eval_batch=lambda b: b,    # evaluated on the first local device

@@ -207,8 +207,14 @@ class _Loop:
   def _compile(self, state, batch):
     logging.info("compiling the train step (%s) ...", self.built.parallel)
     t0 = time.perf_counter()
-    compiled = self.built.step_fn.lower(state, batch).compile()
     devices = self.built.mesh.devices.size if self.built.mesh is not None else jax.device_count()
+    if self.built.parallel == "pmap" and jax.process_count() > 1:
+      # A multi-process pmap executable compiled ahead of time expects the global device axis but is called with
+      # this process's part: step with the pmap itself (it compiles on the first call) and report no FLOPs.
+      self.flops, self.peak_total = None, None
+      logging.info("FLOPs per step: n/a (multi-process pmap)")
+      return self.built.step_fn
+    compiled = self.built.step_fn.lower(state, batch).compile()
     self.flops, peak = step_flops(compiled, devices), peak_flops_per_device(self.config.peak_flops)
     self.peak_total = None if peak is None else peak * devices
     flops = "n/a" if self.flops is None else f"{self.flops:.3g}"
