@@ -35,6 +35,7 @@ import numpy as np
 from absl import flags
 
 from genjax.compiles import CompileCounter  # noqa: F401  (re-exported: benchmarks use common.CompileCounter)
+from genjax.train.throughput import PEAK_FLOPS
 
 JSON = flags.DEFINE_string("json", None, "Write the records (a JSON list of objects) to this path.")
 QUICK = flags.DEFINE_bool("quick", False, "Small CPU-sized run (minutes on a laptop-class CPU).")
@@ -45,21 +46,7 @@ PEERS = flags.DEFINE_bool("peers", True, "Time the peer libraries (diffusers / t
 
 MIN_REPEATS = 5
 
-# Dense bf16 peak FLOP/s per chip, by `device_kind` prefix (vendor data sheets; no sparsity). MFU is reported against
-# these; a device that is not listed gets MFU "n/a".
-PEAK_FLOPS = (
-    ("NVIDIA H200", 989e12),
-    ("NVIDIA H100", 989e12),       # SXM; the PCIe card is lower (756e12) but reports the same kind prefix
-    ("NVIDIA A100", 312e12),
-    ("NVIDIA L4", 121e12),
-    ("NVIDIA A10G", 125e12),
-    ("TPU v6", 918e12),
-    ("TPU v5p", 459e12),
-    ("TPU v5 lite", 197e12),
-    ("TPU v5e", 197e12),
-    ("TPU v4", 275e12),
-    ("TPU v3", 123e12),
-)
+# The dense bf16 peak FLOP/s table MFU is reported against is the training loop's (one table for both).
 
 
 # --------------------------------------------------------------------------------------------- flags -> settings
