@@ -33,9 +33,9 @@ import jax
 import jax.numpy as jnp
 
 from genjax import tokenizer as tok_lib
+from genjax.dtypes import COMPUTE_DTYPES, PARAM_DTYPES
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}                   # compute dtypes
-PARAM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = COMPUTE_DTYPES                                                          # compute dtypes
 NORMS = ("rms", "layer")
 MLPS = ("gelu", "swiglu")
 POSITIONS = ("rope", "learned")
