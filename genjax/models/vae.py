@@ -1,6 +1,6 @@
 """Convolutional VAE: Bernoulli or Gaussian likelihood, β-weighted analytic KL, ELBO in nats and bits/dim.
 
-    model = vae_model(config)                      # linen VAE; methods encode(x) -> (mean, logvar), decode(z)
+    model = vae_model(config)                      # linen VAE (config.model typed as VAEConfig); methods encode(x) -> (mean, logvar), decode(z)
     task = task(config)                            # what the shared loop trains
     mean, logvar = model.apply({"params": p}, x, method="encode")
     images = model.apply({"params": p}, z, method="decode")       # [B, H, W, C] in [0, 1]
@@ -12,6 +12,7 @@ levels in [0, 1] as Bernoulli means (the usual practice on MNIST-like data); the
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Callable, Sequence
@@ -21,6 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from genjax.data import dataset_info
+from genjax.dtypes import compute_dtype
+from genjax.models.fields import from_config
 from genjax.train import Phase, Task, make_optimizer
 from genjax.train.random import per_example
 from genjax.errors import ConfigError, UserError
@@ -107,18 +110,45 @@ def log_importance_weight(x, mean, logvar, decode: Callable, eps, likelihood: st
   return log_likelihood(x, decode(z), likelihood, sigma) + log_prior - log_q
 
 
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+  """`config.model` of the VAE family (experiments/configs/vae.py), typed: `from_config(VAEConfig, config.model)`."""
+  latent_dim: int = 16
+  channels: tuple[int, ...] = (32, 64)   # encoder conv widths (stride 2 each); the decoder mirrors them
+  hidden: int = 256                      # width of the dense layer on each side of the latent
+  likelihood: str = "bernoulli"          # LIKELIHOODS
+  gaussian_sigma: float = 0.1            # the Gaussian likelihood's fixed sigma
+  beta: float = 1.0                      # KL weight of the training loss
+  iw_samples: int = 64                   # K of the importance-weighted NLL in evaluate
+
+  def check(self) -> "VAEConfig":
+    """Raises ConfigError naming the first bad field; returns self."""
+    for key in ("latent_dim", "hidden", "iw_samples"):
+      if getattr(self, key) < 1:
+        raise ConfigError(f"model.{key}={getattr(self, key)!r} must be >= 1")
+    if not self.channels or not all(w >= 1 for w in self.channels):
+      raise ConfigError(f"model.channels={self.channels!r} must be a non-empty tuple of positive widths")
+    if self.likelihood not in LIKELIHOODS:
+      raise ConfigError(f"model.likelihood={self.likelihood!r} is not one of {LIKELIHOODS}")
+    if not self.gaussian_sigma > 0 or not self.beta >= 0:
+      raise ConfigError(f"model.gaussian_sigma={self.gaussian_sigma!r} must be > 0 and model.beta={self.beta!r} "
+                        ">= 0")
+    return self
+
+
+def vae_module(cfg: VAEConfig, image_shape, dtype=jnp.float32) -> VAE:
+  """The linen VAE of a typed config for images of `image_shape` (H, W, C)."""
+  return VAE(image_shape=tuple(image_shape), latent_dim=cfg.latent_dim, channels=cfg.channels, hidden=cfg.hidden,
+             dtype=dtype)
+
+
 def vae_model(config) -> VAE:
+  """The linen VAE of a whole config (`config.model`, `config.dataset.name`, `config.compute_dtype`)."""
   info = dataset_info(config.dataset.name)
   if info.kind != "image":
     raise ConfigError(f"the VAE needs an image data set; {config.dataset.name!r} is {info.kind}")
-  m = config.model
-  for key in ("latent_dim", "hidden"):
-    if int(m[key]) < 1:
-      raise ConfigError(f"model.{key}={m[key]!r} must be >= 1")
-  if not m.channels or not all(isinstance(w, int) and w >= 1 for w in m.channels):
-    raise ConfigError(f"model.channels={tuple(m.channels)!r} must be a non-empty tuple of positive widths")
-  return VAE(image_shape=info.image_shape, latent_dim=int(m.latent_dim), channels=tuple(m.channels),
-             hidden=int(m.hidden), dtype=jnp.dtype(config.compute_dtype))
+  cfg = from_config(VAEConfig, config.model).check()
+  return vae_module(cfg, info.image_shape, compute_dtype(config.compute_dtype))
 
 
 def _decoder_out(model, params, likelihood):
@@ -130,10 +160,8 @@ def _decoder_out(model, params, likelihood):
 
 def task(config) -> Task:
   model = vae_model(config)
-  likelihood, beta = config.model.likelihood, float(config.model.beta)
-  sigma = float(config.model.gaussian_sigma)
-  if likelihood not in LIKELIHOODS:
-    raise ConfigError(f"model.likelihood={likelihood!r} is not one of {LIKELIHOODS}")
+  cfg = from_config(VAEConfig, config.model)
+  likelihood, beta, sigma = cfg.likelihood, cfg.beta, cfg.gaussian_sigma
 
   def init(rng, batch):
     x = batch["image"]
@@ -149,7 +177,7 @@ def task(config) -> Task:
     ll, kl = terms(params, batch, rng)
     return jnp.mean(-ll + beta * kl), {"recon_nll": -jnp.mean(ll), "kl": jnp.mean(kl)}
 
-  iw_samples = int(config.model.iw_samples)
+  iw_samples = cfg.iw_samples
 
   def evaluate(params, batch, rng):
     ll, kl = terms(params, batch, rng)
