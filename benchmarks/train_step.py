@@ -28,6 +28,13 @@ their offline data sets), at the config's global batch:
               1/2/4/8 devices. These are SIMULATED CPU devices (`--xla_force_host_platform_device_count`, one
               subprocess per count): they share the host's cores, so this shows the data-parallel path working and
               its overhead, not accelerator speed-up.
+
+Two more sections (`--train_sections`, default all three: throughput = the rows above) time the LM step as `build`
+makes it (benchmarks/train_step_lm.py says exactly how): compile_depth = compile seconds of `--lm_depths` (2,8,24)
+layers with and without `model.scan_layers`; remat_memory = `compiled.memory_analysis()` of the step at
+`--remat_layers` (8) layers for each `model.remat` policy, unrolled and scanned.
+
+  python -m benchmarks.train_step --train_sections=compile_depth,remat_memory --json=/tmp/lm_step.json
 """
 from __future__ import annotations
 
@@ -48,7 +55,9 @@ import jax
 from absl import app, flags
 
 from benchmarks import common
+from benchmarks import train_step_lm as lm
 from benchmarks.fault_worker import worker_env
+from genjax.errors import UserError, check_choice
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIGS = ("ddpm.py:digits", "vae.py:digits", "gan.py:digits", "lm.py:pydoc")
@@ -56,6 +65,7 @@ LOOP_INTERVALS = 6                 # measured log intervals of the full loop (pl
 CHECKPOINT_EVERY_INTERVALS = 3
 WORKER_TIMEOUT_S = 1800
 SIMULATED_NOTE = "simulated CPU devices sharing the host's cores: shows the data-parallel path, not speed-up"
+SECTIONS = ("throughput", "compile_depth", "remat_memory")
 
 _CONFIGS = flags.DEFINE_list("train_configs", list(DEFAULT_CONFIGS),
                              "Configs (experiments/configs/<file>:<variant>) to benchmark, one per family.")
@@ -67,6 +77,16 @@ _SCALING_DEVICES = flags.DEFINE_list("scaling_devices", ["1", "2", "4", "8"],
                                      "Simulated device counts for the data-parallel scaling rows (empty: skip).")
 _SCALING_CONFIG = flags.DEFINE_string("scaling_config", None, "Config for the scaling rows (default: the first).")
 _WORKER = flags.DEFINE_integer("scaling_worker", 0, "Internal: run one scaling measurement in this process.")
+_SECTIONS = flags.DEFINE_list("train_sections", list(SECTIONS), f"Sections to run, of {', '.join(SECTIONS)}.")
+_LM_CONFIG = flags.DEFINE_string("train_lm_config", "lm.py:pydoc", "LM config of the compile_depth / remat_memory "
+                                  "rows.")
+_LM_OVERRIDES = flags.DEFINE_multi_string("lm_override", [], "key=value set on the LM config after the widening "
+                                          f"{', '.join(lm.LM_WIDE)}.")
+_LM_DEPTHS = flags.DEFINE_list("lm_depths", ["2", "8", "24"], "Layer counts of the compile_depth rows.")
+_COMPILE_REPEATS = flags.DEFINE_integer("compile_repeats", None, "Fresh compiles per compile_depth row (median; "
+                                        "default 1 with --quick, else 3).")
+_REMAT_LAYERS = flags.DEFINE_integer("remat_layers", 8, "Layer count of the remat_memory rows.")
+_REMAT_POLICIES = flags.DEFINE_list("remat_policies", list(lm.REMATS), "model.remat policies of the remat_memory rows.")
 
 COLUMNS = ("family", "mode", "batch", "devices", "steps_per_second", "examples_per_second", "vs_bare",
            "checkpoint_seconds", "flops_per_step", "tflops_per_second", "mfu", "speedup_vs_1_device")
@@ -271,6 +291,28 @@ def worker_main(num_devices: int) -> None:
   common.write_json(common.stamp([r], "train_step"), common.JSON.value)
 
 
+# --------------------------------------------------------------------------------------------- LM depth and remat
+def lm_rows(sections: list[str]) -> list[dict]:
+  """The compile_depth / remat_memory rows (benchmarks/train_step_lm.py) of `--train_lm_config` + LM_WIDE."""
+  overrides = parse_overrides(lm.LM_WIDE) + parse_overrides(_LM_OVERRIDES.value)
+  base = load_config(_LM_CONFIG.value)
+  unknown = [k for k, _ in overrides if _parent(base, k)[0] is None]
+  if unknown:
+    raise UserError(f"--lm_override keys {unknown} are not in {_LM_CONFIG.value}")
+
+  def make_config(layers: int, scan: bool, remat: str):
+    depth = [("model.num_layers", layers), ("model.scan_layers", scan), ("model.remat", remat)]
+    return load_config(_LM_CONFIG.value, overrides + depth)
+
+  measured = []
+  if "compile_depth" in sections:
+    measured += lm.compile_depth(make_config, common.parse_ints(_LM_DEPTHS.value, "lm_depths"), _compile_repeats())
+  if "remat_memory" in sections:
+    policies = [check_choice("--remat_policies", p, lm.REMATS) for p in _REMAT_POLICIES.value]
+    measured += lm.remat_memory(make_config, common.parse_ints([_REMAT_LAYERS.value], "remat_layers")[0], policies)
+  return [_row(mode, _LM_CONFIG.value, config, jax.device_count(), **f) for mode, config, f in measured]
+
+
 # --------------------------------------------------------------------------------------------- the benchmark
 def _row(mode: str, spec: str, config, devices: Optional[int], steps: Optional[float] = None, **extra) -> dict:
   batch = int(config.batch_size) if config is not None else None
@@ -344,20 +386,36 @@ def _log_every() -> int:
   return int(value)
 
 
+def _compile_repeats() -> int:
+  value = _COMPILE_REPEATS.value or (1 if common.QUICK.value else 3)
+  if value < 1:
+    raise UserError(f"--compile_repeats must be >= 1, got {value}")
+  return int(value)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _WORKER.value:
     worker_main(_WORKER.value)
     return
-  devices = common.parse_ints(_SCALING_DEVICES.value, "scaling_devices") if _SCALING_DEVICES.value else []
+  sections = [check_choice("--train_sections", s, SECTIONS) for s in _SECTIONS.value]
   info = common.device_info()
-  records = common.stamp(run(list(_CONFIGS.value), list(_OVERRIDES.value), _log_every(), common.repeats(),
-                             devices, _SCALING_CONFIG.value), "train_step", info)
-  common.print_table(records, COLUMNS, f"Train step vs full loop on {common.device_label(info)} "
-                     "(scaling rows: simulated CPU devices)")
-  print("\n".join(summary(records)))
-  common.write_json(records, common.JSON.value)
+  records = []
+  if "throughput" in sections:
+    devices = common.parse_ints(_SCALING_DEVICES.value, "scaling_devices") if _SCALING_DEVICES.value else []
+    records = common.stamp(run(list(_CONFIGS.value), list(_OVERRIDES.value), _log_every(), common.repeats(),
+                               devices, _SCALING_CONFIG.value), "train_step", info)
+    common.print_table(records, COLUMNS, f"Train step vs full loop on {common.device_label(info)} "
+                       "(scaling rows: simulated CPU devices)")
+    print("\n".join(summary(records)))
+  lm_records = lm_rows(sections)
+  if lm_records:
+    common.stamp(lm_records, "train_step", info)
+    common.print_table(lm_records, lm.COLUMNS, f"LM train step: compile time by depth, memory by remat policy "
+                       f"({_LM_CONFIG.value}, {', '.join(lm.LM_WIDE + tuple(_LM_OVERRIDES.value))})")
+    print("\n".join(lm.summary(lm_records)))
+  common.write_json(records + lm_records, common.JSON.value)
 
 
 if __name__ == "__main__":

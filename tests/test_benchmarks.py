@@ -160,7 +160,8 @@ TINY_VAE = ("model.channels=(4,8)", "model.hidden=8", "model.latent_dim=2", "bat
 
 
 def test_train_step_quick(tmp_path):
-  records = _run(train_step, tmp_path, "--train_configs=vae.py:digits", "--log_every=2", "--scaling_devices=",
+  records = _run(train_step, tmp_path, "--train_sections=throughput", "--train_configs=vae.py:digits", "--log_every=2",
+                 "--scaling_devices=",
                  *[f"--train_override={o}" for o in TINY_VAE])
   _has_keys(records, ["family", "mode", "batch", "devices", "steps_per_second", "examples_per_second",
                       "flops_per_step", "mfu", "vs_bare", "device"])
@@ -176,6 +177,27 @@ def test_train_step_quick(tmp_path):
   assert loop["checkpoint_every_steps"] == 500 and loop["checkpoint_seconds"] is not None
   expected = 1 / (1 / loop["steady_steps_per_second"] + loop["checkpoint_seconds"] / 500)
   assert loop["steps_per_second"] == pytest.approx(expected)
+
+
+TINY_LM = ("model.embed_dim=16", "model.num_heads=2", "model.mlp_dim=32", "dataset.seq_len=8", "batch_size=8")
+
+
+def test_train_step_lm_compile_depth_and_remat_memory(tmp_path):
+  # One depth and one policy: each compile of the whole train step costs seconds even for this tiny LM.
+  records = _run(train_step, tmp_path, "--train_sections=compile_depth,remat_memory", "--lm_depths=1",
+                 "--remat_layers=1", "--remat_policies=full", *[f"--lm_override={o}" for o in TINY_LM])
+  _has_keys(records, ["layers", "scan_layers", "remat", "compile_seconds", "compiles", "temp_size_in_bytes",
+                      "argument_size_in_bytes", "output_size_in_bytes", "footprint_bytes", "flops_per_step"])
+  depth = {(r["layers"], r["scan_layers"]): r for r in records if r["mode"] == "compile_depth"}
+  memory = {r["scan_layers"]: r for r in records if r["mode"] == "remat_memory"}
+  assert set(depth) == {(1, False), (1, True)} and set(memory) == {False, True}
+  assert all(r["compiles"] == 1 and r["compile_seconds"] > 0 and r["embed_dim"] == 16 for r in records)
+  assert all(r["remat"] == "none" for r in depth.values()) and all(r["remat"] == "full" for r in memory.values())
+  for r in records:
+    assert r["footprint_bytes"] == (r["argument_size_in_bytes"] + r["output_size_in_bytes"]
+                                    - r["alias_size_in_bytes"] + r["temp_size_in_bytes"])
+  # remat reached the model: the step recomputes the block's forward pass, more FLOPs than with remat="none".
+  assert memory[False]["flops_per_step"] > depth[(1, False)]["flops_per_step"]
 
 
 @pytest.mark.slow

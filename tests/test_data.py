@@ -6,11 +6,16 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from experiments.configs.common import base_config
 from genjax import data
+from genjax.errors import ConfigError
 
 
 def cfg(**kw):
-  return ml_collections.ConfigDict(dict(dict(name="digits", data_dir=None, seq_len=32), **kw))
+  """`config.dataset` as the configs declare it (common.py's fields, the lm configs' text fields), updated by kw."""
+  c = base_config().dataset
+  c.update(dict(name="digits", seq_len=32, tokenizer=""), **kw)
+  return c
 
 
 def test_digits_is_the_bundled_sklearn_set_with_a_fixed_split():
@@ -53,6 +58,19 @@ def test_unknown_names_list_the_valid_ones():
     data.get_source(cfg(name="mnits"), "train")
   with pytest.raises(ValueError, match=r"has no split 'valid'; splits: \['train', 'test'\]"):
     data.get_source(cfg(), "valid")
+
+
+def test_a_field_the_data_set_needs_is_read_as_declared_or_named_in_one_config_error():
+  c = base_config()
+  c.dataset.name = "pydoc"                                       # a config without the lm text fields
+  with pytest.raises(ConfigError, match=r"^dataset.seq_len is not set; the text data set 'pydoc' needs it"):
+    data.get_source(c.dataset, "train")
+  with pytest.raises(ConfigError, match=r"^dataset.tokenizer is not set; the text data set 'pydoc' needs it"):
+    data.get_source(ml_collections.ConfigDict(dict(name="pydoc", seq_len=8)), "train")
+  with pytest.raises(ConfigError, match=r"^dataset.download is not set; the TFDS data set 'mnist' needs it"):
+    data.get_source({"name": "mnist", "data_dir": None}, "train")
+  assert len(data.get_source({"name": "digits"}, "test")) == 297     # a built-in image set needs only its name
+  assert len(data.get_source(cfg(name="pydoc", seq_len=1000), "test")[0]["tokens"]) == 1001
 
 
 def test_two_hosts_read_disjoint_halves_that_make_the_single_host_batch():

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 
 from experiments.configs import gan as gan_configs
+from experiments.configs.common import base_config
+from genjax.errors import ConfigError
 from genjax.models import gan
+from genjax.models.fields import to_dict
 from genjax.train.step import init_state, make_train_step
 from genjax.train.task import Task
 
@@ -32,14 +35,14 @@ def batch(n=8, seed=0):
 def _init_params(conditional: bool):
   # Compiling init is the slowest part of these tests; the losses and R1 settings do not change the params.
   # Eager, because op-by-op compiles are shared between the conditional and unconditional inits (jit: 2x).
-  g = gan.GAN(tiny_config(conditional=conditional).model, SHAPE, 10)
+  g = gan.GAN(gan.gan_config(tiny_config(conditional=conditional)), SHAPE, 10)
   return g.init(jax.random.PRNGKey(0), batch())
 
 
 def built(skip_init=False, **model):
   """A tiny GAN (conditional unless told otherwise) and its params (None with skip_init)."""
   model.setdefault("conditional", True)
-  g = gan.GAN(tiny_config(**model).model, SHAPE, 10)
+  g = gan.GAN(gan.gan_config(tiny_config(**model)), SHAPE, 10)
   return g, None if skip_init else _init_params(bool(model["conditional"]))
 
 
@@ -252,12 +255,36 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs():
 
 def test_config_errors_name_the_bad_value():
   with pytest.raises(ValueError, match="gen_channels"):
-    gan.GAN(tiny_config(gen_channels=(8,) * 5).model, SHAPE, 10)           # x16 upsampling cannot make 8x8
+    gan.GAN(gan.gan_config(tiny_config(gen_channels=(8,) * 5)), SHAPE, 10)  # x16 upsampling cannot make 8x8
   with pytest.raises(ValueError, match="unknown variant"):
     gan_configs.get_config("celeba")
   with pytest.raises(ValueError, match="r1_interval"):
-    gan.GAN(tiny_config(r1_interval=0).model, SHAPE, 10)
+    gan.GAN(gan.gan_config(tiny_config(r1_interval=0)), SHAPE, 10)
   with pytest.raises(ValueError, match="lsgan"):
-    gan.GAN(tiny_config(loss="lsgan").model, SHAPE, 10)
+    gan.GAN(gan.gan_config(tiny_config(loss="lsgan")), SHAPE, 10)
   with pytest.raises(ValueError, match="image"):
-    gan.GAN(tiny_config().model, SHAPE, 10)._real({"image": np.zeros((2, 28, 28, 1))}, SHAPE)
+    gan.GAN(gan.gan_config(tiny_config()), SHAPE, 10)._real({"image": np.zeros((2, 28, 28, 1))}, SHAPE)
+
+
+def test_the_config_file_declares_every_field_with_the_dataclass_defaults():
+  c = base_config()
+  gan_configs._gan_defaults(c)
+  assert c.model.to_dict() == to_dict(gan.GANConfig())          # one set of fields, one set of defaults
+  for variant in gan_configs.VARIANTS:
+    cfg = gan.gan_config(gan_configs.get_config(variant))
+    assert isinstance(cfg, gan.GANConfig) and isinstance(cfg.gen_channels, tuple)
+
+
+def test_typed_config_errors_name_the_field_and_the_choices():
+  with pytest.raises(ConfigError, match=r"unknown config.model fields \['hidden'\]; valid: .*'latent_dim'"):
+    gan.gan_config(tiny_config(hidden=3))
+  with pytest.raises(ConfigError, match=r"model.disc_channels=\(\) must be a non-empty tuple"):
+    gan.gan_config(tiny_config(disc_channels=()))
+  with pytest.raises(ConfigError, match=r"model.r1_gamma=-1.0 .* must be >= 0"):
+    gan.gan_config(tiny_config(r1_gamma=-1.0))
+  with pytest.raises(ConfigError, match=r"model.conditional needs a labelled dataset, got num_classes=0"):
+    gan.GAN(gan.gan_config(tiny_config(conditional=True)), SHAPE, 0)
+  with pytest.raises(ConfigError, match=r"compute_dtype='float16' is not one of \['bfloat16', 'float32'\]"):
+    gan.GAN(gan.gan_config(tiny_config()), SHAPE, 10, "float16")
+  with pytest.raises(TypeError, match="GANConfig"):
+    gan.GAN(tiny_config().model, SHAPE, 10)                      # the raw ConfigDict is not accepted

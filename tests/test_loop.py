@@ -73,6 +73,15 @@ def test_rerun_of_finished_run_trains_nothing_more(tmp_path):
   np.testing.assert_array_equal(flat(first.params), flat(again.params))
 
 
+def test_compilation_cache_dir_keeps_the_compiled_train_step(tmp_path):
+  cache = tmp_path / "xla_cache"
+  try:
+    run(tiny_vae_config(num_train_steps=1, compilation_cache_dir=str(cache)), str(tmp_path / "run"))
+  finally:
+    jax.config.update("jax_compilation_cache_dir", None)      # this process's later tests compile as before
+  assert any(name.startswith("jit_step_fn") for name in os.listdir(cache)), os.listdir(cache)
+
+
 def test_pmap_checkpoint_restores_into_pjit(tmp_path):
   run(tiny_vae_config(parallel="pmap", num_train_steps=2), str(tmp_path))
   resumed = run(tiny_vae_config(parallel="pjit", num_train_steps=6), str(tmp_path))

@@ -18,6 +18,7 @@ import pytest
 from experiments.configs import lm as lm_configs
 from experiments.configs.common import base_config
 from genjax import tokenizer as tok_lib
+from genjax.errors import ConfigError
 from genjax.models import get_task
 from genjax.models import transformer as T
 from genjax.samplers import generate
@@ -235,8 +236,9 @@ def _config(**model):
   c = base_config()
   c.family = "lm"
   c.num_train_steps = 200
-  c.model = ml_collections.ConfigDict(dict(embed_dim=32, num_layers=2, num_heads=4, mlp_dim=64, max_len=40,
-                                           **model))
+  c.dataset.update(seq_len=40, tokenizer="")      # the text fields experiments/configs/lm.py declares
+  c.model = ml_collections.ConfigDict(dict(init_from="", embed_dim=32, num_layers=2, num_heads=4, mlp_dim=64,
+                                           max_len=40, **model))
   return c
 
 
@@ -271,6 +273,27 @@ def test_config_variants():
   assert 80e6 < n < 110e6, n
   with pytest.raises(ValueError, match="unknown variant"):
     lm_configs.get_config("gpt_huge")
+
+
+def test_every_lm_variant_declares_the_fields_lm_config_and_the_data_read():
+  for name in lm_configs.VARIANTS:
+    c = lm_configs.get_config(name)
+    assert {"seq_len", "tokenizer"} <= set(c.dataset) and "init_from" in c.model, name
+  with pytest.raises(ConfigError, match=r"config.model.init_from is not set: .*--config.model.init_from=DIR"):
+    T.lm_config(lm_configs.get_config("hf_finetune"))            # fine-tuning needs its checkpoint
+  c = _config()
+  del c.dataset["seq_len"]
+  with pytest.raises(ConfigError, match=r"^config.dataset.seq_len is not set; the lm family needs it"):
+    T.lm_config(c)
+  c = _config()
+  c.compute_dtype = "float16"
+  with pytest.raises(ConfigError, match=r"compute_dtype='float16' is not one of \['bfloat16', 'float32'\]"):
+    T.lm_config(c)
+  c.compute_dtype = "float32"
+  c.model = ml_collections.ConfigDict(dict(c.model, num_layers="2"))
+  with pytest.raises(ConfigError, match=r"config.model.num_layers='2' must be an int"):
+    T.lm_config(c)
+  assert T.lm_config(_config(rope_base=500)).rope_base == 500.0     # converted to the field's type
 
 
 def test_decoding_limit_is_the_trained_context_unless_asked_for_longer():

@@ -34,7 +34,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.async_checkpointing = True
   c.peak_flops = 0.0                 # per-device peak FLOP/s for the MFU figure; 0 = known accelerators' table
   c.profile_steps = ""               # "a,b": jax.profiler trace of steps a+1..b into <workdir>/profile
+  c.compilation_cache_dir = ""       # JAX's persistent compilation cache (reruns skip compiling); "" = off
+  # Every data set's fields (genjax.data.get_source reads them as declared; a missing one is a ConfigError).
   # download: let TFDS fetch and prepare a data set that is not under data_dir (needs internet and TensorFlow).
+  # Text data sets also need seq_len and tokenizer: experiments/configs/lm.py declares them.
   c.dataset = ml_collections.ConfigDict(dict(name="", data_dir=None, train_split="train", eval_split="test",
                                              download=False))
   c.optimizer = ml_collections.ConfigDict(dict(

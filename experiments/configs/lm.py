@@ -9,12 +9,22 @@
 `gpt_small` shards params with their logical axes (embed -> fsdp; heads, mlp, vocab -> tensor); on several devices
 add `--config.mesh.tensor=2` (or 4) to also split heads/MLP/vocab, e.g. mesh data=1, fsdp=-1, tensor=2.
 """
+import ml_collections
+
 from experiments.configs.common import pick_variant
 from genjax.tokenizer import padded_vocab_size
 
 
-def _model(c, embed_dim, num_layers, num_heads, mlp_dim, max_len, vocab_multiple=64):
+def _lm_defaults(c, init_from=""):
+  """The fields every lm variant declares besides the architecture: the text fields of `dataset` and
+  `model.init_from`."""
   c.family = "lm"
+  c.dataset.seq_len = 128              # tokens per training window; also the context decoding is limited to
+  c.dataset.tokenizer = ""             # "" = UTF-8 bytes; a Hugging Face model directory = its tokenizer.json
+  c.model.init_from = init_from        # "" = train from scratch; a Hugging Face checkpoint directory = fine-tune it
+
+
+def _model(c, embed_dim, num_layers, num_heads, mlp_dim, max_len, vocab_multiple=64):
   c.model.vocab_size = padded_vocab_size(vocab_multiple)
   c.model.embed_dim = embed_dim
   c.model.num_layers = num_layers
@@ -30,6 +40,7 @@ def _model(c, embed_dim, num_layers, num_heads, mlp_dim, max_len, vocab_multiple
 def pydoc(c):
   # ~0.5M params; ~0.4 CPU-s per step on this 2-core machine, so 600 steps take a few minutes. Measured bits per
   # byte are in the README (the byte-unigram entropy of the corpus is 4.70 bits).
+  _lm_defaults(c)
   _model(c, embed_dim=128, num_layers=2, num_heads=4, mlp_dim=512, max_len=512)
   c.dataset.name = "pydoc"
   c.dataset.seq_len = 128
@@ -55,6 +66,7 @@ def pydoc_draft(c):
 
 
 def tiny_shakespeare(c):
+  _lm_defaults(c)
   _model(c, embed_dim=256, num_layers=6, num_heads=8, mlp_dim=1024, max_len=1024)
   c.dataset.name = "tiny_shakespeare"
   c.dataset.train_split = "train"
@@ -77,6 +89,7 @@ def tiny_shakespeare(c):
 
 def gpt_small(c):
   # 12 x (4·768² attention + 2·768·3072 MLP) + 2·384·768 embeddings ≈ 85.5M params.
+  _lm_defaults(c)
   _model(c, embed_dim=768, num_layers=12, num_heads=12, mlp_dim=3072, max_len=2048, vocab_multiple=128)
   c.dataset.name = "tiny_shakespeare"
   c.dataset.train_split = "train"
@@ -105,8 +118,7 @@ def hf_finetune(c):
   # A Hugging Face checkpoint (GPT-2 / Llama / Mistral / Qwen2, a directory as save_pretrained writes it) fine-tuned
   # on pydoc tokenized with its own tokenizer: --config.model.init_from=DIR (required). The architecture and
   # vocabulary are the checkpoint's; export the result with `python -m experiments.export --workdir=... --out=DIR`.
-  c.family = "lm"
-  c.model.init_from = ""
+  _lm_defaults(c, init_from=ml_collections.FieldReference(None, field_type=str))   # None: must be given
   c.model.remat = "none"               # how it runs may be chosen; the architecture is the checkpoint's
   c.model.attention = "einsum"
   c.dataset.name = "pydoc"

@@ -4,6 +4,11 @@
     src = get_source(config.dataset, "train")
     src[0]  # {"image": float32 [8, 8, 1] in [0, 1], "label": int32}
 
+`config.dataset` fields (declared with their defaults in experiments/configs/common.py: name, data_dir,
+train_split, eval_split, download; in experiments/configs/lm.py for text: seq_len, tokenizer). `get_source` reads
+only the fields its data set needs (data_dir and download for TFDS, seq_len and tokenizer for text) and a missing
+one is a ConfigError naming it.
+
 Image examples are `{"image": float32 [H, W, C] in [0, 1], "label": int32}`; text examples are
 `{"tokens": int32 [seq_len + 1]}` byte ids (non-overlapping windows of a UTF-8 byte stream).
 
@@ -156,36 +161,55 @@ def _tfds_records(info: DatasetInfo, split: str, data_dir: Optional[str], downlo
         f"Offline built-ins: digits, pydoc.") from None
 
 
-def _token_stream(dataset_config: Any, data: bytes):
+def _field(dataset_config: Any, name: str, needed_by: str) -> Any:
+  """`dataset_config.<name>`, or a ConfigError naming the field when the config does not declare it."""
+  if name not in dataset_config:
+    raise ConfigError(f"dataset.{name} is not set; {needed_by} needs it: declare it in the config (text fields in "
+                      f"experiments/configs/lm.py, the others in experiments/configs/common.py)")
+  return dataset_config[name]
+
+
+def _token_stream(dataset_config: Any, data: bytes, needed_by: str):
   """The UTF-8 bytes themselves, or with `dataset.tokenizer=DIR` (a Hugging Face model directory) the int32 ids
   its tokenizer.json makes of the text."""
-  tokenizer_dir = dataset_config.get("tokenizer", "")
+  tokenizer_dir = _field(dataset_config, "tokenizer", needed_by)
   if not tokenizer_dir:
     return data
   from genjax.interop.hf_tokenizer import load_tokenizer
   return load_tokenizer(tokenizer_dir).encode_corpus(data.decode("utf-8", errors="replace"))
 
 
+def _tfds_source(info: DatasetInfo, dataset_config: Any, split: str):
+  needed_by = f"the TFDS data set {info.name!r}"
+  return _tfds_records(info, split, _field(dataset_config, "data_dir", needed_by),
+                       bool(_field(dataset_config, "download", needed_by)))
+
+
+def _text_source(info: DatasetInfo, dataset_config: Any, split: str) -> TextWindows:
+  needed_by = f"the text data set {info.name!r}"
+  seq_len = int(_field(dataset_config, "seq_len", needed_by))
+  if info.name == "pydoc":
+    data = pydoc_bytes()
+    cut = int(len(data) * PYDOC_TRAIN_FRACTION)
+    return TextWindows(_token_stream(dataset_config, data[:cut] if split == "train" else data[cut:], needed_by),
+                       seq_len)
+  records = _tfds_source(info, dataset_config, split)
+  text = "".join(r["text"] if isinstance(r["text"], str) else r["text"].decode("utf-8") for r in records)
+  return TextWindows(_token_stream(dataset_config, text.encode("utf-8"), needed_by), seq_len)
+
+
 def get_source(dataset_config: Any, split: str):
-  """The random-access source for `dataset_config.name` and `split` (see module docstring)."""
-  info = dataset_info(dataset_config.name)
+  """The random-access source for `dataset_config.name` and `split` (see module docstring). `dataset_config` is
+  `config.dataset` (a ConfigDict) or any mapping with the fields its data set needs."""
+  info = dataset_info(_field(dataset_config, "name", "every data set"))
   _check_split(info, split)
-  data_dir = dataset_config.get("data_dir", None)
-  download = bool(dataset_config.get("download", False))
   if info.kind == "text":
-    seq_len = int(dataset_config.get("seq_len", 128))
-    if info.name == "pydoc":
-      data = pydoc_bytes()
-      cut = int(len(data) * PYDOC_TRAIN_FRACTION)
-      return TextWindows(_token_stream(dataset_config, data[:cut] if split == "train" else data[cut:]), seq_len)
-    records = _tfds_records(info, split, data_dir, download)
-    text = "".join(r["text"] if isinstance(r["text"], str) else r["text"].decode("utf-8") for r in records)
-    return TextWindows(_token_stream(dataset_config, text.encode("utf-8")), seq_len)
+    return _text_source(info, dataset_config, split)
   if info.name == "digits":
     images, labels = _digits()
     sl = slice(0, DIGITS_NUM_TRAIN) if split == "train" else slice(DIGITS_NUM_TRAIN, None)
     return ImageSource(_ArrayRecords(images[sl], labels[sl]), scale=1.0)
-  return ImageSource(_tfds_records(info, split, data_dir, download), scale=255.0)
+  return ImageSource(_tfds_source(info, dataset_config, split), scale=255.0)
 
 
 def load_arrays(name: str, split: str, data_dir: Optional[str] = None, max_examples: Optional[int] = None) -> dict:
@@ -193,12 +217,6 @@ def load_arrays(name: str, split: str, data_dir: Optional[str] = None, max_examp
   info = dataset_info(name)
   if info.kind != "image":
     raise UserError(f"load_arrays is for image data sets; {name!r} is {info.kind}")
-  src = get_source(_DatasetConfig(name=name, data_dir=data_dir), split)
+  src = get_source({"name": name, "data_dir": data_dir, "download": False}, split)
   n = len(src) if max_examples is None else min(len(src), max_examples)
   return get_examples(src, np.arange(n))
-
-
-class _DatasetConfig(dict):
-  def __init__(self, **kw):
-    super().__init__(**kw)
-    self.__dict__.update(kw)

@@ -15,8 +15,15 @@ keeps the EMA of the params (`config.ema_decay`). Flow matching (`config.model.s
 sees t * num_timesteps and regresses eps - x0 (`genjax.samplers.flow`); its samplers are "euler" | "heun" |
 "midpoint" (`flow_sample`).
 
-Params: `{"unet": U-Net variables}`; latent diffusion (a config with `model.vae_workdir`) adds the frozen `"vae"` variables and `"latent_scale"` (the
-single phase trains only `params["unet"]`), so a checkpoint is enough to sample and decode.
+Params: `{"unet": U-Net variables}`; latent diffusion (`config.model.space="latent"`, `ddpm.py:latent_digits`)
+adds the frozen `"vae"` variables and `"latent_scale"` (the single phase trains only `params["unet"]`), copied from
+the trained VAE run in `config.model.vae_workdir` when a run starts from scratch (its architecture is the config's
+`model.vae`), so building the task reads nothing from disk and a checkpoint alone samples and decodes
+(`genjax.models.diffusion_space`).
+
+Config: `config.model` is read once into `DiffusionConfig` (`from_config(DiffusionConfig, config.model).check()`):
+every field with its default (experiments/configs/ddpm.py declares the same), bad values a ConfigError naming the
+field, the value and the valid choices.
 
 Editing: `sample_images(params, rng, n, init_image=..., strength=... | inpaint_mask=...)` (img2img / inpainting,
 see `genjax.models.diffusion_editing`).
@@ -39,14 +46,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genjax.dtypes import compute_dtype
 from genjax.errors import ConfigError, UserError
 from genjax.models.diffusion_editing import EDIT_OPTIONS, check_edit_options, edit_images
+from genjax.models.diffusion_space import LatentSource, Space, latent_space, pixel_space
+from genjax.models.fields import from_config
 from genjax.models.unet import UNet
+from genjax.models.vae import VAEConfig
 from genjax.samplers.diffusion import (classifier_free_guidance, ddim_sample, ddpm_sample, dpm_solver_sample,
                                        unipc_sample)
 from genjax.samplers.edm import euler_ancestral_sample, euler_sample, heun_sample
 from genjax.samplers.flow import FLOW_METHODS, FlowSchedule, flow_sample
-from genjax.samplers.schedules import NoiseSchedule, check_prediction
+from genjax.samplers.schedules import PREDICTION_ALIASES, PREDICTIONS, NoiseSchedule, check_prediction
 from genjax.train.optim import make_optimizer
 from genjax.train.random import example_keys
 from genjax.train.task import Phase, Task
@@ -54,38 +65,109 @@ from genjax.train.task import Phase, Task
 SCHEDULES = ("linear", "cosine", "flow")
 SAMPLERS = ("ddpm", "ddim", "dpm_solver", "dpm_solver_3m", "dpm_solver_sde", "unipc", "euler", "heun",
             "euler_ancestral")
+SPACES = ("pixel", "latent")
 SAMPLE_OPTIONS = ("sampler", "num_steps", "eta", "guidance", "label")
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def make_schedule(model_config):
-  """The forward-process schedule named by `config.model.schedule`: "linear" | "cosine" (a `NoiseSchedule`), or
-  "flow" (a `FlowSchedule`, rectified flow with `config.model.flow_shift`)."""
-  kind = model_config.schedule
-  if kind == "flow":
-    return FlowSchedule(shift=float(model_config.get("flow_shift", 1.0)))
-  if kind == "linear":
-    return NoiseSchedule.linear(int(model_config.num_timesteps), float(model_config.beta_start),
-                                float(model_config.beta_end))
-  if kind == "cosine":
-    return NoiseSchedule.cosine(int(model_config.num_timesteps), s=float(model_config.get("cosine_s", 0.008)))
-  raise ConfigError(f"config.model.schedule={kind!r} is not one of {list(SCHEDULES)}")
+def _choice(field: str, value, choices) -> None:
+  if value not in choices:
+    raise ConfigError(f"config.model.{field}={value!r} is not one of {list(choices)}")
 
 
-def compute_dtype(config) -> Any:
-  name = config.get("compute_dtype", "float32")
-  if name not in COMPUTE_DTYPES:
-    raise ConfigError(f"config.compute_dtype={name!r} is not one of {sorted(COMPUTE_DTYPES)}")
-  return COMPUTE_DTYPES[name]
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+  """`config.model` of the diffusion family (experiments/configs/ddpm.py), typed: `from_config(DiffusionConfig,
+  config.model).check()`. `vae` may be given as a config section: it is read into a `VAEConfig`."""
+  ch: int = 64                           # U-Net base width
+  ch_mult: tuple[int, ...] = (1, 2)      # channel multiplier per resolution level
+  num_res_blocks: int = 2
+  attn_resolutions: tuple[int, ...] = (4,)   # spatial sizes with self-attention (the middle block always has it)
+  num_heads: int = 4
+  dropout: float = 0.0
+  norm_groups: int = 32
+  conditional: bool = True               # class-conditional; the null label num_classes is the unconditional model
+  label_dropout: float = 0.1             # P(label -> null label) in training
+  prediction: str = "epsilon"            # "epsilon" | "v" | "x0" (diffusers' aliases too); "velocity" for "flow"
+  schedule: str = "cosine"               # SCHEDULES
+  num_timesteps: int = 1000
+  beta_start: float = 1e-4               # linear schedule only
+  beta_end: float = 0.02                 # linear schedule only
+  cosine_s: float = 0.008                # cosine schedule only
+  flow_shift: float = 1.0                # flow matching only: SD3-style time shift (1 = none)
+  sampler: str = "ddim"                  # default sampler: SAMPLERS (FLOW_METHODS for "flow")
+  num_sample_steps: int = 50
+  eta: float = 0.0
+  guidance: float = 1.0                  # classifier-free guidance scale (1 = the plain conditional model)
+  clip_denoised: bool = True             # pixel space: clip predicted x0 to [-1, 1] while sampling
+  space: str = "pixel"                   # SPACES: "latent" diffuses the latents of the VAE `vae`
+  vae_workdir: str = ""                  # latent: the trained VAE run init copies params from (read only there)
+  latent_scale: float = 0.0              # latent: x0 = latent_scale * encoder mean; 0 = measured at init
+  vae: VAEConfig = dataclasses.field(default_factory=VAEConfig)   # latent: the VAE run's model section
+
+  def __post_init__(self):
+    if not isinstance(self.vae, VAEConfig):  # a config section (from_config keeps nested sections as they are)
+      object.__setattr__(self, "vae", from_config(VAEConfig, self.vae, "config.model.vae"))
+
+  @property
+  def flow(self) -> bool:
+    return self.schedule == "flow"
+
+  def check(self) -> "DiffusionConfig":
+    """Raises ConfigError naming the first bad field, its value and the valid choices; returns self."""
+    _choice("schedule", self.schedule, SCHEDULES)
+    if self.flow and self.prediction != "velocity":
+      raise ConfigError(f"config.model.schedule='flow' trains a velocity model: set config.model.prediction="
+                        f"'velocity', got {self.prediction!r}")
+    if not self.flow:
+      _choice("prediction", self.prediction, PREDICTIONS + tuple(PREDICTION_ALIASES))
+    _choice("sampler", self.sampler, FLOW_METHODS if self.flow else SAMPLERS)
+    _choice("space", self.space, SPACES)
+    for key in ("ch", "num_res_blocks", "num_heads", "norm_groups", "num_timesteps", "num_sample_steps"):
+      if getattr(self, key) < 1:
+        raise ConfigError(f"config.model.{key}={getattr(self, key)!r} must be >= 1")
+    if not self.ch_mult or min(self.ch_mult) < 1:
+      raise ConfigError(f"config.model.ch_mult={self.ch_mult!r} must be a non-empty tuple of multipliers >= 1")
+    for key, low, high in (("dropout", 0.0, 1.0), ("label_dropout", 0.0, 1.0)):
+      if not low <= getattr(self, key) < high:
+        raise ConfigError(f"config.model.{key}={getattr(self, key)!r} must be in [{low}, {high})")
+    for key in ("cosine_s", "flow_shift"):
+      if not getattr(self, key) > 0:
+        raise ConfigError(f"config.model.{key}={getattr(self, key)!r} must be > 0")
+    if not 0 < self.beta_start < self.beta_end < 1:
+      raise ConfigError(f"config.model.beta_start={self.beta_start!r} and beta_end={self.beta_end!r} must satisfy "
+                        "0 < beta_start < beta_end < 1")
+    if not self.latent_scale >= 0:
+      raise ConfigError(f"config.model.latent_scale={self.latent_scale!r} must be >= 0 (0 = measured at init)")
+    if self.space == "latent":
+      if not self.vae_workdir:
+        raise ConfigError("config.model.vae_workdir is empty: space='latent' needs a trained VAE run's workdir "
+                          "(python -m experiments.train --config=experiments/configs/vae.py:digits --workdir=DIR)")
+      self.vae.check()
+    return self
 
 
-def make_unet(model_config, num_classes: int, dtype=jnp.float32) -> UNet:
-  """The U-Net sized by `config.model` (num_classes 0 = unconditional)."""
-  return UNet(ch=int(model_config.ch), ch_mult=tuple(model_config.ch_mult),
-              num_res_blocks=int(model_config.num_res_blocks),
-              attn_resolutions=tuple(model_config.attn_resolutions), num_heads=int(model_config.num_heads),
-              dropout=float(model_config.dropout), norm_groups=int(model_config.norm_groups),
-              num_classes=num_classes, dtype=dtype)
+def model_config(config) -> DiffusionConfig:
+  """`config.model` as a checked DiffusionConfig."""
+  return from_config(DiffusionConfig, config.model).check()
+
+
+def make_schedule(cfg: DiffusionConfig):
+  """The forward-process schedule named by `cfg.schedule`: "linear" | "cosine" (a `NoiseSchedule`), or "flow" (a
+  `FlowSchedule`, rectified flow with `cfg.flow_shift`)."""
+  if cfg.schedule == "flow":
+    return FlowSchedule(shift=cfg.flow_shift)
+  if cfg.schedule == "linear":
+    return NoiseSchedule.linear(cfg.num_timesteps, cfg.beta_start, cfg.beta_end)
+  if cfg.schedule == "cosine":
+    return NoiseSchedule.cosine(cfg.num_timesteps, s=cfg.cosine_s)
+  raise ConfigError(f"config.model.schedule={cfg.schedule!r} is not one of {list(SCHEDULES)}")
+
+
+def make_unet(cfg: DiffusionConfig, num_classes: int, dtype=jnp.float32) -> UNet:
+  """The U-Net sized by `cfg` (num_classes 0 = unconditional)."""
+  return UNet(ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.num_res_blocks,
+              attn_resolutions=cfg.attn_resolutions, num_heads=cfg.num_heads, dropout=cfg.dropout,
+              norm_groups=cfg.norm_groups, num_classes=num_classes, dtype=dtype)
 
 
 # A denoiser as the loss sees it: (x_t [B,...], t int32 [B], label int32 [B] | None, keys [B]) -> prediction,
@@ -143,64 +225,6 @@ def diffusion_loss(apply_fn: ApplyFn, schedule, x0: jax.Array, rng: jax.Array, *
   return loss, {"target_mse": jnp.mean(jnp.square(target))}
 
 
-@dataclasses.dataclass(frozen=True)
-class _Space:
-  """Where diffusion happens: x0 = encode(params, images), images = decode(params, x) in [0, 1]."""
-  shape: tuple[int, ...]                      # one example's x0 shape [h, w, c]
-  encode: Callable[[Any, jax.Array], jax.Array]
-  decode: Callable[[Any, jax.Array], jax.Array]
-  clip: Optional[tuple[float, float]]         # the data range the samplers clip predicted x0 to
-  init_extra: Callable[[], dict]              # frozen params besides "unet"
-
-
-def _pixel_space(image_shape, clip: bool) -> _Space:
-  return _Space(shape=tuple(image_shape), encode=lambda params, img: 2.0 * img - 1.0,
-                decode=lambda params, x: jnp.clip((x + 1.0) / 2.0, 0.0, 1.0),
-                clip=(-1.0, 1.0) if clip else None, init_extra=dict)
-
-
-def _latent_space(config, info) -> _Space:
-  """The latent space of the VAE run in `config.model.vae_workdir`: x0 = latent_scale * encoder mean, [1, 1, d].
-
-  The VAE run is read when the task is built (host side, outside any trace); its variables then live (frozen) in
-  params["vae"] and `latent_scale` (the config value, or for 0: 1 / std of the encoder means over the training
-  split, up to 4,096 images) in params["latent_scale"]. Decoding divides by the scale and runs the VAE decoder.
-  """
-  from genjax.data import load_arrays
-  from genjax.models.vae import vae_model
-  from genjax.train.checkpoint import load_config, load_run
-  workdir = config.model.vae_workdir
-  vae_config = load_config(workdir)
-  if vae_config.get("family") != "vae":
-    raise ConfigError(f"config.model.vae_workdir={workdir!r} is a {vae_config.get('family')!r} run, not a 'vae' run")
-  vae = vae_model(vae_config)
-  if tuple(vae.image_shape) != tuple(info.image_shape):
-    raise UserError(f"the VAE in {workdir!r} models images of shape {tuple(vae.image_shape)}, but data set "
-                     f"{config.dataset.name!r} has {tuple(info.image_shape)}")
-  d = int(vae.latent_dim)
-  _, vae_params = load_run(workdir)
-  vae_params = jax.device_get(vae_params)
-  scale = float(config.model.get("latent_scale", 0.0))
-  if scale <= 0:
-    images = load_arrays(config.dataset.name, config.dataset.get("train_split", "train"),
-                         data_dir=config.dataset.get("data_dir", None), max_examples=4096)["image"]
-    means = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode")[0])(vae_params, images)
-    scale = 1.0 / max(float(jnp.std(means)), 1e-6)
-
-  def encode(params, images):
-    mean, _ = vae.apply({"params": params["vae"]}, images, method="encode")
-    return (params["latent_scale"] * mean).reshape(-1, 1, 1, d)
-
-  def decode(params, x):
-    z = x.reshape(-1, d) / params["latent_scale"]
-    return jnp.clip(vae.apply({"params": params["vae"]}, z, method="decode"), 0.0, 1.0)
-
-  def init_extra():
-    return {"vae": jax.tree.map(jnp.asarray, vae_params), "latent_scale": jnp.asarray(scale, jnp.float32)}
-
-  return _Space(shape=(1, 1, d), encode=encode, decode=decode, clip=None, init_extra=init_extra)
-
-
 def _check_images(images, shape) -> jax.Array:
   images = jnp.asarray(images)
   if images.ndim != 4 or tuple(images.shape[1:]) != tuple(shape):
@@ -241,7 +265,7 @@ def sample_options(options: dict, defaults: dict, num_timesteps: int, num_classe
   return dict(sampler=o["sampler"], num_steps=int(n), eta=eta, guidance=guidance, label=label)
 
 
-def _sample_fn(unet: UNet, schedule, space: _Space, defaults: dict, prediction: str,
+def _sample_fn(unet: UNet, schedule, space: Space, defaults: dict, prediction: str,
                num_classes: int, max_steps: int, flow_time_scale: float):
   """`sample_images(params, rng, n, **options) -> [n, H, W, C]` in [0, 1] (see module docstring)."""
   flow = isinstance(schedule, FlowSchedule)
@@ -309,33 +333,28 @@ def _sample_fn(unet: UNet, schedule, space: _Space, defaults: dict, prediction: 
 
 
 def task(config) -> Task:
-  """The diffusion Task for `config` (see experiments/configs/ddpm.py for the fields)."""
+  """The diffusion Task for `config` (see experiments/configs/ddpm.py for the fields); reads nothing from disk."""
   from genjax.data import dataset_info
-  m = config.model
+  cfg = model_config(config)
   info = dataset_info(config.dataset.name)
   if info.kind != "image":
     raise ConfigError(f"the diffusion family needs an image data set; {config.dataset.name!r} is {info.kind}")
-  flow = m.schedule == "flow"  # flow matching: the U-Net predicts the velocity eps - x0 at t * num_timesteps
-  if flow and m.prediction != "velocity":
-    raise ConfigError(f"config.model.schedule='flow' trains a velocity model: set config.model.prediction="
-                     f"'velocity', got {m.prediction!r}")
-  prediction = "velocity" if flow else check_prediction(m.prediction)
-  schedule = make_schedule(m)
-  flow_time_scale = float(m.num_timesteps)
-  num_classes = int(info.num_classes or 0) if m.conditional else 0
-  if m.conditional and num_classes == 0:
+  flow = cfg.flow  # flow matching: the U-Net predicts the velocity eps - x0 at t * num_timesteps
+  prediction = "velocity" if flow else check_prediction(cfg.prediction)
+  schedule = make_schedule(cfg)
+  flow_time_scale = float(cfg.num_timesteps)
+  num_classes = int(info.num_classes or 0) if cfg.conditional else 0
+  if cfg.conditional and num_classes == 0:
     raise ConfigError(f"config.model.conditional=True but data set {config.dataset.name!r} has no labels")
-  if "vae_workdir" in m:  # latent diffusion
-    if not m.vae_workdir:
-      raise ConfigError("config.model.vae_workdir is empty: latent diffusion needs a trained VAE run's workdir "
-                       "(python -m experiments.train --config=experiments/configs/vae.py:digits --workdir=DIR)")
-    space = _latent_space(config, info)
+  dtype = compute_dtype(config.compute_dtype)
+  if cfg.space == "latent":
+    source = LatentSource(cfg.vae_workdir, cfg.latent_scale, config.dataset.name, config.dataset.train_split,
+                          config.dataset.data_dir)
+    space = latent_space(cfg.vae, info.image_shape, dtype, source)
   else:
-    space = _pixel_space(info.image_shape, bool(m.clip_denoised))
-  unet = make_unet(m, num_classes, compute_dtype(config))
-  label_dropout = float(m.label_dropout) if num_classes else 0.0
-  if not 0.0 <= label_dropout < 1.0:
-    raise ConfigError(f"config.model.label_dropout must be in [0, 1), got {label_dropout}")
+    space = pixel_space(info.image_shape, cfg.clip_denoised)
+  unet = make_unet(cfg, num_classes, dtype)
+  label_dropout = cfg.label_dropout if num_classes else 0.0
 
   def init(rng, example_batch):
     del example_batch  # shapes come from the data set's info
@@ -369,9 +388,9 @@ def task(config) -> Task:
     loss, metrics = objective(params, batch, rng, train=False)
     return {"loss": loss, **metrics}
 
-  defaults = dict(sampler=m.sampler, num_steps=int(m.num_sample_steps), eta=float(m.eta),
-                  guidance=float(m.guidance), label=None)
-  max_steps = int(m.num_timesteps)
+  defaults = dict(sampler=cfg.sampler, num_steps=cfg.num_sample_steps, eta=cfg.eta, guidance=cfg.guidance,
+                  label=None)
+  max_steps = cfg.num_timesteps
   sample_images = _sample_fn(unet, schedule, space, defaults, prediction, num_classes, max_steps, flow_time_scale)
   sample_options(defaults, defaults, max_steps, num_classes,  # a bad config default fails here
                  samplers=FLOW_METHODS if flow else SAMPLERS)

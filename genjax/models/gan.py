@@ -1,4 +1,5 @@
-"""DCGAN family: generator, (projection) discriminator, GAN losses, R1 / WGAN-GP penalties, sampling helpers.
+"""DCGAN family: generator, (projection) discriminator, GAN losses, R1 / WGAN-GP penalties, sampling helpers
+(latents and interpolation: `genjax.models.gan_latents`).
 
 Trains through the shared loop as two phases, discriminator then generator, each owning one params sub-tree and
 its own optimizer (`config.disc_optimizer` for "disc", `config.optimizer` for "gen"):
@@ -7,11 +8,13 @@ its own optimizer (`config.disc_optimizer` for "disc", `config.optimizer` for "g
     images = task.sample_images(ema_params, rng, 16, truncation=0.7, label=3)
     grid = genjax.models.gan.build(config).interpolation_grid(ema_params, rng, rows=10, cols=8)
     grid, cols = genjax.models.gan.interpolation_images(config, ema_params, rng)   # what sample.py uses
+    gan = GAN(gan_config(config), image_shape=(8, 8, 1), num_classes=10, dtype="bfloat16")   # without the data set
 
-`config.model` fields: latent_dim; gen_channels (lowest resolution first; the generator doubles the resolution
-len-1 times, so H and W must be divisible by 2**(len-1)); disc_channels (a 3x3 conv at full resolution, then one
-stride-2 conv per further entry); disc_features (width of the discriminator's feature vector phi(x));
-conditional (label embedding in G, projection discriminator D(x, y) = w.phi(x) + b + embed(y).phi(x));
+`config.model` is read once into the frozen `GANConfig` (`gan_config(config)`; every field is declared with its
+default there and in experiments/configs/gan.py): latent_dim; gen_channels (lowest resolution first; the generator
+doubles the resolution len-1 times, so H and W must be divisible by 2**(len-1)); disc_channels (a 3x3 conv at full
+resolution, then one stride-2 conv per further entry); disc_features (width of the discriminator's feature vector
+phi(x)); conditional (label embedding in G, projection discriminator D(x, y) = w.phi(x) + b + embed(y).phi(x));
 loss in LOSSES; r1_gamma (0 = off) and r1_interval (lazy R1: applied every r1_interval steps, scaled by it);
 gp_weight (WGAN-GP only).
 
@@ -23,6 +26,7 @@ disc/fake_acc, disc/real_logit, disc/fake_logit, disc/r1, disc/gp; gen/fool_rate
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Sequence
 
@@ -31,14 +35,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genjax.dtypes import compute_dtype
+from genjax.errors import ConfigError, UserError
+from genjax.models.fields import from_config
+from genjax.models.gan_latents import check_truncation, draw_latent, sample_latents, slerp  # noqa: F401
 from genjax.train.optim import make_optimizer
 from genjax.train.random import per_example
 from genjax.train.task import Phase, Task
-from genjax.errors import ConfigError, UserError
 
 LOSSES = ("non_saturating", "hinge", "wgan_gp")
 SAMPLE_OPTIONS = ("truncation", "label")
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class Generator(nn.Module):
@@ -137,77 +143,64 @@ def gradient_penalty(disc_fn, x_real, x_fake, u):
   return jnp.mean(jnp.square(norm - 1.0))
 
 
-# ---------------------------------------------------------------------------------------------------- latents
-def _check_truncation(truncation):
-  """Python-side check of a user's truncation (None or a float >= 0); traced values pass unchecked."""
-  if truncation is None or isinstance(truncation, jax.core.Tracer):
-    return
-  if not float(truncation) >= 0.0:
-    raise UserError(f"truncation={truncation!r} must be None or a float >= 0")
-
-
-def draw_latent(key, latent_dim: int, truncation=None):
-  """One latent [latent_dim]: N(0, I), or with `truncation` t each coordinate from N(0, 1) restricted to [-t, t]
-  (t = 0 gives z = 0, the mode). Smaller t trades variety for fidelity. t may be traced (no recompile per t)."""
-  _check_truncation(truncation)
-  if truncation is None:
-    return jax.random.normal(key, (latent_dim,), jnp.float32)
-  t = jnp.asarray(truncation, jnp.float32)
-  bound = jnp.maximum(t, 1e-6)                 # truncated_normal needs lower < upper; t = 0 is the where below
-  z = jax.random.truncated_normal(key, -bound, bound, (latent_dim,), jnp.float32)
-  return jnp.where(t > 0, z, jnp.zeros_like(z))
-
-
-def sample_latents(rng, n: int, latent_dim: int, truncation=None):
-  """[n, latent_dim] latents, row i from fold_in(rng, i): a row does not depend on how many are drawn."""
-  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.arange(n, dtype=jnp.int32))
-  return jax.vmap(lambda k: draw_latent(k, latent_dim, truncation))(keys)
-
-
-def slerp(z0, z1, t):
-  """Spherical interpolation between latents z0, z1 [..., d] at fractions t [...] (linear when nearly parallel)."""
-  t = jnp.asarray(t, jnp.float32)[..., None]
-  n0, n1 = jnp.linalg.norm(z0, axis=-1, keepdims=True), jnp.linalg.norm(z1, axis=-1, keepdims=True)
-  cos = jnp.clip(jnp.sum(z0 * z1, -1, keepdims=True) / jnp.maximum(n0 * n1, 1e-12), -1.0, 1.0)
-  omega = jnp.arccos(cos)
-  so = jnp.sin(omega)
-  safe = so > 1e-6
-  so_safe = jnp.where(safe, so, 1.0)
-  a = jnp.where(safe, jnp.sin((1.0 - t) * omega) / so_safe, 1.0 - t)
-  b = jnp.where(safe, jnp.sin(t * omega) / so_safe, t)
-  return a * z0 + b * z1
-
-
 # ---------------------------------------------------------------------------------------------------- the family
+@dataclasses.dataclass(frozen=True)
+class GANConfig:
+  """`config.model` of the GAN family (experiments/configs/gan.py), typed: `from_config(GANConfig, config.model)`."""
+  latent_dim: int = 64
+  gen_channels: tuple[int, ...] = (128, 64)   # lowest resolution first; x2 upsampling between entries
+  disc_channels: tuple[int, ...] = (32, 64)   # full resolution first; a stride-2 conv for every further entry
+  disc_features: int = 128                    # width of the discriminator's feature vector phi(x)
+  conditional: bool = False                   # label embedding in G, projection discriminator
+  loss: str = "non_saturating"                # LOSSES
+  r1_gamma: float = 0.0                       # 0 = no R1
+  r1_interval: int = 1                        # lazy R1: every r1_interval steps, scaled by it
+  gp_weight: float = 10.0                     # WGAN-GP only
+
+  def check(self, image_shape: tuple | None = None, num_classes: int | None = None) -> "GANConfig":
+    """Raises ConfigError naming the first bad field; with the data set's `image_shape` (H, W, C) and
+    `num_classes`, also that the generator can make that size and that a conditional model has labels."""
+    _check_loss(self.loss)
+    for key in ("latent_dim", "disc_features", "r1_interval"):
+      if getattr(self, key) < 1:
+        raise ConfigError(f"model.{key}={getattr(self, key)!r} must be >= 1")
+    for key in ("gen_channels", "disc_channels"):
+      widths = getattr(self, key)
+      if not widths or not all(w >= 1 for w in widths):
+        raise ConfigError(f"model.{key}={widths!r} must be a non-empty tuple of positive widths")
+    if not self.r1_gamma >= 0 or not self.gp_weight >= 0:
+      raise ConfigError(f"model.r1_gamma={self.r1_gamma!r} and model.gp_weight={self.gp_weight!r} must be >= 0")
+    if image_shape is not None:
+      scale, (h, w, _) = 2 ** (len(self.gen_channels) - 1), image_shape
+      if h % scale or w % scale:
+        raise ConfigError(f"model.gen_channels={self.gen_channels} upsamples x{scale}, which must divide the "
+                          f"image size {h}x{w}; use fewer entries")
+    if num_classes is not None and self.conditional and num_classes < 2:
+      raise ConfigError(f"model.conditional needs a labelled dataset, got num_classes={num_classes}")
+    return self
+
+
+def gan_config(config) -> GANConfig:
+  """The typed, checked `config.model` of a whole GAN config (data-dependent checks happen in `GAN`)."""
+  return from_config(GANConfig, config.model).check()
+
+
 class GAN:
   """The modules and pure functions of one GAN config; `task()` wraps them for the loop."""
 
-  def __init__(self, model_cfg, image_shape, num_classes: int, compute_dtype: str = "float32"):
-    if compute_dtype not in COMPUTE_DTYPES:
-      raise ConfigError(f"compute_dtype={compute_dtype!r} is not one of {sorted(COMPUTE_DTYPES)}")
-    m = model_cfg
-    _check_loss(m.loss)
+  def __init__(self, cfg: GANConfig, image_shape, num_classes: int, dtype: str = "float32"):
+    if not isinstance(cfg, GANConfig):
+      raise TypeError(f"GAN needs a GANConfig (gan_config(config)), got {type(cfg).__name__}")
     self.image_shape = tuple(int(s) for s in image_shape)
     if len(self.image_shape) != 3:
       raise UserError(f"image_shape must be (H, W, C), got {image_shape!r}")
-    scale = 2 ** (len(m.gen_channels) - 1)
-    h, w, _ = self.image_shape
-    if not m.gen_channels or h % scale or w % scale:
-      raise ConfigError(f"model.gen_channels={tuple(m.gen_channels)} upsamples x{scale}, which must divide the "
-                       f"image size {h}x{w}; use fewer entries")
-    if not m.disc_channels:
-      raise ConfigError("model.disc_channels must name at least one width")
-    self.r1_interval = int(m.r1_interval)
-    if self.r1_interval < 1:
-      raise ConfigError(f"model.r1_interval={self.r1_interval} must be >= 1")
-    self.loss, self.latent_dim = m.loss, int(m.latent_dim)
-    self.r1_gamma, self.gp_weight = float(m.r1_gamma), float(m.gp_weight)
-    self.num_classes = int(num_classes) if m.conditional else 0
-    if m.conditional and self.num_classes < 2:
-      raise ConfigError(f"model.conditional needs a labelled dataset, got num_classes={num_classes}")
-    dtype = COMPUTE_DTYPES[compute_dtype]
-    self.gen = Generator(self.image_shape, tuple(m.gen_channels), self.num_classes, dtype)
-    self.disc = Discriminator(tuple(m.disc_channels), int(m.disc_features), self.num_classes, dtype)
+    self.cfg = cfg.check(self.image_shape, int(num_classes))
+    self.loss, self.latent_dim, self.r1_interval = cfg.loss, cfg.latent_dim, cfg.r1_interval
+    self.r1_gamma, self.gp_weight = cfg.r1_gamma, cfg.gp_weight
+    self.num_classes = int(num_classes) if cfg.conditional else 0
+    act = compute_dtype(dtype)
+    self.gen = Generator(self.image_shape, cfg.gen_channels, self.num_classes, act)
+    self.disc = Discriminator(cfg.disc_channels, cfg.disc_features, self.num_classes, act)
     self._sample = jax.jit(self._sample_impl, static_argnames=("n",))
     self._grid = jax.jit(self._grid_impl, static_argnames=("rows", "cols"))
 
@@ -319,14 +312,13 @@ class GAN:
       raise UserError(f"label values must be in [0, {self.num_classes}), got {sorted(set(values.tolist()))}")
     return lab.astype(jnp.int32)
 
-  def sample_images(self, params, rng, n: int, **options):
-    """n images [n, H, W, C] in [0, 1] from params['gen']; options: truncation (float >= 0 or None),
-    label (int or [n] ints; conditional models only — default cycles 0, 1, ..., num_classes-1)."""
-    unknown = sorted(set(options) - set(SAMPLE_OPTIONS))
+  def sample_images(self, params, rng, n: int, truncation=None, label=None, **unknown):
+    """n images [n, H, W, C] in [0, 1] from params['gen']; options (SAMPLE_OPTIONS): truncation (float >= 0 or
+    None), label (int or [n] ints; conditional models only — default cycles 0, 1, ..., num_classes-1)."""
     if unknown:
-      raise UserError(f"unknown sample option(s) {unknown} for the GAN family; valid: {list(SAMPLE_OPTIONS)}")
-    label, truncation = self._resolve_labels(options.get("label"), int(n)), options.get("truncation")
-    _check_truncation(truncation)
+      raise UserError(f"unknown sample option(s) {sorted(unknown)} for the GAN family; valid: {list(SAMPLE_OPTIONS)}")
+    label = self._resolve_labels(label, int(n))
+    check_truncation(truncation)
     return self._sample(params["gen"], rng, label, truncation, n=int(n))
 
   def _sample_impl(self, gen_params, rng, label, truncation, n):
@@ -337,7 +329,7 @@ class GAN:
     all with the same label per row (conditional: `label` int/[rows], default the classes in turn)."""
     if rows < 1 or cols < 2:
       raise UserError(f"interpolation_grid needs rows >= 1 and cols >= 2, got rows={rows}, cols={cols}")
-    _check_truncation(truncation)
+    check_truncation(truncation)
     return self._grid(params["gen"], rng, self._resolve_labels(label, rows), truncation, rows=int(rows),
                       cols=int(cols))
 
@@ -353,7 +345,7 @@ class GAN:
 
 def make_task(config, image_shape, num_classes: int) -> Task:
   """The GAN Task for a config and a known data shape (tests use this; `task` reads the shape from the dataset)."""
-  gan = GAN(config.model, image_shape, num_classes, config.compute_dtype)
+  gan = GAN(gan_config(config), image_shape, num_classes, config.compute_dtype)
   steps = int(config.num_train_steps)
   disc_opt_cfg = config.disc_optimizer
   return Task(
@@ -375,7 +367,7 @@ def _image_info(config):
 def build(config) -> GAN:
   """The GAN object (modules, losses, interpolation_grid) for a config, shaped by its dataset."""
   info = _image_info(config)
-  return GAN(config.model, info.image_shape, info.num_classes, config.compute_dtype)
+  return GAN(gan_config(config), info.image_shape, info.num_classes, config.compute_dtype)
 
 
 def interpolation_images(config, params, rng, rows: int | None = None, cols: int = 8, truncation=None, label=None):

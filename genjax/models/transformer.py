@@ -35,9 +35,11 @@ import numpy as np
 import optax
 
 from genjax import tokenizer as tok_lib
-from genjax.errors import UserError
-from genjax.models.lm_layers import (DTYPES, PARAM_DTYPES, LMConfig, TransformerLM, init_cache,  # noqa: F401
-                                     rope, stack_layers, unstack_layers)
+from genjax.dtypes import compute_dtype
+from genjax.errors import ConfigError, UserError
+from genjax.models.fields import from_config
+from genjax.models.lm_layers import (LMConfig, TransformerLM, init_cache, rope, stack_layers,  # noqa: F401
+                                     unstack_layers)
 from genjax.samplers.decoding import DecodingModel, beam_search, generate
 from genjax.train.optim import make_optimizer
 from genjax.train.task import Phase, Task
@@ -47,19 +49,32 @@ SAMPLE_OPTIONS = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 0, "top_p"
                   "min_p": 0.0, "stop": (), "allow_longer_context": None}
 
 
+# LMConfig fields a config does not set: they follow config.compute_dtype, config.dataset.seq_len and float32
+# training params.
+DERIVED_FIELDS = ("dtype", "context_len", "param_dtype")
+
+
+def _declared(section, key: str, where: str):
+  """`section.<key>`, or a ConfigError naming the field when the config does not declare it."""
+  if key not in section:
+    raise ConfigError(f"{where}.{key} is not set; the lm family needs it: declare it in the config "
+                      f"(experiments/configs/lm.py declares every lm field)")
+  return section[key]
+
+
 def lm_config(config) -> LMConfig:
-  """LMConfig from `config.model.*` (missing fields keep their defaults), `config.compute_dtype` and the trained
-  context `config.dataset.seq_len` (decoding's default length limit). With `config.model.init_from=DIR` (a Hugging
-  Face checkpoint directory) the architecture is the checkpoint's (`genjax.interop.hf.read_config`)."""
-  fields = {f.name for f in dataclasses.fields(LMConfig)} - {"dtype", "context_len", "param_dtype"}
-  model = dict(config.model) if "model" in config else {}
-  init_from = model.pop("init_from", None)
-  if init_from is not None and not init_from:
-    raise UserError("config.model.init_from is empty: give the Hugging Face checkpoint directory to fine-tune, "
-                    "--config.model.init_from=DIR")
-  dtype = config.get("compute_dtype", "float32")
-  if dtype not in DTYPES:
-    raise UserError(f"compute_dtype={dtype!r} is not one of {sorted(DTYPES)}")
+  """LMConfig from `config.model.*` (fields it does not set keep LMConfig's defaults), `config.compute_dtype` and
+  the trained context `config.dataset.seq_len` (decoding's default length limit). `config.model.init_from` is ""
+  (train from scratch) or a Hugging Face checkpoint directory, whose architecture is then the model's
+  (`genjax.interop.hf.read_config`)."""
+  dtype = config.compute_dtype
+  compute_dtype(dtype)                                     # ConfigError naming the value and the valid names
+  model = dict(config.model)
+  init_from = _declared(config.model, "init_from", "config.model")
+  del model["init_from"]
+  if init_from is None:                                    # hf_finetune's default: the checkpoint must be given
+    raise ConfigError("config.model.init_from is not set: give the Hugging Face checkpoint directory to fine-tune, "
+                      "--config.model.init_from=DIR")
   if init_from:
     from genjax.interop import hf     # the checkpoint's own architecture; params stay float32 for training
     run = {k: model.pop(k) for k in ("remat", "attention") if k in model}     # how it runs may be chosen
@@ -69,15 +84,16 @@ def lm_config(config) -> LMConfig:
       raise UserError(f"config.model fields {sorted(extra)} contradict the checkpoint model.init_from={init_from!r}"
                       f"; remove them (the architecture is the checkpoint's)")
     return cfg.check()
+  fields = {f.name for f in dataclasses.fields(LMConfig)} - set(DERIVED_FIELDS)
   unknown = set(model) - fields
   if unknown:
-    raise UserError(f"unknown config.model fields {sorted(unknown)}; valid: {sorted(fields | {'init_from'})}")
-  seq_len = config.dataset.get("seq_len", 0) if "dataset" in config else 0
-  cfg = LMConfig(**model, dtype=dtype)
+    raise ConfigError(f"unknown config.model fields {sorted(unknown)}; valid: {sorted(fields | {'init_from'})}")
+  seq_len = int(_declared(config.dataset, "seq_len", "config.dataset"))
+  cfg = from_config(LMConfig, {**model, "dtype": dtype})
   try:
-    return dataclasses.replace(cfg, context_len=min(int(seq_len or 0), cfg.max_len)).check()
+    return dataclasses.replace(cfg, context_len=min(seq_len, cfg.max_len)).check()
   except ValueError as e:
-    raise UserError(str(e)) from None
+    raise ConfigError(str(e)) from None
 
 
 @functools.lru_cache(maxsize=None)
@@ -177,7 +193,7 @@ def task(config) -> Task:
   start from that Hugging Face checkpoint and `sample_text` uses its tokenizer."""
   cfg = lm_config(config)
   module = TransformerLM(cfg)
-  init_from = config.model.get("init_from", "") if "model" in config else ""
+  init_from = config.model.init_from       # lm_config checked it: "" or a checkpoint directory
   tokenizer = None
   if init_from:       # fine-tuning a Hugging Face checkpoint: its weights, its tokenizer
     from genjax.interop import hf

@@ -6,7 +6,7 @@ temperature, top-k, top-p, min-p and penalties; stop sequences; log-probs; n sam
         tokens, positions: int32 [B, T]; logits: float [B, T, V]. Writes the keys/values of the T tokens into
         cache slot == position and lets the query at position q attend to slots <= q only (so stale slots beyond
         a row's position are never read). Called once with the padded prompts (T = prompt width), then with T = 1
-        (generate feeds every chosen token, the last one included: one spare step per call).
+        (generate feeds every chosen token but the last; beam_search feeds the last too).
     init_cache(batch_size, cache_len) -> cache      a pytree whose every leaf has the batch on axis 0
     max_len: int | None                             the longest context the model supports (None: no limit)
 
@@ -142,14 +142,11 @@ def _generate_impl(model, max_new_tokens, cache_len, n, sample, penalize, params
   else:
     recent = jnp.zeros((batch, 0), jnp.int32)
 
-  # One loop iteration: choose token t of every row from `logits`, then feed it at position lengths + t to get
-  # the logits for token t + 1 (the choice code is traced once; the last feed is one spare model step).
-  def cond(state):
-    t, done = state[0], state[4]
-    return (t < max_new_tokens) & ~jnp.all(done)
-
-  def body(state):
-    t, out, out_logp, logits, done, n_out, stop_index, seen, counts, recent, cache = state
+  # choose(t, logits, carry): token t of every row from the logits of its previous position, with its
+  # bookkeeping. It runs once on the prefill logits, then once per loop iteration after feeding token t - 1 (so
+  # the loop carries one token per row, not the logits, and never runs a model step whose output is unused).
+  def choose(t, logits, carry):
+    out, out_logp, done, n_out, stop_index, seen, counts, recent = carry
     chosen = logits
     if penalize:
       chosen = apply_penalties(logits, seen, counts, s["repetition_penalty"], s["presence_penalty"],
@@ -158,9 +155,14 @@ def _generate_impl(model, max_new_tokens, cache_len, n, sample, penalize, params
       step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, t)
       tok = choose_tokens(chosen, step_keys, s["temperature"], s["top_k"], s["top_p"], s["min_p"],
                           s["min_tokens_to_keep"])
-    else:
+      logp = jnp.take_along_axis(logits, tok[:, None], axis=1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
+    elif penalize:
       tok = jnp.argmax(chosen, axis=-1).astype(jnp.int32)
-    logp = jnp.take_along_axis(logits, tok[:, None], axis=1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
+      logp = jnp.take_along_axis(logits, tok[:, None], axis=1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
+    else:                                        # the argmax's own logit is the max: log p = -log sum exp(l - max)
+      tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+      top = jnp.max(logits, axis=-1, keepdims=True)
+      logp = -jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))
     tok = jnp.where(done, pad_id, tok)
     out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, t))
     out_logp = jax.lax.dynamic_update_slice(out_logp, jnp.where(done, 0.0, logp)[:, None], (0, t))
@@ -175,16 +177,25 @@ def _generate_impl(model, max_new_tokens, cache_len, n, sample, penalize, params
       stopped = stopped & ~done
       stop_index = jnp.where(stopped, which, stop_index)
     done = done | (tok == eos_id) | stopped
-    pos = jnp.minimum(lengths + t, cache_len - 1)
+    return tok, (out, out_logp, done, n_out, stop_index, seen, counts, recent)
+
+  def cond(state):
+    t, done = state[0], state[2][2]
+    return (t < max_new_tokens) & ~jnp.all(done)
+
+  def body(state):
+    t, tok, carry, cache = state
+    pos = jnp.minimum(lengths + t - 1, cache_len - 1)
     logits, cache = model.step_fn(params, tok[:, None], pos[:, None], cache)
-    return (t + 1, out, out_logp, logits[:, 0].astype(jnp.float32), done, n_out, stop_index, seen, counts, recent,
-            cache)
+    tok, carry = choose(t, logits[:, 0].astype(jnp.float32), carry)
+    return t + 1, tok, carry, cache
 
   zeros = jnp.zeros((batch,), jnp.int32)
-  state = (jnp.int32(0), jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
-           jnp.zeros((batch, max_new_tokens), jnp.float32), logits, jnp.zeros((batch,), bool), zeros, zeros - 1,
-           seen, counts, recent, cache)
-  _, out, out_logp, _, _, n_out, stop_index, *_ = jax.lax.while_loop(cond, body, state)
+  carry = (jnp.full((batch, max_new_tokens), pad_id, jnp.int32), jnp.zeros((batch, max_new_tokens), jnp.float32),
+           jnp.zeros((batch,), bool), zeros, zeros - 1, seen, counts, recent)
+  tok, carry = choose(jnp.int32(0), logits, carry)
+  _, _, carry, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, carry, cache))
+  out, out_logp, _, n_out, stop_index, *_ = carry
   if n > 1:
     split = lambda x: x.reshape((batch // n, n) + x.shape[1:])
     return GenerateOutput(split(out), split(n_out), split(out_logp), split(stop_index))

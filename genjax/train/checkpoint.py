@@ -27,7 +27,6 @@ What survives what:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -35,19 +34,18 @@ from typing import Any, Optional
 
 import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
 from genjax.errors import CheckpointError, WorkdirError
+from genjax.train.checksums import CHECKSUM_ALGORITHM, array_checksums, json_sha256, leaves_by_path
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "damaged_checkpoints"
 INTEGRITY_KEY = "integrity"
-CHECKSUM_ALGORITHM = "uint32-sum+fmix32-sum/v1"
 
 
 class CheckpointSaveError(RuntimeError):
@@ -92,61 +90,6 @@ def state_to_tree(state: Any) -> Any:
 
 def tree_to_state(target: Any, tree: Any) -> Any:
   return flax.serialization.from_state_dict(target, tree)
-
-
-# ---- integrity ------------------------------------------------------------------------------------------------
-
-def _path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-
-
-def _leaves(tree: Any, is_leaf=None) -> dict:
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
-  return {_path_str(p): leaf for p, leaf in flat}
-
-
-def _raw_bits(x: jax.Array) -> jax.Array:
-  """The array's bit patterns as uint32 (64-bit values become two words on a new last axis)."""
-  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-    x = jax.random.key_data(x)
-  if x.dtype == jnp.bool_:
-    return x.astype(jnp.uint32)
-  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
-  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
-
-
-def _fmix32(h: jax.Array) -> jax.Array:
-  """MurmurHash3's 32-bit finaliser: a bijection of uint32 that scatters every input bit over the output."""
-  for shift, mult in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
-    h = (h ^ (h >> shift)) * jnp.uint32(mult)
-  return h ^ (h >> 16)
-
-
-def _array_checksum(x: jax.Array) -> jax.Array:
-  """[Σ bits, Σ fmix32(bits ^ fmix32(flat index))] mod 2**32. Exact integer arithmetic, so the result does not
-  depend on sharding or reduction order; a changed element always changes the second sum (fmix32 is a bijection)
-  and several changes or a reordering cancel only by a 2**-32 coincidence. Elementwise + reduce only, so a
-  sharded array is never gathered."""
-  u = _raw_bits(jnp.asarray(x))
-  index, stride = jnp.zeros(u.shape, jnp.uint32), 1
-  for d in reversed(range(u.ndim)):
-    index = index + jax.lax.broadcasted_iota(jnp.uint32, u.shape, d) * jnp.uint32(stride % 2**32)
-    stride *= u.shape[d]
-  mixed = _fmix32(u ^ _fmix32(index))
-  return jnp.stack([jnp.sum(u, dtype=jnp.uint32), jnp.sum(mixed, dtype=jnp.uint32)])
-
-
-_checksums_jit = jax.jit(lambda tree: jax.tree.map(_array_checksum, tree))
-
-
-def array_checksums(tree: Any) -> dict[str, list[int]]:
-  """{"params/enc_0/kernel": [s1, s2], ...} for every array leaf of `tree` (see `_array_checksum`)."""
-  sums = jax.device_get(_checksums_jit(tree))
-  return {k: [int(v) for v in np.asarray(s)] for k, s in _leaves(sums).items()}
-
-
-def _json_sha256(obj: Any) -> str:
-  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 def _first_line(e: BaseException) -> str:
@@ -210,7 +153,7 @@ class Checkpointer:
       return
     tree = state_to_tree(state)
     integrity = {"algorithm": CHECKSUM_ALGORITHM, "arrays": array_checksums(tree),
-                 "data_sha256": _json_sha256(data_state)}
+                 "data_sha256": json_sha256(data_state)}
     try:
       self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(tree), data=ocp.args.JsonSave(data_state),
@@ -266,7 +209,7 @@ class Checkpointer:
             f"{key}={want!r}; use another --workdir (or the config that wrote it)")
     if target is None:
       return
-    want = {k: v for k, v in _leaves(target).items() if hasattr(v, "shape")}
+    want = {k: v for k, v in leaves_by_path(target).items() if hasattr(v, "shape")}
     problems = [f"{k} is missing from the checkpoint" for k in want if k not in saved]
     problems += [f"the checkpoint has {k}, this config does not" for k in saved if k not in want]
     problems += [f"{k} is {_describe(saved[k].shape, saved[k].dtype)} in the checkpoint but "
@@ -293,7 +236,7 @@ class Checkpointer:
     if bad:
       raise CheckpointUnreadableError(f"arrays of step {step} fail their checksums: {bad[:3]}"
                                       f"{f' (+{len(bad) - 3} more)' if len(bad) > 3 else ''}")
-    if integrity.get("data_sha256") not in (None, _json_sha256(data)):
+    if integrity.get("data_sha256") not in (None, json_sha256(data)):
       raise CheckpointUnreadableError(f"the data-iterator position of step {step} fails its checksum")
 
   def restore(self, step: int, abstract_state: Optional[Any] = None,
@@ -308,7 +251,7 @@ class Checkpointer:
     meta = self._read_meta(step)
     array_meta = self.array_metadata(step)
     target = state_to_tree(abstract_state) if abstract_state is not None else None
-    self._check_fits(step, meta, _leaves(array_meta, is_leaf=_is_array_meta), target, expect_meta)
+    self._check_fits(step, meta, leaves_by_path(array_meta, is_leaf=_is_array_meta), target, expect_meta)
     if target is None:
       target = _rebuild(array_meta, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
     out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),

@@ -62,20 +62,15 @@ def _micro_batches(batch: dict, k: int) -> dict:
   return jax.tree.map(split, batch)
 
 
-def _loss_and_grads(loss_of, sub, batch, k: int):
-  grad_fn = jax.value_and_grad(loss_of, has_aux=True)
-  if k == 1:
-    (loss, aux), grads = grad_fn(sub, batch)
-    return loss, aux, grads
-
+def _accumulated(grad_fn, sub, batch, k: int):
+  """((loss, aux), grads) averaged over k micro-batches, one at a time (a scan: activations of one in memory)."""
   def body(carry, micro):
-    (loss, aux), grads = grad_fn(sub, micro)
-    return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+    return jax.tree.map(jnp.add, carry, grad_fn(sub, micro)), None
 
-  first = jax.tree.map(lambda x: x[0], _micro_batches(batch, k))
+  micro = _micro_batches(batch, k)
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                       jax.eval_shape(lambda: (lambda r: (r[0][0], r[0][1], r[1]))(grad_fn(sub, first))))
-  total, _ = jax.lax.scan(body, zeros, _micro_batches(batch, k))
+                       jax.eval_shape(grad_fn, sub, jax.tree.map(lambda x: x[0], micro)))
+  total, _ = jax.lax.scan(body, zeros, micro)
   return jax.tree.map(lambda x: x / k, total)
 
 
@@ -100,7 +95,9 @@ def make_train_step(task: Task, *, ema_decay: float, grad_accum_steps: int = 1, 
       def loss_of(sub, b, params=params, phase=phase, phase_rng=phase_rng):
         return phase.loss_fn(merge(params, phase.params_key, sub), b, phase_rng, state.step)
 
-      loss, aux, grads = _loss_and_grads(loss_of, sub, batch, grad_accum_steps)
+      grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+      (loss, aux), grads = (grad_fn(sub, batch) if grad_accum_steps == 1
+                            else _accumulated(grad_fn, sub, batch, grad_accum_steps))
       if axis_name is not None:
         loss, aux, grads = jax.lax.pmean((loss, aux, grads), axis_name)
       finite = finite & _all_finite((loss, grads))

@@ -26,6 +26,7 @@ import numpy as np
 from absl import logging
 
 from genjax import data as gdata
+from genjax.dtypes import compute_dtype
 from genjax.errors import ConfigError, WorkdirError
 from genjax.train import parallel
 from genjax.train.builder import Built, build
@@ -38,9 +39,8 @@ from genjax.train.task import Task
 from genjax.train.throughput import layout_summary, params_summary, peak_flops_per_device, step_flops
 from genjax.train.workdir import WorkdirLock, check_workdir
 
-__all__ = ["train_and_evaluate", "check_config", "NonFiniteLossError", "Interrupted", "COMPUTE_DTYPES"]
+__all__ = ["train_and_evaluate", "check_config", "NonFiniteLossError", "Interrupted"]
 
-COMPUTE_DTYPES = ("float32", "bfloat16")
 # fold_in offsets of the evaluation and sampling keys: far from the training steps' keys (fold_in(rng, step)).
 EVAL_KEY_OFFSET = 10_000_019
 SAMPLE_KEY_OFFSET = 20_000_003
@@ -73,13 +73,20 @@ def check_config(config) -> None:
       raise ConfigError(f"{key}={config[key]!r} must be >= 1")
   if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
     raise ConfigError(f"seed={config.seed!r} must be an int >= 0")
-  if config.compute_dtype not in COMPUTE_DTYPES:
-    raise ConfigError(f"compute_dtype={config.compute_dtype!r} is not one of {COMPUTE_DTYPES}")
+  compute_dtype(config.compute_dtype)
   if not 0.0 <= float(config.ema_decay) < 1.0:
     raise ConfigError(f"ema_decay={config.ema_decay!r} must be in [0, 1)")
   if float(config.peak_flops) < 0:
     raise ConfigError(f"peak_flops={config.peak_flops!r} must be >= 0 (0 = the device table's value)")
   parse_profile_steps(config.profile_steps)
+
+
+def use_compilation_cache(directory: str) -> None:
+  """Keeps XLA's compiled programs in `directory` (JAX's persistent compilation cache), so a rerun or a resume of the
+  same program on the same devices loads its executables instead of compiling them."""
+  os.makedirs(directory, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", os.path.abspath(directory))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def _due(step: int, every: int, last: int) -> bool:
@@ -122,6 +129,8 @@ def train_and_evaluate(config, workdir: str, task: Union[Task, Callable[[Any], T
   TrainState (one logical state whatever the parallel path). Raises `Interrupted` after saving on SIGINT/SIGTERM."""
   check_config(config)
   quiet_library_logs()
+  if config.compilation_cache_dir:
+    use_compilation_cache(config.compilation_cache_dir)
   task = task if isinstance(task, Task) else task(config)   # the family's own checks come before the workdir's
   check_workdir(workdir)
   _check_family(config, workdir)
@@ -164,15 +173,32 @@ class _Loop:
       hook(event, step, info)
 
   def run(self) -> TrainState:
+    """Restore or init, then step to num_train_steps (logging, evaluating, sampling, saving when due)."""
     try:
-      start, state = self._restore_or_init()
+      step, state = self._restore_or_init()
       if self.writer is None:
-        self.writer = MetricsWriter(self.workdir, enabled=self.pid == 0, resume_step=start)
-      if start >= self.total:
-        self._already_complete(start)
+        self.writer = MetricsWriter(self.workdir, enabled=self.pid == 0, resume_step=step)
+      if step >= self.total:
+        self._already_complete(step)
         return self.built.view(state)
       logging.info("params: %s", params_summary(self.task, self.built.view(state).params))
-      state = self._train(start, state)
+      start, progress, step_fn = step, Progress(step, self.total), None
+      with StopSignals() as stop:
+        while step < self.total:
+          host_batch = next(self.train_iter)
+          batch = self.built.put_batch(host_batch)
+          step_fn = step_fn or self._compile(state, batch, host_batch)
+          self._profile(step)
+          state, metrics = step_fn(state, batch)
+          step += 1
+          self.pending.append((step, metrics))
+          if step == start + 1:
+            jax.block_until_ready(metrics)
+            progress.start(step)              # the first step holds the compile: the clock starts after it
+          self._periodic(step, state, progress)
+          if stop.should_stop(step) and step < self.total:
+            self._interrupt(step, state, progress, stop)
+      self._profile(step)
       self.ckpt.wait()
       logging.info("done: step %d of %d; outputs in %s (checkpoints/, metrics.jsonl, tensorboard/%s)", self.total,
                    self.total, os.path.abspath(self.workdir), ", samples/" if self.sample_jit else "")
@@ -204,7 +230,9 @@ class _Loop:
     logging.warning("already complete at step %d (num_train_steps=%d) in %s: nothing to train%s", step, self.total,
                     os.path.abspath(self.workdir), note)
 
-  def _compile(self, state, batch):
+  def _compile(self, state, batch, host_batch: dict):
+    tokens = host_batch.get("tokens")
+    self.tokens_per_example = None if tokens is None else int(np.shape(tokens)[1]) - 1
     logging.info("compiling the train step (%s) ...", self.built.parallel)
     t0 = time.perf_counter()
     devices = self.built.mesh.devices.size if self.built.mesh is not None else jax.device_count()
@@ -221,31 +249,12 @@ class _Loop:
     logging.info("compiled in %.1f s; %s FLOPs per step (XLA cost analysis)", time.perf_counter() - t0, flops)
     return compiled
 
-  def _train(self, start: int, state: TrainState) -> TrainState:
-    progress, step, step_fn = Progress(start, self.total), start, None
-    with StopSignals() as stop:
-      while step < self.total:
-        host_batch = next(self.train_iter)
-        batch = self.built.put_batch(host_batch)
-        if step_fn is None:
-          tokens = host_batch.get("tokens")
-          self.tokens_per_example = None if tokens is None else int(np.shape(tokens)[1]) - 1
-          step_fn = self._compile(state, batch)
-        self._profile(step)
-        state, metrics = step_fn(state, batch)
-        step += 1
-        self.pending.append((step, metrics))
-        if step == start + 1:
-          jax.block_until_ready(metrics)
-          progress.start(step)              # the first step holds the compile: the clock starts after it
-        self._periodic(step, state, progress)
-        if stop.should_stop(step) and step < self.total:
-          self._drain(step, progress)
-          self._save(step, state)
-          self.ckpt.wait()
-          raise stop.interrupted(step, self.ckpt.directory)
-    self._profile(step)
-    return state
+  def _interrupt(self, step: int, state, progress: Progress, stop: StopSignals) -> None:
+    """SIGINT/SIGTERM: every process saves the agreed step, then `Interrupted` ends the run."""
+    self._drain(step, progress)
+    self._save(step, state)
+    self.ckpt.wait()
+    raise stop.interrupted(step, self.ckpt.directory)
 
   def _profile(self, step: int) -> None:
     if self.profile is None:
