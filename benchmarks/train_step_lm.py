@@ -40,10 +40,15 @@ COLUMNS = ("mode", "layers", "scan_layers", "remat", "compile_seconds", "compile
            "footprint_bytes", "flops_per_step")
 MEMORY_NOTE = ("XLA's memory_analysis of the compiled step on this device. temp = intermediates (activations saved "
                "for the backward pass, gradients, optimizer temporaries); footprint = argument + output - alias + "
-               "temp; peak_memory_in_bytes as XLA reports it (on CPU about the argument size, not a peak). On CPU "
-               "an unrolled step's temp is the same for every remat policy although the recomputation is in the "
-               "program (flops_per_step rises): XLA:CPU's buffer assignment does not turn it into less memory. "
-               "Scanned, the saved activations are the loop's stacked outputs and remat shrinks them.")
+               "temp; peak_memory_in_bytes as XLA reports it")
+CPU_MEMORY_NOTE = (" (on CPU about the argument size, not a peak). On CPU an unrolled step's temp is the same for "
+                   "every remat policy although the recomputation is in the program (flops_per_step rises): "
+                   "XLA:CPU's buffer assignment does not turn it into less memory. Scanned, the saved activations "
+                   "are the loop's stacked outputs and remat shrinks them.")
+
+
+def memory_note() -> str:
+  return MEMORY_NOTE + (CPU_MEMORY_NOTE if jax.devices()[0].platform == "cpu" else ".")
 
 MakeConfig = Callable[[int, bool, str], Any]      # (layers, scan_layers, remat) -> config
 Measured = tuple[str, Any, dict]                  # (mode, config, the row's fields)
@@ -117,7 +122,7 @@ def remat_memory(make_config: MakeConfig, layers: int, policies=REMATS) -> list[
       c = compile_step(config)
       out.append(("remat_memory", config, dict(
           _fields(config, c), compile_seconds=c.seconds, xla_compile_seconds=c.xla_seconds, compiles=c.compiles,
-          note=MEMORY_NOTE, **memory_fields(c.compiled))))
+          note=memory_note(), **memory_fields(c.compiled))))
   return out
 
 
