@@ -152,7 +152,7 @@ def image_reference(config, *, num_samples: int = 0, feature_cache: Optional[str
   import numpy as np
   from genjax import data as gdata
   from genjax import metrics
-  name, data_dir = config.dataset.name, config.dataset.get("data_dir", None)
+  name, data_dir = config.dataset.name, config.dataset.data_dir
   fx = feature_extractor or metrics.load_feature_extractor(name, cache_dir=feature_cache, data_dir=data_dir)
   train_split, eval_split = config.dataset.train_split, config.dataset.eval_split
   real = gdata.load_arrays(name, train_split, data_dir=data_dir)["image"]
@@ -240,7 +240,7 @@ def evaluate_run(workdir: str, *, step: Optional[int] = None, options: Optional[
   task = get_task(config)
   info = gdata.dataset_info(config.dataset.name)
   rng = jax.random.PRNGKey(seed)
-  out = {"workdir": os.path.abspath(workdir), "family": config.family, "variant": config.get("variant", ""),
+  out = {"workdir": os.path.abspath(workdir), "family": config.family, "variant": config.variant,
          "dataset": config.dataset.name, "step": loaded_step,
          "sample_options": options, "seed": seed}
   if info.kind == "image" and task.sample_images is not None:

@@ -51,8 +51,7 @@ def export_run(workdir: str, out: str, step: Optional[int] = None) -> str:
   if config.family != "lm":
     raise UserError(f"--workdir={workdir!r} holds a {config.family!r} run; only LM runs export to Hugging Face")
   cfg = transformer.lm_config(config)
-  init_from = config.model.get("init_from", "")
-  return hf.save_lm(cfg, params, out, tokenizer=init_from or None)
+  return hf.save_lm(cfg, params, out, tokenizer=config.model.init_from or None)
 
 
 def main(argv):

@@ -113,7 +113,7 @@ def sweep_run(workdir: str, samplers, num_steps, *, num_samples: int = 0, sample
   log(f"floor (real vs real, {ref.num_samples} images): {fd} {ref.floor[fd]:.2f}")
   points = sweep(task, params, ref, samplers, num_steps, sample_batch_size=sample_batch_size, seed=seed,
                  options=options, log=log)
-  return {"workdir": os.path.abspath(workdir), "variant": config.get("variant", ""), "metric": fd,
+  return {"workdir": os.path.abspath(workdir), "variant": config.variant, "metric": fd,
           "num_samples": ref.num_samples, "seed": seed, "options": dict(options or {}), "floor": ref.floor,
           "memorizer": ref.memorizer,
           **ref.info, "points": points}

@@ -4,6 +4,7 @@ Numbers used below: the pydoc byte stream (CPython's `pydoc_data.topics`, topics
 byte-unigram entropy of 4.70 bits per byte (computed in `_unigram_bits`); a model that trains "clearly better than
 unigram" must get below it.
 """
+import dataclasses
 import functools
 import math
 
@@ -276,9 +277,15 @@ def test_config_variants():
 
 
 def test_every_lm_variant_declares_the_fields_lm_config_and_the_data_read():
+  declared = {f.name: f.default for f in dataclasses.fields(T.LMConfig) if f.name not in T.DERIVED_FIELDS}
   for name in lm_configs.VARIANTS:
     c = lm_configs.get_config(name)
     assert {"seq_len", "tokenizer"} <= set(c.dataset) and "init_from" in c.model, name
+    if name != "hf_finetune":                                    # every LMConfig field, as lm_config reads it
+      assert set(c.model) == set(declared) | {"init_from"}, name
+  chosen = ("embed_dim", "num_layers", "num_heads", "mlp_dim", "max_len")      # what pydoc sets; the rest: defaults
+  c = lm_configs.get_config("pydoc")
+  assert {k: c.model[k] for k in declared if k not in chosen} == {k: declared[k] for k in declared if k not in chosen}
   with pytest.raises(ConfigError, match=r"config.model.init_from is not set: .*--config.model.init_from=DIR"):
     T.lm_config(lm_configs.get_config("hf_finetune"))            # fine-tuning needs its checkpoint
   c = _config()

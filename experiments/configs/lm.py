@@ -32,6 +32,16 @@ def _model(c, embed_dim, num_layers, num_heads, mlp_dim, max_len, vocab_multiple
   c.model.mlp_dim = mlp_dim
   c.model.max_len = max_len            # longest KV cache for sampling (training uses dataset.seq_len)
   c.model.rope_base = 10000.0
+  c.model.norm = "rms"                 # "rms" | "layer" (LayerNorm with bias)
+  c.model.norm_eps = 1e-6
+  c.model.mlp = "gelu"                 # "gelu" (tanh approximation) | "swiglu"
+  c.model.positions = "rope"           # "rope" | "learned" (a [max_len, embed] table)
+  c.model.num_kv_heads = 0             # 0: as num_heads; fewer: grouped-query attention
+  c.model.use_bias = False             # biases on every projection (GPT-2)
+  c.model.qkv_bias = False             # biases on the query/key/value projections only (Qwen2)
+  c.model.tie_embeddings = False       # the head is the transposed embedding table
+  c.model.token_vocab_size = 0         # 0: the byte tokenizer's ids; > 0: ids >= this are padding
+  # compute dtype, trained context and param dtype follow compute_dtype, dataset.seq_len and float32 training.
   c.model.scan_layers = False          # True: nn.scan over the blocks (compile time flat in depth)
   c.model.remat = "none"               # "none" | "full" | "dots_saveable": recompute activations in the backward
   c.model.attention = "einsum"         # "einsum" | "dot_product" (jax.nn.dot_product_attention)

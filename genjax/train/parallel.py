@@ -30,7 +30,7 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, .
   unknown = set(mesh_config) - set(MESH_AXES)
   if unknown:
     raise ConfigError(f"unknown mesh axes {sorted(unknown)}; valid: {list(MESH_AXES)}")
-  sizes = [int(mesh_config.get(a, 1)) for a in MESH_AXES]
+  sizes = [int(mesh_config[a]) if a in mesh_config else 1 for a in MESH_AXES]
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
     raise ConfigError(f"mesh={dict(zip(MESH_AXES, sizes))}: sizes must be positive, at most one -1")
   known = math.prod(s for s in sizes if s != -1)
