@@ -127,6 +127,8 @@ def test_decoding_quick(tmp_path):
     assert peer["vs_genjax"] == pytest.approx(peer["seconds"] / ours["seconds"])
     assert ours["host_fraction"] == pytest.approx(ours["host_seconds"] / ours["program_seconds"])
     assert ours["compiles_new_batch"] == 1         # one program per new batch size, nothing else
+    assert ours["matches_hf"] == 1.0               # genjax's own LM with HF's weights: HF's greedy tokens
+    assert by_mode["genjax_hf_module"]["matches_hf"] == 1.0
   else:
     assert peer["status"].startswith("peer not installed")
 

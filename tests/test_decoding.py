@@ -427,6 +427,38 @@ def test_logprobs_equal_a_full_forward_log_softmax():
     assert (np.asarray(out.logprobs[r, lens[r]:]) == 0).all()
 
 
+def test_greedy_logprobs_equal_a_full_forward_log_softmax():
+  params = _params(3, eos_bias=0.0)                    # the argmax-only program computes log p from the max logit
+  out = generate(BAG, params, PROMPTS, max_new_tokens=N, greedy=True, eos_id=EOS, pad_id=PAD)
+  lens = np.asarray(out.lengths)
+  for r, prompt in enumerate(PROMPTS):
+    toks = list(np.asarray(out.tokens[r, :lens[r]]))
+    for t, tok in enumerate(toks):
+      logits = _ref_logits(params, prompt + toks[:t])
+      assert tok == int(np.argmax(logits))
+      expect = logits[tok] - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+      np.testing.assert_allclose(out.logprobs[r, t], expect, rtol=1e-5, atol=1e-5)
+    assert (np.asarray(out.logprobs[r, lens[r]:]) == 0).all()
+
+
+def test_scalar_settings_are_packed_once_and_vectors_still_checked():
+  from genjax.samplers.decoding_inputs import sampling_settings
+  kw = dict(temperature=0.7, top_k=3, top_p=0.9, min_p=0.0, min_tokens_to_keep=1, repetition_penalty=1.0,
+            presence_penalty=0.0, frequency_penalty=0.0)
+  floats, ints = sampling_settings(4, **kw)
+  again = sampling_settings(4, **kw)
+  assert again[0] is floats and again[1] is ints         # cached: no host work on a repeated call
+  assert not floats.flags.writeable and not ints.flags.writeable
+  np.testing.assert_allclose(floats[:, 0], 0.7, rtol=1e-7)
+  np.testing.assert_array_equal(ints[:, 0], 3)
+  with pytest.raises(UserError, match=r"top_p=1.5 must be in \(0, 1\]"):
+    sampling_settings(4, **{**kw, "top_p": 1.5})
+  rows = sampling_settings(4, **{**kw, "temperature": [0.1, 0.2, 0.0, 1.0]})[0]
+  np.testing.assert_allclose(rows[:, 0], [0.1, 0.2, 0.0, 1.0], rtol=1e-7)
+  with pytest.raises(UserError, match=r"temperature=\[0.1, -1.0, 0.0, 1.0\] must be >= 0"):
+    sampling_settings(4, **{**kw, "temperature": [0.1, -1.0, 0.0, 1.0]})
+
+
 def test_num_return_sequences_share_the_prefill():
   params, rng = _params(3, eos_bias=0.0), jax.random.key(9)
   kw = dict(max_new_tokens=N, temperature=1.0, eos_id=EOS, pad_id=PAD)

@@ -224,7 +224,7 @@ def test_scanned_layers_stack_params_on_a_layers_axis_and_decode_like_unrolled()
   spec = parallel.param_shardings(boxed, mesh)["blocks"]["attention"]["query"]["kernel"].spec
   assert spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
   cache = T.init_cache(cfg, 3, 20)
-  assert cache["blocks"]["k"].shape == (3, 2, 20, 2, 8)          # batch first, then the layer axis
+  assert cache["blocks"]["k"].shape == (3, 2, 2, 20, 8)          # batch, layers, kv heads, slots, head dim
   params = _params(DEEP, seed=5)
   kw = dict(prompt_lengths=LENGTHS, greedy=True, **DECODE)
   unrolled = generate(T.decoding_model(DEEP), params, IDS, **kw)

@@ -14,7 +14,7 @@ The architecture is chosen by `LMConfig` fields (`genjax/models/lm_layers.py`): 
 functions here also accept boxed params). Activations run in `config.compute_dtype`; norms, softmax and logits in
 float32.
 
-KV cache: {"block_i": {"k", "v": [B, cache_len, kv_heads, head_dim]}} ({"blocks": [B, num_layers, ...]} with
+KV cache: {"block_i": {"k", "v": [B, kv_heads, cache_len, head_dim]}} ({"blocks": [B, num_layers, ...]} with
 `scan_layers`); a step writes its keys/values at slot == position and a query at position q attends to slots <= q,
 which is the `genjax.samplers.decoding` contract. `decoding_model(cfg).max_len` is the context the model was trained
 on (`config.dataset.seq_len`) unless `decoding_model(cfg, max_len=...)` asks for longer.

@@ -103,9 +103,25 @@ def check_setting(name: str, value, batch: int, dtype=np.float32) -> np.ndarray:
 
 
 def sampling_settings(batch: int, **settings) -> tuple[np.ndarray, np.ndarray]:
-  """Validated settings packed as (float32 [batch, len(FLOAT_SETTINGS)], int32 [batch, len(INT_SETTINGS)])."""
+  """Validated settings packed as (float32 [batch, len(FLOAT_SETTINGS)], int32 [batch, len(INT_SETTINGS)]).
+
+  When every setting is a scalar (the common case) the packed pair is computed once per (batch, values) and shared
+  by later calls: both arrays are then read-only."""
+  if all(isinstance(v, (int, float, np.number)) for v in settings.values()):
+    return _scalar_settings(batch, tuple(sorted(settings.items())))
+  return _pack(batch, settings)
+
+
+def _pack(batch: int, settings: dict) -> tuple[np.ndarray, np.ndarray]:
   floats = np.stack([check_setting(n, settings[n], batch, np.float32) for n in FLOAT_SETTINGS], axis=1)
   ints = np.stack([check_setting(n, settings[n], batch, np.int32) for n in INT_SETTINGS], axis=1)
+  return floats, ints
+
+
+@functools.lru_cache(maxsize=256)
+def _scalar_settings(batch: int, items: tuple) -> tuple[np.ndarray, np.ndarray]:
+  floats, ints = _pack(batch, dict(items))
+  floats.flags.writeable = ints.flags.writeable = False
   return floats, ints
 
 
