@@ -78,9 +78,10 @@ class DiffusionBench:
 
   def __init__(self, config, seed: int = 0):
     from genjax.data import dataset_info
+    from genjax.dtypes import compute_dtype
     from genjax.models import diffusion as dm
-    m = config.model
-    if m.get("vae_workdir", ""):
+    m = dm.model_config(config)
+    if m.space == "latent":
       raise ValueError("latent diffusion configs need a trained VAE run; benchmark a pixel-space config "
                        "(ddpm.py:digits | mnist | cifar10)")
     info = dataset_info(config.dataset.name)
@@ -89,7 +90,7 @@ class DiffusionBench:
     self.schedule = dm.make_schedule(m)
     self.prediction = m.prediction
     self.clip = (-1.0, 1.0) if m.clip_denoised else None
-    self.unet = dm.make_unet(m, self.num_classes, dm.compute_dtype(config))
+    self.unet = dm.make_unet(m, self.num_classes, compute_dtype(config.compute_dtype))
     unet, conditional = self.unet, self.num_classes > 0
 
     def apply_fn(variables, labels, x, t):   # one function object for the whole run: no recompiles

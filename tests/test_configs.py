@@ -62,8 +62,9 @@ def _one_step_config(config_file, variant, request):
   c.batch_size, c.num_train_steps, c.grad_accum_steps = 8, 1, 1
   c.eval_every_steps = c.sample_every_steps = -1
   c.async_checkpointing = False
-  if "vae_workdir" in c.model:
+  if "space" in c.model and c.model.space == "latent":   # the one-step tiny VAE run stands in for a trained one
     c.model.vae_workdir = request.getfixturevalue("vae_workdir")
+    c.model.vae = tiny_vae_config().model
   if "init_from" in c.model and c.model.init_from is None:       # hf_finetune: its checkpoint must be given
     c.model.init_from = request.getfixturevalue("hf_checkpoint")
   if dataset_info(c.dataset.name).kind == "text":

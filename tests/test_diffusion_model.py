@@ -2,7 +2,10 @@
 
 The loss is checked against its formula with hand-computed targets (alpha-bars recomputed here in float64 from the
 betas), the eps / v / x0 targets against the sampler library's conversions, the U-Net's shapes and conditioning,
-every config at tiny size, and the sampling options (validation, no recompiles for runtime options).
+every config at tiny size, the typed model config (DiffusionConfig: defaults as ddpm.py declares them, bad values
+named), the sampling options (validation, no recompiles for runtime options), and latent diffusion: building the
+task reads nothing, init checks and copies the VAE run, and a latent run samples and evaluates after its VAE run is
+deleted (real one- and two-step runs of tiny configs).
 """
 
 import jax
@@ -12,6 +15,7 @@ import pytest
 
 from experiments.configs import ddpm as ddpm_configs
 from genjax.compiles import CompileCounter
+from genjax.errors import ConfigError, WorkdirError
 from genjax.models import diffusion, get_task
 from genjax.models.unet import UNet, timestep_embedding
 from genjax.samplers.schedules import NoiseSchedule
@@ -37,6 +41,8 @@ def _unet_params(task, seed=0, scale=0.05, **extra):
 def tiny_config(variant):
   c = ddpm_configs.get_config(variant)
   c.model.update(ch=8, num_res_blocks=1, num_heads=2, norm_groups=4, num_timesteps=50, num_sample_steps=3)
+  if c.model.space == "latent":
+    c.model.vae.update(TINY_VAE)
   c.num_train_steps = 2
   c.batch_size = 4
   return c
@@ -180,19 +186,18 @@ def test_training_targets_round_trip_through_sampler_conversions(source, dest):
 
 
 # ------------------------------------------------------------------------------------------------ configs
-def _fake_vae_run(monkeypatch):
-  """Stands in for a trained `vae.py:digits` run: its config (tiny) and random params."""
+TINY_VAE = dict(latent_dim=4, channels=(8,), hidden=16)
+
+
+def _fake_vae_run(monkeypatch, scale=0.7):
+  """Stands in for the VAE run a latent config names: random params of its (tiny) architecture, read through
+  `load_vae_run` (nothing on disk)."""
   from experiments.configs import vae as vae_configs
-  from genjax.models.vae import vae_model
-  import genjax.train.checkpoint as checkpoint
-  vae_config = vae_configs.get_config("digits")
-  vae_config.model.update(latent_dim=4, channels=(8,), hidden=16)
-  model = vae_model(vae_config)
-  params = _random_like(jax.eval_shape(model.init, jax.random.key(5), jnp.zeros((1, 8, 8, 1)),
-                                       jnp.zeros((1, 4)))["params"], seed=5, scale=0.3)
-  monkeypatch.setattr(checkpoint, "load_config", lambda workdir: vae_config)
-  monkeypatch.setattr(checkpoint, "load_run", lambda workdir, step=None: (vae_config, params))
-  return model, params
+  from genjax.models import diffusion_space
+  from genjax.models.vae import VAEConfig
+  cfg = VAEConfig(**{**vae_configs.get_config("digits").model, **TINY_VAE})
+  params = _random_like(diffusion_space.vae_param_shapes(cfg, (8, 8, 1)), seed=5, scale=0.3)
+  monkeypatch.setattr(diffusion_space, "load_vae_run", lambda vae_cfg, image_shape, source: (params, scale))
 
 
 @pytest.mark.parametrize("variant", sorted(ddpm_configs.VARIANTS))
@@ -207,12 +212,9 @@ def test_every_config_builds_and_evaluates_its_loss(variant, monkeypatch):
   rng = np.random.default_rng(0)
   batch = {"image": jnp.asarray(rng.uniform(0, 1, (4,) + info.image_shape), jnp.float32),
            "label": jnp.asarray(rng.integers(0, info.num_classes, 4), jnp.int32)}
-  if variant == "latent_digits":
-    space = diffusion._latent_space(config, info)
-    params = _unet_params(task, **space.init_extra())
-  else:
-    params = _unet_params(task)
-  assert set(params) == set(jax.eval_shape(task.init, jax.random.key(0), batch))
+  abstract = jax.eval_shape(task.init, jax.random.key(0), batch)
+  params = _unet_params(task, **{k: _random_like(v, scale=0.3) for k, v in abstract.items() if k != "unet"})
+  assert set(params) == ({"unet", "vae", "latent_scale"} if variant == "latent_digits" else {"unet"})
   loss, metrics = jax.jit(task.phases[0].loss_fn)(params, batch, jax.random.key(1), jnp.int32(0))
   # Target eps: its mean square is near 1 (a 4-example batch); small random params predict small values.
   assert 0.3 < float(metrics["target_mse"]) < 3.0
@@ -221,21 +223,84 @@ def test_every_config_builds_and_evaluates_its_loss(variant, monkeypatch):
   assert "loss" in evaluated and evaluated["loss"].shape == ()
 
 
-def test_latent_space_is_scaled_to_unit_std_and_decodes_through_the_vae(monkeypatch):
-  from genjax.data import dataset_info, load_arrays
-  model, vae_params = _fake_vae_run(monkeypatch)
+def test_model_config_declares_every_field_with_the_dataclass_defaults():
+  """experiments/configs/ddpm.py and DiffusionConfig hold the same fields and defaults (the VAE section is the
+  one of vae.py:digits, which latent_digits reads)."""
+  from experiments.configs import vae as vae_configs
+  from genjax.models.fields import from_config, to_dict
+  declared = ddpm_configs.get_config("mnist").model.to_dict()   # mnist changes only U-Net and sampling fields
+  defaults = to_dict(diffusion.DiffusionConfig())
+  assert set(declared) == set(defaults)
+  changed = {"ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "num_sample_steps", "guidance", "vae"}
+  assert {k: v for k, v in declared.items() if k not in changed} == \
+      {k: v for k, v in defaults.items() if k not in changed}
+  assert declared["vae"] == vae_configs.get_config("digits").model.to_dict()
+  for variant in ddpm_configs.VARIANTS:
+    cfg = from_config(diffusion.DiffusionConfig, ddpm_configs.get_config(variant).model).check()
+    assert cfg.space == ("latent" if variant == "latent_digits" else "pixel")
+    assert cfg.vae.latent_dim == vae_configs.get_config("digits").model.latent_dim
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("space", "lattice", r"config.model.space='lattice' is not one of \['pixel', 'latent'\]"),
+    ("label_dropout", 1.0, r"config.model.label_dropout=1.0 must be in \[0.0, 1.0\)"),
+    ("flow_shift", 0.0, r"config.model.flow_shift=0.0 must be > 0"),
+    ("cosine_s", -1.0, r"config.model.cosine_s=-1.0 must be > 0"),
+    ("ch_mult", (), r"config.model.ch_mult=\(\) must be a non-empty tuple"),
+    ("latent_scale", -1.0, r"config.model.latent_scale=-1.0 must be >= 0"),
+    ("colour", 3, r"unknown config.model fields \['colour'\]"),
+])
+def test_bad_model_fields_are_named(field, value, match):
+  config = tiny_config("digits")
+  with config.unlocked():
+    config.model[field] = value
+  with pytest.raises(ConfigError, match=match):
+    diffusion.task(config)
+
+
+def test_flow_config_names_its_samplers_and_prediction():
+  config = tiny_config("flow_digits")
+  config.model.sampler = "ddim"
+  with pytest.raises(ConfigError, match=r"config.model.sampler='ddim' is not one of \['euler', 'heun', 'midpoint'\]"):
+    diffusion.task(config)
+  config = tiny_config("flow_digits")
+  config.model.prediction = "epsilon"
+  with pytest.raises(ConfigError, match="prediction='velocity'"):
+    diffusion.task(config)
+
+
+def test_latent_config_needs_a_vae_workdir_and_a_valid_vae():
   config = tiny_config("latent_digits")
-  task = diffusion.task(config)
-  extra = diffusion._latent_space(config, dataset_info("digits")).init_extra()
-  assert set(extra) == {"vae", "latent_scale"}
-  params = _unet_params(task, **extra)
-  np.testing.assert_array_equal(jax.tree.leaves(params["vae"])[0], jax.tree.leaves(vae_params)[0])
-  images = jnp.asarray(load_arrays("digits", "train")["image"])
-  mean, _ = model.apply({"params": vae_params}, images, method="encode")
-  # latent_scale 0 in the config = 1 / std of the encoder means over the training split (all 1,500 images).
-  np.testing.assert_allclose(float(params["latent_scale"]) * float(jnp.std(mean)), 1.0, rtol=1e-4)
-  out = task.sample_images(params, jax.random.key(1), 4, num_steps=2)
-  assert out.shape == (4, 8, 8, 1) and float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+  config.model.vae_workdir = ""
+  with pytest.raises(ConfigError, match="config.model.vae_workdir is empty"):
+    diffusion.task(config)
+  config = tiny_config("latent_digits")
+  config.model.vae.likelihood = "poisson"
+  with pytest.raises(ConfigError, match="likelihood='poisson'"):
+    diffusion.task(config)
+
+
+def _latent_params(config, scale=2.0):
+  """Random params of a latent config's U-Net and VAE, shaped from the config alone (no init, nothing read)."""
+  from genjax.models import diffusion_space
+  cfg = diffusion.model_config(config)
+  d, i32 = cfg.vae.latent_dim, jax.ShapeDtypeStruct((1,), jnp.int32)
+  unet = jax.eval_shape(diffusion.make_unet(cfg, 10).init, jax.random.key(0),
+                        jax.ShapeDtypeStruct((1, 1, 1, d), jnp.float32), i32, i32)
+  return {"unet": _random_like(unet, scale=0.05), "latent_scale": jnp.float32(scale),
+          "vae": _random_like(diffusion_space.vae_param_shapes(cfg.vae, (8, 8, 1)), seed=5, scale=0.3)}
+
+
+def test_building_a_latent_task_reads_nothing(tmp_path):
+  """The VAE architecture comes from config.model.vae: with no VAE run anywhere the task builds and samples from
+  params alone; only init (its first trace) reads the run."""
+  config = tiny_config("latent_digits")
+  config.model.vae_workdir = str(tmp_path / "no_such_run")
+  task = get_task(config)
+  out = task.sample_images(_latent_params(config), jax.random.key(1), 2, num_steps=2)
+  assert out.shape == (2, 8, 8, 1) and float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+  with pytest.raises(WorkdirError, match=r"vae_workdir='.*no_such_run' holds no VAE run \(config.json is missing\)"):
+    jax.eval_shape(task.init, jax.random.key(0), None)
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -304,3 +369,80 @@ def test_bad_config_values_name_the_choices():
     config.model[field] = value
     with pytest.raises(ValueError, match=match):
       diffusion.task(config)
+
+
+# ------------------------------------------------------------------------------------------------ latent runs
+@pytest.fixture(scope="module")
+def vae_run(tmp_path_factory):
+  """A one-step `vae.py:tiny` run on one device (no eval, no samples): the VAE a latent config starts from."""
+  from genjax.train.trainer import train_and_evaluate
+  from tests.util import tiny_vae_config
+  config = tiny_vae_config(num_train_steps=1, eval_every_steps=-1, sample_every_steps=-1, **{"mesh.data": 1})
+  workdir = str(tmp_path_factory.mktemp("vae"))
+  state = train_and_evaluate(config, workdir, get_task)
+  return config, workdir, jax.device_get(state.ema_params)   # the params a checkpoint reader gets
+
+
+def _tiny_latent_config(vae_config, vae_workdir):
+  c = tiny_config("latent_digits")
+  c.model.update(ch_mult=(1,), vae_workdir=vae_workdir)
+  c.model.vae = vae_config.model.copy_and_resolve_references()
+  c.update(dict(batch_size=8, num_train_steps=1, eval_every_steps=-1, sample_every_steps=-1, log_every_steps=1,
+                checkpoint_every_steps=1, async_checkpointing=False))
+  c.mesh.data = 1   # one device: the loop's programs compile once, not for 8 simulated devices
+  return c
+
+
+def test_latent_run_samples_and_evaluates_after_its_vae_run_is_deleted(vae_run, tmp_path):
+  """Init copies the VAE params and the measured latent scale into the run's params; once the run has a
+  checkpoint, the VAE run can go: the stored config builds the task again and the checkpoint samples and
+  evaluates."""
+  import shutil
+  from genjax.data import load_arrays
+  from genjax.models.vae import vae_model
+  from genjax.train.checkpoint import load_run
+  from genjax.train.trainer import train_and_evaluate
+  from tests.util import flat
+  vae_config, vae_workdir, vae_params = vae_run
+  copy = shutil.copytree(vae_workdir, str(tmp_path / "vae"))
+  train_and_evaluate(_tiny_latent_config(vae_config, copy), str(tmp_path / "ldm"), get_task)
+  shutil.rmtree(copy)
+  stored, params = load_run(str(tmp_path / "ldm"))    # the EMA of frozen params is those params (up to rounding)
+  task = get_task(stored)
+  np.testing.assert_allclose(flat(params["vae"]), flat(vae_params), rtol=1e-6, atol=1e-7)
+  images = load_arrays("digits", "train")["image"]
+  std = jax.jit(lambda p, x: jnp.std(vae_model(vae_config).apply({"params": p}, x, method="encode")[0]))
+  # latent_scale 0 in the config = 1 / std of the encoder means over the training split (all 1,500 images).
+  np.testing.assert_allclose(float(params["latent_scale"]) * float(std(vae_params, images)), 1.0, rtol=1e-4)
+  out = task.sample_images(params, jax.random.key(1), 4, num_steps=2)
+  assert out.shape == (4, 8, 8, 1) and float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+  batch = {"image": jnp.asarray(images[:4]), "label": jnp.arange(4, dtype=jnp.int32)}
+  assert np.isfinite(float(jax.jit(task.evaluate)(params, batch, jax.random.key(2))["loss"]))
+  # Resuming training traces init, which reads the VAE run (see genjax.models.diffusion_space).
+  with pytest.raises(WorkdirError, match=r"config.model.vae_workdir='.*/vae' holds no VAE run"):
+    train_and_evaluate(stored, str(tmp_path / "ldm"), get_task)
+
+
+def test_init_checks_the_vae_run_against_config_model_vae(tmp_path):
+  """The check reads the run's config.json only (it comes before the params), so a config file is run enough."""
+  from genjax.train.checkpoint import save_config
+  from tests.util import tiny_vae_config
+  vae_config = tiny_vae_config()
+  for name in ("vae", "ddpm"):
+    (tmp_path / name).mkdir()
+  save_config(str(tmp_path / "vae"), vae_config)
+  config = _tiny_latent_config(vae_config, str(tmp_path / "vae"))
+  config.model.vae.update(dict(latent_dim=5, hidden=64))
+  task = get_task(config)    # builds: nothing is read yet
+  with pytest.raises(ConfigError, match=r"in \['latent_dim', 'hidden'\]: the run has latent_dim=4, hidden=32, "
+                                        r"this config latent_dim=5, hidden=64"):
+    jax.eval_shape(task.init, jax.random.key(0), None)
+  config.dataset.name = "mnist"   # the VAE run's digits are 8x8x1
+  config.model.vae.update(dict(latent_dim=4, hidden=32))
+  with pytest.raises(ConfigError, match=r"models 'digits' images of shape \(8, 8, 1\); this config's data set has "
+                                        r"\(28, 28, 1\)"):
+    jax.eval_shape(get_task(config).init, jax.random.key(0), None)
+  save_config(str(tmp_path / "ddpm"), tiny_config("digits"))   # a diffusion run's config.json
+  config = _tiny_latent_config(vae_config, str(tmp_path / "ddpm"))
+  with pytest.raises(ConfigError, match="is a 'diffusion' run, not a 'vae' run"):
+    jax.eval_shape(get_task(config).init, jax.random.key(0), None)

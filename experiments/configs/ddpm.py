@@ -12,9 +12,9 @@
   latent_digits  the diffusion model trained in the latent space of a trained VAE run (`model.space="latent"`;
                  `--config.model.vae_workdir=DIR`, default /tmp/genjax/vae_digits: train it first with
                  `python -m experiments.train --config=experiments/configs/vae.py:digits --workdir=DIR`). The VAE's
-                 architecture is `model.vae` (vae.py:digits' model section; the run's must equal it). The VAE run is
-                 read once, when the run starts from scratch: its params and the latent scale are copied into this
-                 run's params, so its checkpoints sample and evaluate without the VAE run.
+                 architecture is `model.vae` (vae.py:digits' model section; the run's must equal it). Only the task's
+                 init reads the VAE run (training reads it, resumed runs too): its params and the latent scale are
+                 copied into this run's params, so its checkpoints sample and evaluate without the VAE run.
 
 Model fields (`config.model`, typed as `genjax.models.diffusion.DiffusionConfig`): the U-Net shape (ch, ch_mult,
 num_res_blocks, attn_resolutions, num_heads, dropout, norm_groups); conditional + label_dropout (classifier-free
@@ -57,7 +57,7 @@ def _ddpm_defaults(c: ml_collections.ConfigDict) -> None:
       guidance=1.0,                   # classifier-free guidance scale (1 = plain conditional model)
       clip_denoised=True,             # clip the predicted x0 to the data range [-1, 1] while sampling
       space="pixel",                  # "pixel" | "latent": diffuse the latents of the VAE `vae` (latent_digits)
-      vae_workdir="",                 # latent: the trained VAE run whose params init copies (read only then)
+      vae_workdir="",                 # latent: the trained VAE run whose params init copies (only init reads it)
       latent_scale=0.0,               # latent: x0 = latent_scale * encoder mean; 0 = 1 / std over the data, at init
       vae=vae_configs.get_config("digits").model,   # latent: the VAE's model section; the run's must equal it
   ))

@@ -16,10 +16,10 @@ sees t * num_timesteps and regresses eps - x0 (`genjax.samplers.flow`); its samp
 "midpoint" (`flow_sample`).
 
 Params: `{"unet": U-Net variables}`; latent diffusion (`config.model.space="latent"`, `ddpm.py:latent_digits`)
-adds the frozen `"vae"` variables and `"latent_scale"` (the single phase trains only `params["unet"]`), copied from
-the trained VAE run in `config.model.vae_workdir` when a run starts from scratch (its architecture is the config's
-`model.vae`), so building the task reads nothing from disk and a checkpoint alone samples and decodes
-(`genjax.models.diffusion_space`).
+adds the frozen `"vae"` variables and `"latent_scale"` (the single phase trains only `params["unet"]`), which the
+task's init copies from the trained VAE run in `config.model.vae_workdir` (its architecture is the config's
+`model.vae`): building the task reads nothing from disk, and a checkpoint alone samples, evaluates and decodes
+(`genjax.models.diffusion_space`; the loop's training, resumed runs included, reads the VAE run at init).
 
 Config: `config.model` is read once into `DiffusionConfig` (`from_config(DiffusionConfig, config.model).check()`):
 every field with its default (experiments/configs/ddpm.py declares the same), bad values a ConfigError naming the
@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp

@@ -59,7 +59,8 @@ def _as_images(image, shape, n, name) -> np.ndarray:
 def edit_images(model_fn, schedule, space, params, rng, n: int, options: dict, edits: dict,
                 prediction: str) -> jax.Array:
   """img2img or inpainting with `model_fn` (the run's conditional / guided denoiser); images [n, H, W, C] in
-  [0, 1]. `space` has the family's encode / decode / shape / clip; `options` the validated sample options."""
+  [0, 1]. `space` is the run's `genjax.models.diffusion_space.Space` (encode / decode / shape / clip, pixel or VAE
+  latent); `options` the validated sample options."""
   pixel_shape = tuple(np.shape(space.decode(params, jnp.zeros((1,) + space.shape, jnp.float32)))[1:])
   image = _as_images(edits["init_image"], pixel_shape, n, "init_image")
   if image.min() < 0 or image.max() > 1:

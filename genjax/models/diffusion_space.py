@@ -1,7 +1,7 @@
 """Where a diffusion model diffuses: pixel space, or the latent space of a trained VAE (`config.model.space`).
 
     space = pixel_space(image_shape, clip=True)
-    space = latent_space(cfg.vae, image_shape, dtype, LatentSource(vae_workdir, latent_scale, "digits"))
+    space = latent_space(cfg.vae, image_shape, dtype, LatentSource(cfg.vae_workdir, cfg.latent_scale, "digits"))
     x0 = space.encode(params, images)        # images [B, H, W, C] in [0, 1] -> x0 [B, *space.shape]
     images = space.decode(params, x0)        # -> [B, H, W, C] in [0, 1]
     extra = space.init_extra()               # inside the task's init: the frozen params besides "unet"
@@ -14,15 +14,15 @@ VAE-encoder mean, diffused as [1, 1, latent_dim]; decoding divides by the scale 
 VAE variables and the scale are params (params["vae"], params["latent_scale"]), saved in every checkpoint of the
 diffusion run: sampling and evaluating it never need the VAE run again.
 
-They are read from the VAE run once, the first time the task's init is traced (`jax.ensure_compile_time_eval`,
-cached per task: by the loop that is its abstract evaluation, `jax.eval_shape(task.init, ...)` in
-`genjax.train.builder`), and enter the jitted init as constants. `load_vae_run` checks that the run is a 'vae' run
-of the data set's image shape whose model config equals `config.model.vae` (ConfigError naming the fields that
+They are read from the VAE run when the task's init is first traced (`jax.ensure_compile_time_eval`, once per
+task), and enter the jitted init as constants: `load_vae_run` checks that `config.model.vae_workdir` holds a 'vae'
+run on the data set's image shape whose model config equals `config.model.vae` (ConfigError naming the fields that
 differ and the run's values), loads its params (EMA when kept) and, for `latent_scale` 0, measures 1 / std of the
-encoder means over the first `LATENT_SCALE_IMAGES` training images. When `vae_workdir` holds no run (deleted after
-training), init's VAE values come from a `jax.pure_callback` that raises WorkdirError if the init program ever
-runs: a resumed run restores them from its checkpoint and never runs init, so it trains on without the VAE run; a
-run starting from scratch fails there (JAX wraps the error; its message ends with the WorkdirError's line).
+encoder means over the first `LATENT_SCALE_IMAGES` training images. By the loop, init is first traced in its
+abstract evaluation (`jax.eval_shape(task.init, ...)` in `genjax.train.builder`), which also runs when a training
+run resumes: resuming training reads (and needs) the VAE run, although the values come from the checkpoint. (A
+`jax.pure_callback` would defer the read to init's execution, but an error raised in it, such as a missing VAE run,
+hangs a program that runs on several devices.) Sampling and evaluation never call init.
 """
 from __future__ import annotations
 
@@ -35,10 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genjax.data import dataset_info, load_arrays
 from genjax.errors import ConfigError, WorkdirError
 from genjax.models.fields import from_config, to_dict
 from genjax.models.vae import VAE, VAEConfig, vae_module
-from genjax.train.checkpoint import CONFIG_FILE
+from genjax.train.checkpoint import CONFIG_FILE, load_config, load_run
 
 LATENT_SCALE_IMAGES = 4096   # training images whose encoder means set latent_scale 0
 
@@ -84,17 +85,13 @@ def latent_space(vae_cfg: VAEConfig, image_shape, dtype, source: LatentSource) -
     return jnp.clip(vae.apply({"params": params["vae"]}, z, method="decode"), 0.0, 1.0)
 
   @functools.lru_cache(maxsize=None)
-  def loaded():  # host values, read once per task (errors are not cached: they raise again)
+  def init_values():  # read once per task, eagerly even inside init's trace; errors are not cached
     with jax.ensure_compile_time_eval():
       params, scale = load_vae_run(vae_cfg, image_shape, source)
       return jax.tree.map(jnp.asarray, params), jnp.asarray(scale, jnp.float32)
 
   def init_extra():
-    if os.path.isfile(os.path.join(source.vae_workdir, CONFIG_FILE)):
-      params, scale = loaded()
-    else:
-      shapes = (vae_param_shapes(vae_cfg, image_shape), jax.ShapeDtypeStruct((), jnp.float32))
-      params, scale = jax.pure_callback(functools.partial(_missing_vae_run, source.vae_workdir), shapes)
+    params, scale = init_values()
     return {"vae": params, "latent_scale": scale}
 
   return Space(shape=(1, 1, d), encode=encode, decode=decode, clip=None, init_extra=init_extra)
@@ -109,16 +106,13 @@ def vae_param_shapes(vae_cfg: VAEConfig, image_shape) -> Any:
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32), abstract)
 
 
-def _missing_vae_run(workdir: str):
-  raise WorkdirError(f"config.model.vae_workdir={workdir!r} holds no VAE run ({CONFIG_FILE} is missing): a latent "
-                     "run starting from scratch copies the VAE params from it (train one with python -m "
-                     "experiments.train --config=experiments/configs/vae.py:digits --workdir=DIR)")
-
-
 def check_vae_run(vae_cfg: VAEConfig, image_shape, workdir: str) -> None:
-  """ConfigError unless `workdir` holds a 'vae' run on images of `image_shape` whose model config is `vae_cfg`."""
-  from genjax.data import dataset_info
-  from genjax.train.checkpoint import load_config
+  """WorkdirError unless `workdir` holds a run; ConfigError unless it is a 'vae' run on images of `image_shape` whose
+  model config is `vae_cfg`."""
+  if not os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
+    raise WorkdirError(f"config.model.vae_workdir={workdir!r} holds no VAE run ({CONFIG_FILE} is missing): train one "
+                       "with python -m experiments.train --config=experiments/configs/vae.py:digits "
+                       f"--workdir={workdir}")
   run = load_config(workdir)
   family = run["family"] if "family" in run else None
   if family != "vae":
@@ -139,7 +133,6 @@ def check_vae_run(vae_cfg: VAEConfig, image_shape, workdir: str) -> None:
 
 def load_vae_run(vae_cfg: VAEConfig, image_shape, source: LatentSource) -> tuple[Any, float]:
   """(the VAE run's params, latent_scale) after `check_vae_run` (see module docstring)."""
-  from genjax.train.checkpoint import load_run
   if not source.vae_workdir:
     raise ConfigError("config.model.vae_workdir is empty: latent diffusion starts from a trained VAE run's workdir "
                       "(python -m experiments.train --config=experiments/configs/vae.py:digits --workdir=DIR)")
@@ -158,7 +151,6 @@ def load_vae_run(vae_cfg: VAEConfig, image_shape, source: LatentSource) -> tuple
 
 def measure_latent_scale(vae: VAE, params, source: LatentSource) -> float:
   """1 / std of the VAE encoder means over the first LATENT_SCALE_IMAGES training images."""
-  from genjax.data import load_arrays
   images = load_arrays(source.dataset, source.train_split, data_dir=source.data_dir,
                        max_examples=LATENT_SCALE_IMAGES)["image"]
   encode = jax.jit(lambda p, x: jnp.std(vae.apply({"params": p}, x, method="encode")[0]))
