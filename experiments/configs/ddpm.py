@@ -12,9 +12,9 @@
   latent_digits  the diffusion model trained in the latent space of a trained VAE run (`model.space="latent"`;
                  `--config.model.vae_workdir=DIR`, default /tmp/genjax/vae_digits: train it first with
                  `python -m experiments.train --config=experiments/configs/vae.py:digits --workdir=DIR`). The VAE's
-                 architecture is `model.vae` (vae.py:digits' model section; the run's must equal it). Only the task's
-                 init reads the VAE run (training reads it, resumed runs too): its params and the latent scale are
-                 copied into this run's params, so its checkpoints sample and evaluate without the VAE run.
+                 architecture is `model.vae` (vae.py:digits' model section; the run's must equal it). Only a run that
+                 starts from scratch reads the VAE run: its params and the latent scale are copied into this run's
+                 params, so its checkpoints resume, sample and evaluate without the VAE run.
 
 Model fields (`config.model`, typed as `genjax.models.diffusion.DiffusionConfig`): the U-Net shape (ch, ch_mult,
 num_res_blocks, attn_resolutions, num_heads, dropout, norm_groups); conditional + label_dropout (classifier-free

@@ -19,7 +19,7 @@ Params: `{"unet": U-Net variables}`; latent diffusion (`config.model.space="late
 adds the frozen `"vae"` variables and `"latent_scale"` (the single phase trains only `params["unet"]`), which the
 task's init copies from the trained VAE run in `config.model.vae_workdir` (its architecture is the config's
 `model.vae`): building the task reads nothing from disk, and a checkpoint alone samples, evaluates and decodes
-(`genjax.models.diffusion_space`; the loop's training, resumed runs included, reads the VAE run at init).
+(`genjax.models.diffusion_space`; only a training run that starts from scratch reads the VAE run).
 
 Config: `config.model` is read once into `DiffusionConfig` (`from_config(DiffusionConfig, config.model).check()`):
 every field with its default (experiments/configs/ddpm.py declares the same), bad values a ConfigError naming the
@@ -356,11 +356,11 @@ def task(config) -> Task:
   unet = make_unet(cfg, num_classes, dtype)
   label_dropout = cfg.label_dropout if num_classes else 0.0
 
-  def init(rng, example_batch):
+  def init(rng, example_batch, extra=space.init_extra):
     del example_batch  # shapes come from the data set's info
     x = jnp.zeros((1,) + space.shape, jnp.float32)
     label = jnp.zeros((1,), jnp.int32) if num_classes else None
-    return {"unet": unet.init(rng, x, jnp.zeros((1,), jnp.int32), label), **space.init_extra()}
+    return {"unet": unet.init(rng, x, jnp.zeros((1,), jnp.int32), label), **extra()}
 
   def objective(params, batch, rng, train: bool):
     x0 = space.encode(params, _check_images(batch["image"], info.image_shape))
@@ -396,4 +396,5 @@ def task(config) -> Task:
                  samplers=FLOW_METHODS if flow else SAMPLERS)
   optimizer = make_optimizer(config.optimizer, int(config.num_train_steps))
   return Task(init=init, phases=(Phase("diffusion", loss_fn, optimizer, params_key="unet"),),
-              sample_images=sample_images, evaluate=evaluate)
+              sample_images=sample_images, evaluate=evaluate,
+              shape_init=functools.partial(init, extra=space.extra_shapes))

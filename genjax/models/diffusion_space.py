@@ -5,6 +5,7 @@
     x0 = space.encode(params, images)        # images [B, H, W, C] in [0, 1] -> x0 [B, *space.shape]
     images = space.decode(params, x0)        # -> [B, H, W, C] in [0, 1]
     extra = space.init_extra()               # inside the task's init: the frozen params besides "unet"
+    zeros = space.extra_shapes()             # the same shapes, reading nothing (the task's shape_init)
 
 Pixel space: x0 = 2 * image - 1, predicted x0 clipped to [-1, 1] while sampling when `clip`.
 
@@ -15,14 +16,13 @@ VAE variables and the scale are params (params["vae"], params["latent_scale"]), 
 diffusion run: sampling and evaluating it never need the VAE run again.
 
 They are read from the VAE run when the task's init is first traced (`jax.ensure_compile_time_eval`, once per
-task), and enter the jitted init as constants: `load_vae_run` checks that `config.model.vae_workdir` holds a 'vae'
-run on the data set's image shape whose model config equals `config.model.vae` (ConfigError naming the fields that
-differ and the run's values), loads its params (EMA when kept) and, for `latent_scale` 0, measures 1 / std of the
-encoder means over the first `LATENT_SCALE_IMAGES` training images. By the loop, init is first traced in its
-abstract evaluation (`jax.eval_shape(task.init, ...)` in `genjax.train.builder`), which also runs when a training
-run resumes: resuming training reads (and needs) the VAE run, although the values come from the checkpoint. (A
-`jax.pure_callback` would defer the read to init's execution, but an error raised in it, such as a missing VAE run,
-hangs a program that runs on several devices.) Sampling and evaluation never call init.
+task), and enter the jitted init as constants; the loop's abstract evaluation traces the task's `shape_init`
+instead (zeros of the same shapes), so only a run that starts from scratch reads the VAE run. `load_vae_run`
+checks that `config.model.vae_workdir` holds a 'vae' run on the data set's image shape whose model config equals
+`config.model.vae` (ConfigError naming the fields that differ and the run's values), loads its params (EMA when
+kept) and, for `latent_scale` 0, measures 1 / std of the encoder means over the first `LATENT_SCALE_IMAGES`
+training images. Resuming, sampling and evaluating never read the VAE run. (A `jax.pure_callback` could not do the
+read: an error raised in it, such as a missing VAE run, hangs a program that runs on several devices.)
 """
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ class Space:
   decode: Callable[[Any, jax.Array], jax.Array]
   clip: Optional[tuple[float, float]]         # the data range the samplers clip predicted x0 to
   init_extra: Callable[[], dict]              # frozen params besides "unet" (called inside the task's init)
+  extra_shapes: Callable[[], dict]            # zeros shaped like init_extra's values, reading nothing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +68,7 @@ class LatentSource:
 def pixel_space(image_shape, clip: bool) -> Space:
   return Space(shape=tuple(image_shape), encode=lambda params, img: 2.0 * img - 1.0,
                decode=lambda params, x: jnp.clip((x + 1.0) / 2.0, 0.0, 1.0),
-               clip=(-1.0, 1.0) if clip else None, init_extra=dict)
+               clip=(-1.0, 1.0) if clip else None, init_extra=dict, extra_shapes=dict)
 
 
 def latent_space(vae_cfg: VAEConfig, image_shape, dtype, source: LatentSource) -> Space:
@@ -94,7 +95,12 @@ def latent_space(vae_cfg: VAEConfig, image_shape, dtype, source: LatentSource) -
     params, scale = init_values()
     return {"vae": params, "latent_scale": scale}
 
-  return Space(shape=(1, 1, d), encode=encode, decode=decode, clip=None, init_extra=init_extra)
+  def extra_shapes():
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), vae_param_shapes(vae_cfg, image_shape))
+    return {"vae": zeros, "latent_scale": jnp.zeros((), jnp.float32)}
+
+  return Space(shape=(1, 1, d), encode=encode, decode=decode, clip=None, init_extra=init_extra,
+               extra_shapes=extra_shapes)
 
 
 def vae_param_shapes(vae_cfg: VAEConfig, image_shape) -> Any:

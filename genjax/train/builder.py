@@ -41,9 +41,14 @@ class Built:
   batch_devices: int                               # devices the global batch is split over
 
 
+def shapes_task(task: Task) -> Task:
+  """The task whose init the abstract evaluations trace: `task.shape_init` in place of init when it has one."""
+  return task if task.shape_init is None else dataclasses.replace(task, init=task.shape_init)
+
+
 def abstract_state(task: Task, config, example_batch: dict) -> TrainState:
-  """Shapes and dtypes of the TrainState (no arrays allocated)."""
-  init_fn = functools.partial(init_state, task, ema_decay=float(config.ema_decay))
+  """Shapes and dtypes of the TrainState (no arrays allocated; `task.shape_init` when given)."""
+  init_fn = functools.partial(init_state, shapes_task(task), ema_decay=float(config.ema_decay))
   return jax.eval_shape(init_fn, jax.random.PRNGKey(0), example_batch)
 
 
@@ -82,7 +87,7 @@ def build(config, task: Task, example_batch: dict, mesh: Optional[jax.sharding.M
   if config.batch_size % batch_devices:
     raise ConfigError(f"batch_size={config.batch_size} must be divisible by data×fsdp={batch_devices}")
   repl, batch_sh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  boxed = jax.eval_shape(task.init, jax.random.PRNGKey(0), example_batch)
+  boxed = jax.eval_shape(shapes_task(task).init, jax.random.PRNGKey(0), example_batch)
   param_sh = parallel.param_shardings(boxed, mesh, config.param_sharding)
   abstract = abstract_state(task, config, example_batch)
   state_sh = state_shardings(task, abstract, param_sh, repl)

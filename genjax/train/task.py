@@ -9,6 +9,7 @@ pure functions. The loop in `genjax.train.trainer` runs any `Task`:
         sample_images=sample_fn,               # (params, rng, n, **options) -> [n, H, W, C] float32 in [0, 1]
         sample_text=None,                      # or (params, prompts: list[str], rng, **options) -> list[str]
         evaluate=eval_fn,                      # (params, batch, rng) -> {name: scalar}; averaged over test batches
+        shape_init=None,                       # or (rng, example_batch) -> params of init's shapes, reading nothing
     )
 
 A phase's `loss_fn(params, batch, rng, step) -> (loss, metrics)` sees the *whole* params tree but only the sub-tree
@@ -52,6 +53,10 @@ class Task:
   sample_images: Optional[Callable[..., Any]] = None
   sample_text: Optional[Callable[..., Any]] = None
   evaluate: Optional[Callable[[Params, Batch, Any], Mapping[str, Any]]] = None
+  # (rng, example_batch) -> params of init's shapes and dtypes, values irrelevant (e.g. zeros), reading nothing: for
+  # a family whose init reads files, the loop's abstract evaluation (shardings, the restore target) traces this
+  # instead, so that resuming never runs init. None: init itself is traced.
+  shape_init: Optional[Callable[[Any, Batch], Params]] = None
 
   def __post_init__(self):
     if not self.phases:
