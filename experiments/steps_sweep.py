@@ -8,8 +8,8 @@ sampler at every step count, as JSON and as a PNG plot with the real-vs-real flo
 
 Writes `<output>.json` (one record per sampler × steps: the metrics, sampling seconds) and `<output>.png`
 (default output: `<workdir>/fd_vs_steps`). Every point draws the same number of samples (the eval split's size,
-or --num_samples) from the same seed as `experiments.evaluate --seed` (so the two agree on a shared point), scored against the same train-split features as `experiments.evaluate`;
-the feature network, the train features and the floor are computed once. The run's sample options other than
+or --num_samples) from the same seed as `experiments.evaluate --seed` (so the two agree on a shared point),
+scored against the same train-split features as `experiments.evaluate`; the feature network, the train features and the floor are computed once. The run's sample options other than
 sampler/num_steps (guidance, eta, label) keep the config's defaults unless --option sets them. The plot needs
 matplotlib (`pip install -e ".[plot]"`).
 """

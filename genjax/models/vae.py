@@ -1,14 +1,15 @@
 """Convolutional VAE: Bernoulli or Gaussian likelihood, β-weighted analytic KL, ELBO in nats and bits/dim.
 
-    model = vae_model(config)                      # linen VAE (config.model typed as VAEConfig); methods encode(x) -> (mean, logvar), decode(z)
+    model = vae_model(config)                      # linen VAE; config.model is typed as VAEConfig
     task = task(config)                            # what the shared loop trains
     mean, logvar = model.apply({"params": p}, x, method="encode")
     images = model.apply({"params": p}, z, method="decode")       # [B, H, W, C] in [0, 1]
 
-The loss is −(E_q[log p(x|z)] − β·KL(q(z|x) ‖ N(0, I))) per image (one reparameterised sample, per-example keys);
-`evaluate` reports the β = 1 ELBO in nats and bits/dim on the test split and the importance-weighted NLL with
-K = `model.iw_samples` samples (log-mean-exp of log p(x|z) + log p(z) − log q(z|x); ≤ −ELBO, tightening with K). The Bernoulli likelihood treats grey
-levels in [0, 1] as Bernoulli means (the usual practice on MNIST-like data); the Gaussian one uses a fixed σ.
+The loss is −(E_q[log p(x|z)] − β·KL(q(z|x) ‖ N(0, I))) per image (one reparameterised sample, per-example
+keys); `evaluate` reports the β = 1 ELBO in nats and bits/dim on the test split and the importance-weighted NLL
+with K = `model.iw_samples` samples (log-mean-exp of log p(x|z) + log p(z) − log q(z|x); ≤ −ELBO, tightening with
+K). The Bernoulli likelihood treats grey levels in [0, 1] as Bernoulli means (the usual practice on MNIST-like
+data); the Gaussian one uses a fixed σ.
 """
 from __future__ import annotations
 
