@@ -32,8 +32,14 @@ def test_eight_devices_are_simulated():
   assert jax.device_count() == 8
 
 
-def test_pjit_matches_pmap(tmp_path):
-  a = run(tiny_vae_config(parallel="pjit"), str(tmp_path / "pjit"))
+@pytest.fixture(scope="module")
+def pjit_run(tmp_path_factory):
+  """The default tiny run (pjit, params replicated over 8 devices, 4 steps): the reference of the equality tests."""
+  return run(tiny_vae_config(), str(tmp_path_factory.mktemp("pjit")))
+
+
+def test_pjit_matches_pmap(tmp_path, pjit_run):
+  a = pjit_run
   b = run(tiny_vae_config(parallel="pmap"), str(tmp_path / "pmap"))
   assert int(a.step) == int(b.step) == 4
   np.testing.assert_allclose(flat(a.params), flat(b.params), atol=TOL)
@@ -41,20 +47,19 @@ def test_pjit_matches_pmap(tmp_path):
   assert np.abs(flat(a.params) - flat(run(tiny_vae_config(seed=1), str(tmp_path / "s1")).params)).max() > 1e-3
 
 
-def test_one_device_matches_eight(tmp_path):
+def test_one_device_matches_eight(tmp_path, pjit_run):
   one = run(tiny_vae_config(**{"mesh.data": 1}), str(tmp_path / "one"))
-  eight = run(tiny_vae_config(**{"mesh.data": -1}), str(tmp_path / "eight"))
+  eight = pjit_run                                          # mesh.data=-1: all 8 devices
   assert len(one.params["enc_0"]["kernel"].sharding.device_set) == 1
   assert len(eight.params["enc_0"]["kernel"].sharding.device_set) == 8
   np.testing.assert_allclose(flat(one.params), flat(eight.params), atol=TOL)
 
 
-def test_fsdp_sharding_matches_replicated(tmp_path):
+def test_fsdp_sharding_matches_replicated(tmp_path, pjit_run):
   fsdp = run(tiny_vae_config(param_sharding="fsdp", **{"mesh.data": 2, "mesh.fsdp": 4}), str(tmp_path / "f"))
   kernel = fsdp.params["dec_hidden"]["kernel"]          # [4, 32]: 32 is divisible by fsdp=4
   assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
-  repl = run(tiny_vae_config(), str(tmp_path / "r"))
-  np.testing.assert_allclose(flat(fsdp.params), flat(repl.params), atol=TOL)
+  np.testing.assert_allclose(flat(fsdp.params), flat(pjit_run.params), atol=TOL)
 
 
 @pytest.mark.parametrize("parallel", ["pjit", "pmap"])
@@ -82,17 +87,9 @@ def test_compilation_cache_dir_keeps_the_compiled_train_step(tmp_path):
   assert any(name.startswith("jit_step_fn") for name in os.listdir(cache)), os.listdir(cache)
 
 
-def test_pmap_checkpoint_restores_into_pjit(tmp_path):
-  run(tiny_vae_config(parallel="pmap", num_train_steps=2), str(tmp_path))
-  resumed = run(tiny_vae_config(parallel="pjit", num_train_steps=6), str(tmp_path))
-  straight = run(tiny_vae_config(parallel="pjit", num_train_steps=6), str(tmp_path / "straight"))
-  np.testing.assert_allclose(flat(resumed.params), flat(straight.params), atol=TOL)
-
-
-def test_gradient_accumulation_matches_full_batch(tmp_path):
-  full = run(tiny_vae_config(), str(tmp_path / "full"))
+def test_gradient_accumulation_matches_full_batch(tmp_path, pjit_run):
   accum = run(tiny_vae_config(grad_accum_steps=2), str(tmp_path / "accum"))
-  np.testing.assert_allclose(flat(accum.params), flat(full.params), atol=TOL)
+  np.testing.assert_allclose(flat(accum.params), flat(pjit_run.params), atol=TOL)
 
 
 def test_outputs_on_disk_and_load_run(tmp_path):
