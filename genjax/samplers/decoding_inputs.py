@@ -108,7 +108,8 @@ def sampling_settings(batch: int, **settings) -> tuple[np.ndarray, np.ndarray]:
   When every setting is a scalar (the common case) the packed pair is computed once per (batch, values) and shared
   by later calls: both arrays are then read-only."""
   if all(isinstance(v, (int, float, np.number)) for v in settings.values()):
-    return _scalar_settings(batch, tuple(sorted(settings.items())))
+    # the type is part of the key: 1, 1.0 and True are equal but are not equally valid for every setting
+    return _scalar_settings(batch, tuple(sorted((k, type(v), v) for k, v in settings.items())))
   return _pack(batch, settings)
 
 
@@ -120,7 +121,7 @@ def _pack(batch: int, settings: dict) -> tuple[np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=256)
 def _scalar_settings(batch: int, items: tuple) -> tuple[np.ndarray, np.ndarray]:
-  floats, ints = _pack(batch, dict(items))
+  floats, ints = _pack(batch, {k: v for k, _, v in items})
   floats.flags.writeable = ints.flags.writeable = False
   return floats, ints
 
