@@ -204,7 +204,7 @@ def _dump(workdir: str, step: int, out: str) -> dict:
   import jax
   import numpy as np
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-  from genjax.train.checkpoint import Checkpointer, _is_array_meta
+  from genjax.core.checkpoint import Checkpointer, _is_array_meta
   devices = jax.devices()
   mesh = Mesh(np.asarray(devices), ("d",))
 

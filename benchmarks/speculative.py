@@ -39,7 +39,7 @@ SAMPLE = dict(temperature=0.8, top_p=0.95)
 def _load(workdir: str):
   import flax.linen as nn
   from genjax.models import transformer as tr
-  from genjax.train.checkpoint import load_run
+  from genjax.core.checkpoint import load_run
   config, params = load_run(workdir)
   cfg = tr.lm_config(config)
   return tr.decoding_model(cfg), nn.unbox(params)

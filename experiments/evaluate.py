@@ -231,7 +231,7 @@ def evaluate_run(workdir: str, *, step: Optional[int] = None, options: Optional[
   from genjax import data as gdata
   from genjax import metrics
   from genjax.models import get_task
-  from genjax.train.checkpoint import load_run_at
+  from genjax.core.checkpoint import load_run_at
   options = dict(options or {})
   if not os.path.isdir(workdir):
     what = "a file" if os.path.exists(workdir) else "missing"

@@ -45,7 +45,7 @@ def export_run(workdir: str, out: str, step: Optional[int] = None) -> str:
     raise UserError(f"--out={out!r} exists and is not an empty directory; give a new directory")
   from genjax.interop import hf
   from genjax.models import transformer
-  from genjax.train.checkpoint import load_run
+  from genjax.core.checkpoint import load_run
 
   config, params = load_run(workdir, step=step)
   if config.family != "lm":

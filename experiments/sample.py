@@ -110,7 +110,7 @@ def sample_run(workdir: str, *, options: dict, num_samples: int = 64, seed: int 
   import jax
   import numpy as np
   from genjax.models import family_module, get_task
-  from genjax.train.checkpoint import load_run
+  from genjax.core.checkpoint import load_run
   from genjax.train.report import save_image_grid
 
   config, params = load_run(workdir, step=step)

@@ -99,7 +99,7 @@ def sweep_run(workdir: str, samplers, num_steps, *, num_samples: int = 0, sample
   """`sweep` over a trained diffusion run: {"points": [...], "floor": ..., "metric": "FD-<data>", ...}."""
   from experiments import evaluate as ev
   from genjax.models import get_task
-  from genjax.train.checkpoint import load_run
+  from genjax.core.checkpoint import load_run
   check_arguments(samplers, num_steps)
   if not os.path.isdir(workdir):
     what = "a file" if os.path.exists(workdir) else "missing"

@@ -213,7 +213,7 @@ def test_sample_files_are_named_from_their_options_and_interpolation_honours_the
   assert all(os.path.exists(p) for p in a["paths"] + b["paths"])     # the second request overwrote nothing
   # The interpolation grid is the family's grid for the same label and truncation (and differs without them).
   from genjax.models import gan
-  from genjax.train.checkpoint import load_run
+  from genjax.core.checkpoint import load_run
   from genjax.train.report import save_image_grid
   config, params = load_run(workdir)
   key = jax.random.fold_in(jax.random.PRNGKey(0), 1)
@@ -230,7 +230,7 @@ def test_library_errors_are_user_errors(runs):
   from experiments.configs import vae as vae_configs
   from genjax import data as gdata
   from genjax.models import get_task
-  from genjax.train.checkpoint import load_run
+  from genjax.core.checkpoint import load_run
   with pytest.raises(ConfigError, match=r"unknown variant 'digitz' for vae.py; valid: \['digits'"):
     vae_configs.get_config("digitz")
   with pytest.raises(UserError, match=r"unknown data set 'mnistt'; available: \["):

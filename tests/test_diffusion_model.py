@@ -400,7 +400,7 @@ def test_latent_run_samples_and_evaluates_after_its_vae_run_is_deleted(vae_run, 
   import shutil
   from genjax.data import load_arrays
   from genjax.models.vae import vae_model
-  from genjax.train.checkpoint import load_run
+  from genjax.core.checkpoint import load_run
   from genjax.train.trainer import train_and_evaluate
   from tests.util import flat
   vae_config, vae_workdir, vae_params = vae_run
@@ -426,7 +426,7 @@ def test_latent_run_samples_and_evaluates_after_its_vae_run_is_deleted(vae_run, 
 
 def test_init_checks_the_vae_run_against_config_model_vae(tmp_path):
   """The check reads the run's config.json only (it comes before the params), so a config file is run enough."""
-  from genjax.train.checkpoint import save_config
+  from genjax.core.checkpoint import save_config
   from tests.util import tiny_vae_config
   vae_config = tiny_vae_config()
   for name in ("vae", "ddpm"):

@@ -30,9 +30,9 @@ from experiments.configs import ddpm as ddpm_configs
 from experiments.train import run
 from genjax.errors import WorkdirError
 from genjax.models import get_task
-from genjax.train.checkpoint import (CheckpointMismatchError, Checkpointer, CheckpointReadError, CheckpointSaveError,
+from genjax.core.checkpoint import (CheckpointMismatchError, Checkpointer, CheckpointReadError, CheckpointSaveError,
                                      CheckpointUnreadableError, load_run, load_run_at)
-from genjax.train.checksums import array_checksums
+from genjax.core.checksums import array_checksums
 from genjax.train.trainer import NonFiniteLossError, train_and_evaluate
 from tests.util import flat, tiny_vae_config
 

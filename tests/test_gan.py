@@ -13,7 +13,7 @@ from genjax.errors import ConfigError
 from genjax.models import gan
 from genjax.models.fields import to_dict
 from genjax.train.step import init_state, make_train_step
-from genjax.train.task import Task
+from genjax.core.task import Task
 
 SHAPE = (8, 8, 1)
 

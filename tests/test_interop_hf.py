@@ -289,7 +289,7 @@ def test_hf_finetune_starts_from_the_checkpoint_and_exports_back(tmp_path):
   from experiments.configs import lm as lm_configs
   from experiments.train import run
   from genjax.models import get_task
-  from genjax.train.checkpoint import load_run
+  from genjax.core.checkpoint import load_run
   from tests.hf_fixtures import tiny_checkpoint
   model_dir = tiny_checkpoint(str(tmp_path / "model"))
   c = lm_configs.get_config("hf_finetune")

@@ -16,8 +16,8 @@ import pytest
 from experiments.train import run
 from genjax.errors import WorkdirError
 from genjax.models import get_task
-from genjax.train import Phase, Task
-from genjax.train.checkpoint import Checkpointer, load_run
+from genjax.core import Phase, Task
+from genjax.core.checkpoint import Checkpointer, load_run
 from genjax.train.preemption import Interrupted, StopSignals
 from genjax.train.report import Progress, log_line
 from genjax.train.trainer import NonFiniteLossError, train_and_evaluate

@@ -325,7 +325,7 @@ def test_unigram_cross_entropy_and_feature_metric_names():
 
 def _toy_task():
   import optax
-  from genjax.train.task import Phase, Task
+  from genjax.core.task import Phase, Task
 
   def sample_images(params, rng, n, shift=0.0, **unknown):
     if unknown:

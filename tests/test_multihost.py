@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from experiments.train import run
-from genjax.train.checkpoint import load_run
+from genjax.core.checkpoint import load_run
 from tests.util import flat, tiny_vae_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

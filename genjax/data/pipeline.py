@@ -8,7 +8,7 @@ Order: the examples of epoch e in the order `np.random.default_rng([seed, e]).pe
 cut into global batches of `global_batch` (a batch may span two epochs); process p of P takes rows
 [p·L, (p+1)·L) of each global batch, L = global_batch / P, so concatenating the processes' batches of one step gives
 exactly the global batch a single process would have read. Each process reads only its own examples. Every batch
-carries `example_id`: the example's row within the global batch, which `genjax.train.random.example_keys` turns
+carries `example_id`: the example's row within the global batch, which `genjax.core.random.example_keys` turns
 into per-example PRNG keys (randomness independent of device layout).
 
 Batch b is a pure function of (seed, b), so the state is one number (`next_index`: batches handed out) and a

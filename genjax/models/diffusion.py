@@ -58,9 +58,9 @@ from genjax.samplers.diffusion import (classifier_free_guidance, ddim_sample, dd
 from genjax.samplers.edm import euler_ancestral_sample, euler_sample, heun_sample
 from genjax.samplers.flow import FLOW_METHODS, FlowSchedule, flow_sample
 from genjax.samplers.schedules import PREDICTION_ALIASES, PREDICTIONS, NoiseSchedule, check_prediction
-from genjax.train.optim import make_optimizer
-from genjax.train.random import example_keys
-from genjax.train.task import Phase, Task
+from genjax.core.optim import make_optimizer
+from genjax.core.random import example_keys
+from genjax.core.task import Phase, Task
 
 SCHEDULES = ("linear", "cosine", "flow")
 SAMPLERS = ("ddpm", "ddim", "dpm_solver", "dpm_solver_3m", "dpm_solver_sde", "unipc", "euler", "heun",
@@ -191,7 +191,7 @@ def diffusion_loss(apply_fn: ApplyFn, schedule, x0: jax.Array, rng: jax.Array, *
                    noise: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
   """The denoising loss mean_b mean_{pixels} (apply_fn(x_t, t, label, keys) - target)^2 and its metrics.
 
-  `rng` is one key, or one key per example (`genjax.train.random.example_keys`: then an example draws the same
+  `rng` is one key, or one key per example (`genjax.core.random.example_keys`: then an example draws the same
   numbers however the batch is laid out over devices). Per example: `t` ~ U{0..T-1}, `noise` ~ N(0, I) (unless
   given: tests pass them to check the formula), and with `label` and `label_dropout > 0` the label becomes
   `null_label` with that probability.

@@ -39,7 +39,7 @@ from genjax.data import dataset_info, load_arrays
 from genjax.errors import ConfigError, WorkdirError
 from genjax.models.fields import from_config, to_dict
 from genjax.models.vae import VAE, VAEConfig, vae_module
-from genjax.train.checkpoint import CONFIG_FILE, load_config, load_run
+from genjax.core.checkpoint import CONFIG_FILE, load_config, load_run
 
 LATENT_SCALE_IMAGES = 4096   # training images whose encoder means set latent_scale 0
 

@@ -39,9 +39,9 @@ from genjax.dtypes import compute_dtype
 from genjax.errors import ConfigError, UserError
 from genjax.models.fields import from_config
 from genjax.models.gan_latents import check_truncation, draw_latent, sample_latents, slerp  # noqa: F401
-from genjax.train.optim import make_optimizer
-from genjax.train.random import per_example
-from genjax.train.task import Phase, Task
+from genjax.core.optim import make_optimizer
+from genjax.core.random import per_example
+from genjax.core.task import Phase, Task
 
 LOSSES = ("non_saturating", "hinge", "wgan_gp")
 SAMPLE_OPTIONS = ("truncation", "label")

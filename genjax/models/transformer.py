@@ -41,8 +41,8 @@ from genjax.models.fields import from_config
 from genjax.models.lm_layers import (LMConfig, TransformerLM, init_cache, rope, stack_layers,  # noqa: F401
                                      unstack_layers)
 from genjax.samplers.decoding import DecodingModel, beam_search, generate
-from genjax.train.optim import make_optimizer
-from genjax.train.task import Phase, Task
+from genjax.core.optim import make_optimizer
+from genjax.core.task import Phase, Task
 
 SAMPLE_OPTIONS = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 0, "top_p": 0.95, "repetition_penalty": 1.0,
                   "presence_penalty": 0.0, "frequency_penalty": 0.0, "num_beams": 1, "length_penalty": 1.0,

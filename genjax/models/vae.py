@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from genjax.data import dataset_info
 from genjax.dtypes import compute_dtype
 from genjax.models.fields import from_config
-from genjax.train import Phase, Task, make_optimizer
-from genjax.train.random import per_example
+from genjax.core import Phase, Task, make_optimizer
+from genjax.core.random import per_example
 from genjax.errors import ConfigError, UserError
 
 LIKELIHOODS = ("bernoulli", "gaussian")

@@ -21,7 +21,7 @@ import optax
 from genjax.errors import ConfigError
 from genjax.train import parallel
 from genjax.train.step import TrainState, init_state, make_train_step, select
-from genjax.train.task import Task
+from genjax.core.task import Task
 
 
 @dataclasses.dataclass(frozen=True)

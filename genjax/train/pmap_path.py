@@ -15,7 +15,7 @@ import numpy as np
 from genjax.train import parallel
 from genjax.train.builder import Built, abstract_state, step_kwargs, with_shardings
 from genjax.train.step import init_state, make_train_step
-from genjax.train.task import Task
+from genjax.core.task import Task
 
 AXIS_NAME = "batch"
 

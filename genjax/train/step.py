@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from genjax.train.task import Task
+from genjax.core.task import Task
 
 
 @flax.struct.dataclass

@@ -6,7 +6,7 @@
 
 Order: check the inputs (config, workdir, data set, device layout) before writing anything → lock the workdir →
 restore the latest checkpoint or init → loop (step; every N steps: log, evaluate, sample, checkpoint) → finish.
-Nothing here knows which family it trains: the Task (genjax.train.task) says what to optimise, the builder
+Nothing here knows which family it trains: the Task (genjax.core.task) says what to optimise, the builder
 (genjax.train.builder) how the step runs on the devices. SIGINT/SIGTERM stop at an agreed step after a checkpoint
 (genjax.train.preemption). Process 0 writes logs, grids and config.
 
@@ -30,12 +30,12 @@ from genjax.dtypes import compute_dtype
 from genjax.errors import ConfigError, WorkdirError
 from genjax.train import parallel
 from genjax.train.builder import Built, build
-from genjax.train.checkpoint import Checkpointer, load_config, save_config
-from genjax.train.optim import make_schedule
+from genjax.core.checkpoint import Checkpointer, load_config, save_config
+from genjax.core.optim import make_schedule
 from genjax.train.preemption import Interrupted, StopSignals
 from genjax.train.report import MetricsWriter, Progress, image_grid, log_line, quiet_library_logs, save_image_grid
 from genjax.train.step import TrainState
-from genjax.train.task import Task
+from genjax.core.task import Task
 from genjax.train.throughput import layout_summary, params_summary, peak_flops_per_device, step_flops
 from genjax.train.workdir import WorkdirLock, check_workdir
 

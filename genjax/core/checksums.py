@@ -6,7 +6,7 @@
 An array's checksum is two wrap-around uint32 sums, of its raw bits and of a hash of each element's bits mixed with
 its flat index: exact integer arithmetic, so sharding and reduction order do not change it; any changed element
 changes it; it is computed on the devices (elementwise + reduce), so a sharded array is never gathered.
-`genjax.train.checkpoint` stores them with every save and compares them on every restore.
+`genjax.core.checkpoint` stores them with every save and compares them on every restore.
 """
 from __future__ import annotations
 

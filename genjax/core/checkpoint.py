@@ -40,7 +40,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from genjax.errors import CheckpointError, WorkdirError
-from genjax.train.checksums import CHECKSUM_ALGORITHM, array_checksums, json_sha256, leaves_by_path
+from genjax.core.checksums import CHECKSUM_ALGORITHM, array_checksums, json_sha256, leaves_by_path
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
