@@ -1,7 +1,7 @@
 """diffusers' Flax schedulers as peers for `benchmarks.sampler_accuracy`: the same model_fn, x_T and NFE.
 
     runners = peer_runners()        # {} when diffusers (a release with Flax schedulers, e.g. 0.39) is not importable
-    for r in runners: x0 = r.sample(model_fn, sched, x_T, num_steps)
+    for r in runners: x0 = r.sample(model_fn, schedule, x_T, num_steps)
 
 Each runner is one scheduler class with one set of options, stepped in a jitted `lax.fori_loop` (num_steps static,
 as their API requires; one program per step count). Options swept, each scheduler's default first:
@@ -18,11 +18,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+class SchedulerCarry(NamedTuple):
+  """The loop state of a diffusers Flax scheduler stepped in `lax.fori_loop`: the sample and the scheduler state."""
+  x: jax.Array
+  state: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,16 +38,16 @@ class PeerRunner:
   scheduler_cls: type
   options: tuple           # ((name, value), ...) passed to the scheduler's constructor
 
-  def _scheduler(self, sched):
-    betas = np.asarray(sched.betas, np.float32)
-    return self.scheduler_cls(num_train_timesteps=sched.num_timesteps, trained_betas=betas,
+  def _scheduler(self, schedule):
+    betas = np.asarray(schedule.betas, np.float32)
+    return self.scheduler_cls(num_train_timesteps=schedule.num_timesteps, trained_betas=betas,
                               prediction_type="epsilon", **dict(self.options))
 
-  def sample(self, model_fn: Callable, sched, x_T, num_steps: int) -> jax.Array:
+  def sample(self, model_fn: Callable, schedule, x_T, num_steps: int) -> jax.Array:
     """x0 from x_T after `num_steps` scheduler steps (one model call each)."""
-    scheduler = self._scheduler(sched)
+    scheduler = self._scheduler(schedule)
     state = scheduler.create_state()
-    return _loop(self, sched.num_timesteps)(state, model_fn, jnp.asarray(x_T, jnp.float32), num_steps)
+    return _loop(self, schedule.num_timesteps)(state, model_fn, jnp.asarray(x_T, jnp.float32), num_steps)
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,14 +60,14 @@ def _loop(runner: PeerRunner, num_timesteps: int):
   def sample(state, model_fn, x_T, num_steps):
     state = scheduler.set_timesteps(state, num_steps, x_T.shape)
 
-    def body(i, carry):
-      x, state = carry
+    def body(i, carry: SchedulerCarry) -> SchedulerCarry:
+      x, state = carry.x, carry.state
       t = state.timesteps[i]
       eps = model_fn(x, jnp.full((x.shape[0],), t, jnp.int32))
       x, state = scheduler.step(state, eps, t, x, return_dict=False)[:2]
-      return x, state
+      return SchedulerCarry(x, state)
 
-    return jax.lax.fori_loop(0, num_steps, body, (x_T, state))[0]
+    return jax.lax.fori_loop(0, num_steps, body, SchedulerCarry(x_T, state)).x
 
   return sample
 
@@ -70,7 +76,7 @@ def peer_runners() -> list[PeerRunner]:
   """Every (scheduler, options) runner, defaults first; [] when diffusers' Flax schedulers cannot be imported."""
   try:
     from diffusers import FlaxDDIMScheduler, FlaxDPMSolverMultistepScheduler
-  except Exception:  # not installed, or a release without Flax (ImportError and friends)
+  except (ImportError, RuntimeError):  # absent or no Flax schedulers; RuntimeError: diffusers' lazy import failed
     return []
   runners = []
   for offset, to_one in ((0, True), (1, True), (0, False), (1, False)):

@@ -180,8 +180,6 @@ def markdown(result) -> str:
   if failed:
     out += ["", "Options that did not run:", ""]
     out += sorted({f"- {r['library']} {r['sampler']} [{r['variant']}]: {r['status']}" for r in failed})
-  if result.get("missing_samplers"):
-    out += ["", f"Samplers not in this checkout: {', '.join(result['missing_samplers'])}"]
   return "\n".join(out)
 
 

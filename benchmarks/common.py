@@ -35,7 +35,6 @@ import numpy as np
 from absl import flags
 
 from genjax.compiles import CompileCounter  # noqa: F401  (re-exported: benchmarks use common.CompileCounter)
-from genjax.train.throughput import PEAK_FLOPS
 
 JSON = flags.DEFINE_string("json", None, "Write the records (a JSON list of objects) to this path.")
 QUICK = flags.DEFINE_bool("quick", False, "Small CPU-sized run (minutes on a laptop-class CPU).")
@@ -183,28 +182,6 @@ def device_label(info: Optional[dict] = None) -> str:
 
 def on_accelerator() -> bool:
   return jax.devices()[0].platform in ("gpu", "tpu", "cuda", "rocm")
-
-
-def peak_flops(device_kind: str) -> Optional[float]:
-  """Dense bf16 peak FLOP/s of one device of this kind, or None (CPU, or a kind not in PEAK_FLOPS)."""
-  for prefix, peak in PEAK_FLOPS:
-    if device_kind.startswith(prefix):
-      return peak
-  return None
-
-
-def compiled_flops(compiled) -> Optional[float]:
-  """FLOPs of one call of a compiled executable from XLA's cost analysis (None when XLA reports none)."""
-  try:
-    analysis = compiled.cost_analysis()
-  except Exception:  # some backends do not implement cost analysis
-    return None
-  if isinstance(analysis, (list, tuple)):   # older jax: one dict per program
-    analysis = analysis[0] if analysis else None
-  if not analysis or "flops" not in analysis:
-    return None
-  flops = float(analysis["flops"])
-  return flops if flops > 0 else None
 
 
 # --------------------------------------------------------------------------------------------- output

@@ -99,7 +99,7 @@ class LMBench:
     from genjax.tokenizer import PAD_ID
     if not sampling:
       sampling = dict(greedy=True)
-    return generate(self.model, self.params, prompts, rng, max_new_tokens=new_tokens, eos_id=None, pad_id=PAD_ID,
+    return generate(self.model, self.params, prompts, rng=rng, max_new_tokens=new_tokens, eos_id=None, pad_id=PAD_ID,
                     **sampling).tokens
 
 
@@ -172,7 +172,7 @@ class HFPeer:
     rng = jax.random.key(0)
     model, params = (self.native, self.native_params) if native else (self.model, self.params)
     prompts = np.asarray(prompts)
-    return lambda: generate(model, params, prompts, rng, max_new_tokens=new_tokens, pad_id=0, **kw).tokens
+    return lambda: generate(model, params, prompts, rng=rng, max_new_tokens=new_tokens, pad_id=0, **kw).tokens
 
 
 def _program_only(call: Callable):

@@ -59,9 +59,9 @@ def worker_env(devices: int, cache_dir=None) -> dict:
 
 
 def steps_on_disk(workdir) -> list[int]:
-  """Committed checkpoint steps (orbax's unfinished `<step>.orbax-checkpoint-tmp-*` directories excluded)."""
-  d = os.path.join(workdir, "checkpoints")
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+  """Committed checkpoint steps (`genjax.core.checkpoint.committed_steps`)."""
+  from genjax.core.checkpoint import committed_steps
+  return committed_steps(str(workdir))
 
 
 def snapshot(workdir) -> dict[str, str]:

@@ -22,14 +22,14 @@ would need a slot per token fed, so use it with slot == position caches (genjax'
     from genjax.samplers import generate
     hf = FlaxGPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=128, n_head=4), seed=0)
     model = gpt2_decoding_model(hf)
-    out = generate(model, hf.params, [[464, 3290], [40]], rng, max_new_tokens=20, top_p=0.9)
+    out = generate(model, hf.params, [[464, 3290], [40]], rng=rng, max_new_tokens=20, top_p=0.9)
 
 `genjax_lm_from_flax(hf, params, workdir)` goes the other way for the same weights: it writes them as the
 checkpoint transformers' PyTorch GPT-2 reads (`config.json` + `model.safetensors`) and loads that with
 `genjax.interop.hf.load_lm`, giving genjax's own LM (`genjax.models.transformer`) with HF's exact weights:
 
     cfg, params = genjax_lm_from_flax(hf, hf.params, "/tmp/gpt2")
-    out = generate(transformer.decoding_model(cfg), params, [[464, 3290], [40]], rng, max_new_tokens=20)
+    out = generate(transformer.decoding_model(cfg), params, [[464, 3290], [40]], rng=rng, max_new_tokens=20)
 """
 from __future__ import annotations
 

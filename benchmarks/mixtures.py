@@ -6,7 +6,7 @@ N(alpha mu_k, (abar s_k^2 + 1 - abar) I); so the optimal noise prediction is exa
 (logsumexp) sum of per-component Gaussian predictions:
 
     mix = MIXTURES["ring"]        # or "wide_1d", "narrow_1d", "offset_1d"
-    model_fn = mixture_model_fn(mix, sched)          # (x [B, D] float32, t [B] int or float) -> eps, jax
+    model_fn = mixture_model_fn(mix, schedule)          # (x [B, D] float32, t [B] int or float) -> eps, jax
     x0 = exact_flow(mix, sigma_max, x_T)             # float64 numpy: the probability-flow ODE solved to convergence
 
 The probability-flow ODE does not depend on the schedule once written in EDM variables (sigma^2 = (1 - abar) / abar,
@@ -76,15 +76,15 @@ MIXTURES = {
 
 
 # --------------------------------------------------------------------------------------------- the jax model
-def log_sigma_table(sched) -> np.ndarray:
+def log_sigma_table(schedule) -> np.ndarray:
   """log(sigma_t) = 0.5 log((1 - abar_t) / abar_t) for t = 0..T-1 (float64, from the schedule's float32 table)."""
-  log_abar = np.asarray(sched.log_alphas_cumprod, np.float64)
+  log_abar = np.asarray(schedule.log_alphas_cumprod, np.float64)
   return 0.5 * (np.log(-np.expm1(log_abar)) - log_abar)
 
 
-def sigma_max(sched) -> float:
+def sigma_max(schedule) -> float:
   """sigma at the last training timestep T - 1, where the samplers start."""
-  return float(np.exp(log_sigma_table(sched)[-1]))
+  return float(np.exp(log_sigma_table(schedule)[-1]))
 
 
 def _mixture_eps(params, x, t):
@@ -130,15 +130,15 @@ def calls() -> int:
   return _CALLS[0]
 
 
-def mixture_params(mix: Mixture, sched) -> tuple:
+def mixture_params(mix: Mixture, schedule) -> tuple:
   logw, means, stds = mix.padded()
-  return tuple(jnp.asarray(a, jnp.float32) for a in (logw, means, stds, log_sigma_table(sched)))
+  return tuple(jnp.asarray(a, jnp.float32) for a in (logw, means, stds, log_sigma_table(schedule)))
 
 
-def mixture_model_fn(mix: Mixture, sched, count: bool = True):
+def mixture_model_fn(mix: Mixture, schedule, count: bool = True):
   """`model_fn(x [B, D], t [B]) -> eps_hat`, a `jax.tree_util.Partial` (one function object for every mixture and
   schedule: the samplers compile once per shape). With `count`, every executed call bumps `calls()`."""
-  return jax.tree_util.Partial(_counted_eps if count else _mixture_eps, mixture_params(mix, sched))
+  return jax.tree_util.Partial(_counted_eps if count else _mixture_eps, mixture_params(mix, schedule))
 
 
 # --------------------------------------------------------------------------------------------- the exact ODE

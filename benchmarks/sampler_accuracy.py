@@ -21,16 +21,14 @@ Peers (`benchmarks.accuracy_peers`): diffusers' FlaxDDIMScheduler and FlaxDPMSol
 options, same model, x_T and NFE. `accuracy_report.goals()` checks the issue's three goals per (schedule, mixture,
 NFE) and pooled over the mixtures (geometric mean).
 
-To add a sampler: one `SamplerSpec` line in SAMPLERS.
+To score another registry sampler (`genjax.samplers.registry`): one `AccuracyCase` line in SAMPLERS.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import inspect
 import json
 import os
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +37,8 @@ from absl import app, flags
 
 from benchmarks import accuracy_peers, common, mixtures
 from benchmarks.accuracy_report import clean_json, geomean_records, goals, markdown, plot
+from genjax.samplers.flow import FlowSchedule
+from genjax.samplers.registry import SamplerSpec, sampler_spec
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _RESULTS = os.path.join(_REPO, "docs", "results")
@@ -58,79 +58,67 @@ _MARKDOWN = flags.DEFINE_string("markdown", os.path.join(_RESULTS, "sampler_accu
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplerSpec:
-  """A deterministic sampler: where it lives, its fixed options, its model-call count and extra variants."""
+class AccuracyCase:
+  """A deterministic sampler of the registry (`genjax.samplers.registry`) as scored here: its registry name and
+  space, the options this row fixes (UniPC's order 3), its convergence order and extra variants."""
   key: str
   label: str
-  function: str                         # "module:function"
+  sampler: str                          # a registry name
   options: tuple = ()                   # ((name, value), ...) always passed
   order: int = 1
-  calls_per_step: int = 1               # model calls per step (before `final_saving`)
-  final_saving: int = 0                 # calls saved on the last step (Heun: its last step is Euler)
-  family: str = "diffusion"             # "diffusion" (model_fn(x, t) -> eps) | "flow" (velocity_fn)
+  space: str = "diffusion"              # "diffusion" (model_fn(x, t) -> eps) | "flow" (velocity_fn)
   variants: tuple = ()                  # ((name, ((option, value), ...)), ...) beyond spacings
   reference: str = ""
 
+  @property
+  def spec(self) -> SamplerSpec:
+    return sampler_spec(self.sampler, self.space)
+
   def calls(self, num_steps: int) -> int:
-    return self.calls_per_step * num_steps - self.final_saving
+    return self.spec.model_calls(num_steps)
 
   def steps_for(self, nfe: int) -> int:
     """The most steps whose model calls fit in `nfe` (at least 1)."""
-    return max(1, (nfe + self.final_saving) // self.calls_per_step)
+    return max(1, (nfe + self.spec.final_saving) // self.spec.calls_per_step)
 
 
-_D, _E, _F = "genjax.samplers.diffusion", "genjax.samplers.edm", "genjax.samplers.flow"
 # EDM's own sigma_max for VP models is 80 (Karras et al. 2022); genjax's default starts at sigma(T - 1).
 _EDM_VARIANTS = (("rho=3", (("rho", 3.0),)), ("sigma_max=80", (("sigma_max", 80.0),)),
                  ("quantize", (("quantize", True),)))
+_LOF = (("lower_order_final=False", (("lower_order_final", False),)),)
+_BH1 = (("bh1", (("variant", "bh1"),)),)
+_SHIFT = (("shift=3", (("schedule", FlowSchedule(shift=3.0)),)),)
 SAMPLERS = (
-    SamplerSpec("ddim", "DDIM (eta=0)", f"{_D}:ddim_sample", reference="Song et al. 2021"),
-    SamplerSpec("dpm_solver_2m", "DPM-Solver++ 2M", f"{_D}:dpm_solver_sample", (("order", 2),), order=2,
-                variants=(("lower_order_final=False", (("lower_order_final", False),)),), reference="Lu et al. 2022"),
-    SamplerSpec("dpm_solver_3m", "DPM-Solver++ 3M", f"{_D}:dpm_solver_sample", (("order", 3),), order=3,
-                variants=(("lower_order_final=False", (("lower_order_final", False),)),), reference="Lu et al. 2022"),
-    SamplerSpec("unipc_2", "UniPC-2 (bh2)", f"{_D}:unipc_sample", (("order", 2),), order=2,
-                variants=(("bh1", (("variant", "bh1"),)),), reference="Zhao et al. 2023"),
-    SamplerSpec("unipc_3", "UniPC-3 (bh2)", f"{_D}:unipc_sample", (("order", 3),), order=3,
-                variants=(("bh1", (("variant", "bh1"),)),), reference="Zhao et al. 2023"),
-    SamplerSpec("euler", "Euler (Karras sigmas)", f"{_E}:euler_sample",
-                variants=_EDM_VARIANTS,
-                reference="Karras et al. 2022"),
-    SamplerSpec("heun", "Heun (Karras sigmas)", f"{_E}:heun_sample", order=2, calls_per_step=2, final_saving=1,
-                variants=_EDM_VARIANTS,
-                reference="Karras et al. 2022"),
-    SamplerSpec("flow_euler", "flow Euler", f"{_F}:flow_sample", (("method", "euler"),), family="flow",
-                variants=(("shift=3", (("shift", 3.0),)),), reference="Liu et al. 2022"),
-    SamplerSpec("flow_heun", "flow Heun", f"{_F}:flow_sample", (("method", "heun"),), order=2, calls_per_step=2,
-                family="flow", variants=(("shift=3", (("shift", 3.0),)),), reference="Liu et al. 2022"),
-    SamplerSpec("flow_midpoint", "flow midpoint", f"{_F}:flow_sample", (("method", "midpoint"),), order=2,
-                calls_per_step=2, family="flow", variants=(("shift=3", (("shift", 3.0),)),),
-                reference="Liu et al. 2022"),
+    AccuracyCase("ddim", "DDIM (eta=0)", "ddim", reference="Song et al. 2021"),
+    AccuracyCase("dpm_solver_2m", "DPM-Solver++ 2M", "dpm_solver", (("order", 2),), order=2, variants=_LOF,
+                 reference="Lu et al. 2022"),
+    AccuracyCase("dpm_solver_3m", "DPM-Solver++ 3M", "dpm_solver_3m", order=3, variants=_LOF,
+                 reference="Lu et al. 2022"),
+    AccuracyCase("unipc_2", "UniPC-2 (bh2)", "unipc", (("order", 2),), order=2, variants=_BH1,
+                 reference="Zhao et al. 2023"),
+    AccuracyCase("unipc_3", "UniPC-3 (bh2)", "unipc", (("order", 3),), order=3, variants=_BH1,
+                 reference="Zhao et al. 2023"),
+    AccuracyCase("euler", "Euler (Karras sigmas)", "euler", variants=_EDM_VARIANTS, reference="Karras et al. 2022"),
+    AccuracyCase("heun", "Heun (Karras sigmas)", "heun", order=2, variants=_EDM_VARIANTS,
+                 reference="Karras et al. 2022"),
+    AccuracyCase("flow_euler", "flow Euler", "euler", space="flow", variants=_SHIFT, reference="Liu et al. 2022"),
+    AccuracyCase("flow_heun", "flow Heun", "heun", order=2, space="flow", variants=_SHIFT, reference="Liu et al. 2022"),
+    AccuracyCase("flow_midpoint", "flow midpoint", "midpoint", order=2, space="flow", variants=_SHIFT,
+                 reference="Liu et al. 2022"),
 )
 SAMPLER_KEYS = tuple(s.key for s in SAMPLERS)
 
 
-def resolve(spec: SamplerSpec) -> Optional[Callable]:
-  """The sampler function, or None when this checkout does not have it (or lacks one of its options)."""
-  module, name = spec.function.split(":")
-  try:
-    fn = getattr(importlib.import_module(module), name)
-  except (ImportError, AttributeError):
-    return None
-  params = inspect.signature(fn).parameters
-  return fn if all(k in params for k, _ in spec.options) else None
-
-
-def variants(spec: SamplerSpec, fn: Callable) -> list[tuple[str, dict]]:
+def variants(case: AccuracyCase) -> list[tuple[str, dict]]:
   """[("default", {}), (spacing or option name, kwargs), ...]: the structural options to score."""
-  params = inspect.signature(fn).parameters
+  names = case.spec.option_names + ("schedule",)
   out = [("default", {})]
-  if "spacing" in params:
-    offset = {"steps_offset": 0} if "steps_offset" in params else {}
+  if "spacing" in names:
+    offset = {"steps_offset": 0} if "steps_offset" in names else {}
     out += [(s, {"spacing": s, **(offset if s == "leading" else {})}) for s in SPACING_CANDIDATES]
     if offset:
       out.append(("leading+1", {"spacing": "leading", "steps_offset": 1}))
-  out += [(name, dict(kw)) for name, kw in spec.variants if all(k in params for k, _ in kw)]
+  out += [(name, dict(kw)) for name, kw in case.variants if all(k in names for k, _ in kw)]
   return out
 
 
@@ -140,7 +128,7 @@ class Problem:
   """One (schedule, mixture): x_T, the model and its float64 ground truth."""
   schedule_name: str
   mixture: mixtures.Mixture
-  schedule: object            # NoiseSchedule, or None for "flow"
+  schedule: object            # NoiseSchedule, or FlowSchedule for "flow"
   x_T: np.ndarray
   model_fn: Callable
   truth: np.ndarray
@@ -152,10 +140,10 @@ def make_problem(schedule_name: str, mix: mixtures.Mixture, num_points: int, gt_
   x_T = np.random.default_rng(0).standard_normal((num_points, mix.dim)).astype(np.float32)
   if schedule_name == "flow":
     truth, conv = mixtures.exact_rectified_flow_checked(mix, x_T, gt_steps)
-    return Problem("flow", mix, None, x_T, mixtures.flow_velocity_fn(mix), truth, conv)
-  sched = {"linear": NoiseSchedule.linear, "cosine": NoiseSchedule.cosine}[schedule_name](num_timesteps=1000)
-  truth, conv = mixtures.exact_flow_checked(mix, mixtures.sigma_max(sched), x_T, gt_steps)
-  return Problem(schedule_name, mix, sched, x_T, mixtures.mixture_model_fn(mix, sched), truth, conv)
+    return Problem("flow", mix, FlowSchedule(), x_T, mixtures.flow_velocity_fn(mix), truth, conv)
+  schedule = {"linear": NoiseSchedule.linear, "cosine": NoiseSchedule.cosine}[schedule_name](num_timesteps=1000)
+  truth, conv = mixtures.exact_flow_checked(mix, mixtures.sigma_max(schedule), x_T, gt_steps)
+  return Problem(schedule_name, mix, schedule, x_T, mixtures.mixture_model_fn(mix, schedule), truth, conv)
 
 
 def _score(problem: Problem, x: np.ndarray) -> dict:
@@ -170,20 +158,18 @@ def _record(problem, sampler, label, variant, library, nfe, num_steps, expected_
               expected_calls=expected_calls, rmse=None, max_abs_error=None, median_abs_error=None, status="ok")
 
 
-def run_genjax(problem: Problem, spec: SamplerSpec, fn: Callable, nfes, all_variants: bool = True) -> list[dict]:
+def run_genjax(problem: Problem, case: AccuracyCase, nfes, all_variants: bool = True) -> list[dict]:
   records = []
-  for variant, kwargs in variants(spec, fn)[:None if all_variants else 1]:
+  for variant, kwargs in variants(case)[:None if all_variants else 1]:
     for nfe in nfes:
-      n = spec.steps_for(nfe)
-      r = _record(problem, spec.key, spec.label, variant, "genjax", nfe, n, spec.calls(n))
-      kw = {**dict(spec.options), **kwargs, "num_steps": n}
+      n = case.steps_for(nfe)
+      r = _record(problem, case.key, case.label, variant, "genjax", nfe, n, case.calls(n))
+      kw = {**dict(case.options), **kwargs}
+      schedule = kw.pop("schedule", problem.schedule)
       mixtures.reset_calls()
       try:
-        if spec.family == "flow":
-          x = fn(problem.model_fn, jnp.asarray(problem.x_T), **kw)
-        else:
-          x = fn(problem.model_fn, problem.schedule, jnp.asarray(problem.x_T), **kw)
-        x = np.asarray(jax.block_until_ready(x))
+        x = np.asarray(jax.block_until_ready(case.spec(problem.model_fn, schedule, jnp.asarray(problem.x_T),
+                                                       num_steps=n, **kw)))
       except ValueError as e:      # an option this sampler does not offer (UserError is a ValueError)
         if variant == "default":
           raise
@@ -222,9 +208,7 @@ def run(mixture_names, schedules, nfes, sampler_keys=None, *, num_points: int = 
   unknown = sorted(set(keys) - set(SAMPLER_KEYS))
   if unknown:
     raise ValueError(f"unknown samplers {unknown}; valid: {list(SAMPLER_KEYS)}")
-  specs = [s for s in SAMPLERS if s.key in keys]
-  available = {s.key: resolve(s) for s in specs}
-  missing = [k for k, fn in available.items() if fn is None]
+  cases = [s for s in SAMPLERS if s.key in keys]
   runners = accuracy_peers.peer_runners() if peers else []
   records, truths = [], []
   for schedule_name in schedules:
@@ -235,11 +219,9 @@ def run(mixture_names, schedules, nfes, sampler_keys=None, *, num_points: int = 
                            f"{problem.truth_convergence:.2e} > {GROUND_TRUTH_TOLERANCE}; raise --ground_truth_steps")
       truths.append({"schedule": schedule_name, "mixture": name, "rk4_steps": 2 * gt_steps,
                      "max_abs_change_from_halving_steps": problem.truth_convergence})
-      family = "flow" if schedule_name == "flow" else "diffusion"
-      for spec in specs:
-        if spec.family == family and available[spec.key] is not None:
-          records += run_genjax(problem, spec, available[spec.key], nfes, all_variants)
-      if family == "diffusion":
+      space = "flow" if schedule_name == "flow" else "diffusion"
+      records += [r for case in cases if case.space == space for r in run_genjax(problem, case, nfes, all_variants)]
+      if space == "diffusion":
         records += run_peers(problem, runners, nfes)
       log(f"{schedule_name}/{name}: {len(records)} records so far")
   wrong = [r for r in records if r["status"] == "ok" and r["calls"] != r["expected_calls"]]
@@ -247,7 +229,7 @@ def run(mixture_names, schedules, nfes, sampler_keys=None, *, num_points: int = 
     raise RuntimeError(f"model-call count differs from the declared count: {wrong[:3]}")
   return {"nfes": list(nfes), "num_points": num_points, "mixtures": {n: mixtures.MIXTURES[n].description
                                                                      for n in mixture_names},
-          "ground_truth": truths, "missing_samplers": missing,
+          "ground_truth": truths,
           "peers": "diffusers " + _diffusers_version() if runners else "not installed",
           "records": records, "goals": goals(records), "goals_geomean": goals(geomean_records(records))}
 

@@ -13,9 +13,10 @@ called the way the library documents for "no recompilation": the model is
 `jax.tree_util.Partial(apply_fn, variables, labels)` with one `apply_fn` for the whole run, so num_steps and eta
 are runtime values.
 
-Samplers (`SAMPLER_CALLS`): ddpm, ddim, dpm_solver (2M), dpm_solver_3m, dpm_solver_sde (2M-SDE), unipc, euler,
-heun, euler_ancestral (EDM / Karras grid: the U-Net gets float t), flow_euler, flow_heun, flow_midpoint (the U-Net
-stands in for a velocity model), each with its defaults.
+Samplers (`SAMPLER_SPECS`): every sampler of the registry `genjax.samplers.registry`: ddpm, ddim, dpm_solver (2M),
+dpm_solver_3m, dpm_solver_sde (2M-SDE), unipc, euler, heun, euler_ancestral (EDM / Karras grid: the U-Net gets float
+t), and its flow methods as flow_euler, flow_heun, flow_midpoint (the U-Net stands in for a velocity model), each
+with its defaults.
 
 Per row: `seconds` (median of >= 5 calls after a warm-up), `samples_per_second`, `forward_seconds` (one U-Net
 forward at that batch: one jitted `fori_loop` of 10 dependent forwards (each output, clipped to [-4, 4], is the
@@ -45,16 +46,14 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from benchmarks import common
+from benchmarks.accuracy_peers import SchedulerCarry
+from genjax.samplers.flow import FlowSchedule
+from genjax.samplers.registry import DIFFUSION_SAMPLERS, FLOW_SAMPLERS
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Model calls per sample for `num_steps` steps, per sampler (the overhead ratio divides by these).
-SAMPLER_CALLS = {
-    "ddpm": lambda n: n, "ddim": lambda n: n, "dpm_solver": lambda n: n, "dpm_solver_3m": lambda n: n,
-    "dpm_solver_sde": lambda n: n, "unipc": lambda n: n, "euler": lambda n: n, "heun": lambda n: 2 * n - 1,
-    "euler_ancestral": lambda n: n, "flow_euler": lambda n: n, "flow_heun": lambda n: 2 * n,
-    "flow_midpoint": lambda n: 2 * n,
-}
-SAMPLERS = tuple(SAMPLER_CALLS)
+# The benchmark's names: the registry's diffusion samplers, and its flow methods as flow_<method>.
+SAMPLER_SPECS = {**DIFFUSION_SAMPLERS, **{f"flow_{name}": spec for name, spec in FLOW_SAMPLERS.items()}}
+SAMPLERS = tuple(SAMPLER_SPECS)
 DEFAULT_NUM_STEPS = (10, 20, 50, 100)
 DDIM_ETAS = (0.5, 1.0)          # extra DDIM calls per row: a changed eta must not compile anything
 FORWARD_CHAIN = 10              # back-to-back forwards per forward-time sample
@@ -135,29 +134,16 @@ class DiffusersBench(DiffusionBench):
 
 
 def sampler_call(bench: DiffusionBench, name: str, model_fn, x_T, num_steps: int, eta: float = 0.0):
-  """One call of sampler `name` (a key of SAMPLER_CALLS) with the bench's prediction/clip and a fixed rng."""
-  from genjax.samplers import diffusion as d, edm, flow
-  if name not in SAMPLER_CALLS:
+  """One call of sampler `name` (a key of SAMPLER_SPECS) with the bench's prediction/clip and a fixed rng; `eta`
+  goes to DDIM only."""
+  if name not in SAMPLER_SPECS:
     raise ValueError(f"unknown sampler {name!r}; valid: {list(SAMPLERS)}")
-  kw = dict(prediction=bench.prediction, clip_denoised=bench.clip)
-  sched, rng, n = bench.schedule, jax.random.key(7), num_steps
-  calls = {
-      "ddpm": lambda: d.ddpm_sample(model_fn, sched, x_T, rng=rng, num_steps=n, **kw),
-      "ddim": lambda: d.ddim_sample(model_fn, sched, x_T, num_steps=n, eta=eta, rng=rng, **kw),
-      "dpm_solver": lambda: d.dpm_solver_sample(model_fn, sched, x_T, num_steps=n, **kw),
-      "dpm_solver_3m": lambda: d.dpm_solver_sample(model_fn, sched, x_T, num_steps=n, order=3, **kw),
-      "dpm_solver_sde": lambda: d.dpm_solver_sample(model_fn, sched, x_T, num_steps=n, stochastic=True, rng=rng,
-                                                    **kw),
-      "unipc": lambda: d.unipc_sample(model_fn, sched, x_T, num_steps=n, **kw),
-      "euler": lambda: edm.euler_sample(model_fn, sched, x_T, num_steps=n, **kw),
-      "heun": lambda: edm.heun_sample(model_fn, sched, x_T, num_steps=n, **kw),
-      "euler_ancestral": lambda: edm.euler_ancestral_sample(model_fn, sched, x_T, num_steps=n, rng=rng, **kw),
-      # The U-Net stands in for a velocity model (float t in [0, 1]): the cost is the same.
-      "flow_euler": lambda: flow.flow_sample(model_fn, x_T, num_steps=n, method="euler"),
-      "flow_heun": lambda: flow.flow_sample(model_fn, x_T, num_steps=n, method="heun"),
-      "flow_midpoint": lambda: flow.flow_sample(model_fn, x_T, num_steps=n, method="midpoint"),
-  }
-  return calls[name]()
+  spec, rng = SAMPLER_SPECS[name], jax.random.key(7)
+  if spec.space == "flow":  # the U-Net stands in for a velocity model (float t in [0, 1]): the cost is the same
+    return spec(model_fn, FlowSchedule(), x_T, rng=rng, num_steps=num_steps)
+  options = {"eta": eta} if name == "ddim" else {}
+  return spec(model_fn, bench.schedule, x_T, rng=rng, num_steps=num_steps, prediction=bench.prediction,
+              clip_denoised=bench.clip, **options)
 
 
 # --------------------------------------------------------------------------------------------- the peer
@@ -170,7 +156,7 @@ def diffusers_ddim(bench: DiffusionBench) -> Optional[Callable]:
   diffusers (with its Flax schedulers) is not importable."""
   try:
     from diffusers import FlaxDDIMScheduler
-  except Exception:  # not installed, or a release without Flax (ImportError and friends)
+  except (ImportError, RuntimeError):  # absent or no Flax schedulers; RuntimeError: diffusers' lazy import failed
     return None
   scheduler = FlaxDDIMScheduler(num_train_timesteps=bench.schedule.num_timesteps,
                                 trained_betas=np.asarray(bench.schedule.betas), set_alpha_to_one=True,
@@ -181,14 +167,14 @@ def diffusers_ddim(bench: DiffusionBench) -> Optional[Callable]:
   def sample(variables, labels, x_T, num_steps):
     state = scheduler.set_timesteps(scheduler.create_state(), num_steps, x_T.shape)
 
-    def body(i, carry):
-      x, state = carry
+    def body(i, carry: SchedulerCarry) -> SchedulerCarry:
+      x, state = carry.x, carry.state
       t = state.timesteps[i]
       eps = apply_fn(variables, labels, x, jnp.full((x.shape[0],), t, jnp.int32))
       x, state = scheduler.step(state, eps, t, x, return_dict=False)[:2]
-      return x, state
+      return SchedulerCarry(x, state)
 
-    return jax.lax.fori_loop(0, num_steps, body, (x_T, state))[0]
+    return jax.lax.fori_loop(0, num_steps, body, SchedulerCarry(x_T, state)).x
 
   return lambda labels, x_T, num_steps: sample(variables, labels, x_T, num_steps=num_steps)
 
@@ -242,7 +228,8 @@ def run(config, samplers, num_steps_list, batches, repeats: int = 5, peers: bool
             for eta in DDIM_ETAS:
               jax.block_until_ready(sampler_call(bench, name, model_fn, x_T, n, eta=eta))
         steady_first = t["sampler"].seconds if steady_first is None else steady_first
-        r = _fill(_row(name, batch, n), t["sampler"], t["forward"].seconds / FORWARD_CHAIN, SAMPLER_CALLS[name](n))
+        calls = SAMPLER_SPECS[name].model_calls(n)
+        r = _fill(_row(name, batch, n), t["sampler"], t["forward"].seconds / FORWARD_CHAIN, calls)
         r.update(compiles=cc.count, compile_seconds=first.overhead(steady_first),
                  first_call_compiles=first.compiles)
         records.append(r)

@@ -63,11 +63,11 @@ def run(target_dir: str, draft_dir: str, batches, prompt_len: int, new_tokens: i
     prompts = held_out_prompts(batch, prompt_len)
     fns, outputs = {}, {}
     for suffix, kw in (("", dict(greedy=True)), ("_sample", SAMPLE)):
-      fns["generate" + suffix] = (lambda kw=kw: generate(target, target_params, prompts, rng,
+      fns["generate" + suffix] = (lambda kw=kw: generate(target, target_params, prompts, rng=rng,
                                                          max_new_tokens=new_tokens, **kw))
       for k in ks:
         fns[f"speculative_k{k}{suffix}"] = (lambda kw=kw, k=k: speculative_generate(
-            target, target_params, draft, draft_params, prompts, rng, max_new_tokens=new_tokens,
+            target, target_params, draft, draft_params, prompts, rng=rng, max_new_tokens=new_tokens,
             num_draft_tokens=k, **kw))
     for name, fn in fns.items():
       outputs[name] = jax.block_until_ready(fn())

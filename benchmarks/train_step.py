@@ -58,6 +58,7 @@ from benchmarks import common
 from benchmarks import train_step_lm as lm
 from benchmarks.fault_worker import worker_env
 from genjax.errors import UserError, check_choice
+from genjax.train.throughput import compiled_flops, peak_flops
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIGS = ("ddpm.py:digits", "vae.py:digits", "gan.py:digits", "lm.py:pydoc")
@@ -166,7 +167,6 @@ def bare_step(config, log_every: int, repeats: int, state=None) -> BareStep:
   """
   from genjax.models import get_task
   from genjax.train.builder import build
-  from genjax.train.throughput import compiled_flops
   from genjax.train.trainer import make_train_iterator
   batches = make_train_iterator(config)
   batch = next(batches)
@@ -333,7 +333,7 @@ def _throughput(r: dict, flops_per_device: Optional[float], info: dict) -> None:
   if flops and r["steps_per_second"]:
     achieved = flops * r["steps_per_second"]
     r["tflops_per_second"] = achieved / 1e12
-    peak = common.peak_flops(info["device_kind"]) if common.on_accelerator() else None
+    peak = peak_flops(info["device_kind"]) if common.on_accelerator() else None
     r["mfu"] = achieved / (peak * devices) if peak else None
 
 

@@ -32,6 +32,7 @@ import jax
 
 from benchmarks import common
 from genjax.models.lm_layers import REMATS
+from genjax.train.throughput import compiled_flops
 
 LM_WIDE = ("model.embed_dim=256", "model.mlp_dim=1024", "dataset.seq_len=256", "batch_size=8")
 MEMORY_FIELDS = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
@@ -93,7 +94,7 @@ def _fields(config, c: StepCompile) -> dict:
   m = config.model
   return dict(layers=int(m.num_layers), scan_layers=bool(m.scan_layers), remat=str(m.remat),
               embed_dim=int(m.embed_dim), seq_len=int(config.dataset.seq_len),
-              flops_per_step=common.compiled_flops(c.compiled))
+              flops_per_step=compiled_flops(c.compiled))
 
 
 def compile_depth(make_config: MakeConfig, depths: list[int], repeats: int) -> list[Measured]:

@@ -1,4 +1,5 @@
-r"""What every launcher in experiments/ shares: the sample-option flags, the one error contract, quiet logs.
+r"""What every launcher in experiments/ shares: the sample-option flags, the one error contract and log setup, and
+loading a run with its Task (`load_run`, `task_for`: launchers ask the Task what it can do, never name a family).
 
 The error contract: a mistake the user can make (a flag, a config key or value, a workdir, a checkpoint step, a
 sample option) is one line on stderr, `error: <what is wrong, and what would be valid>`, and exit status 2. Flag
@@ -9,9 +10,11 @@ exception is a bug and keeps its traceback.
     from experiments import cli
     def define_flags(): cli.define_sample_option_flags(); ...
     def main(argv): ...                              # raise UserError for bad input
-    if __name__ == "__main__":
+    def entry():                                     # the console script ([project.scripts] in pyproject.toml)
       define_flags()
       cli.run(main)
+    if __name__ == "__main__":
+      entry()
 
 Sample options (`SAMPLE_OPTIONS`) are defined once here and become the same flags in `experiments.sample` and
 `experiments.evaluate`; only the ones given on the command line reach the family's sampler, which names any it
@@ -19,23 +22,23 @@ does not understand. Adding an option is one line in `SAMPLE_OPTIONS`.
 """
 from __future__ import annotations
 
-import logging as std_logging
+import dataclasses
 import os
 import sys
-from typing import Callable
+from typing import Any, Callable, Optional
 
-from absl import app, flags, logging
+from absl import app, flags
 
+from genjax.core.task import Task
 from genjax.errors import UserError
+from genjax.samplers import registry as sampler_registry
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXIT_USER_ERROR = 2
 
 # name -> (kind, help). kind is an absl DEFINE_<kind>. Every entry is a flag of both `sample` and `evaluate`.
 SAMPLE_OPTIONS = {
-    "sampler": ("string", "Diffusion sampler: ddpm | ddim | dpm_solver | dpm_solver_3m | dpm_solver_sde | unipc | "
-                          "euler | heun | euler_ancestral; flow-matching runs (ddpm.py:flow_digits): euler | heun | "
-                          "midpoint (default: the config's)."),
+    "sampler": ("string", f"Diffusion sampler: {sampler_registry.help_text()} (default: the config's)."),
     "num_steps": ("integer", "Diffusion sampler steps (default: the config's)."),
     "eta": ("float", "DDIM eta: 0 is deterministic, 1 is DDPM-like noise."),
     "guidance": ("float", "Classifier-free guidance scale for conditional diffusion (1 = no guidance)."),
@@ -89,29 +92,47 @@ def parse_flags(argv: list[str]) -> list[str]:
   return rest
 
 
-class _DropLibraryInfo(std_logging.Filter):
-  """Drops INFO records of orbax, jax and absl internals (e.g. "Unable to initialize backend 'tpu'", orbax's
-  per-checkpoint chatter); warnings and errors still show."""
-
-  def filter(self, record) -> bool:
-    path = record.pathname.replace(os.sep, "/")
-    noisy = "/orbax/" in path or "/jax/" in path or "/jaxlib/" in path or "/absl/" in path
-    return not (noisy and record.levelno < std_logging.WARNING)
-
-
-def quiet_library_logs() -> None:
-  """Keeps library INFO lines out of the launcher's output (on every handler absl and Python logging use)."""
-  for handler in (logging.get_absl_handler(), *std_logging.getLogger().handlers):
-    if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
-      handler.addFilter(_DropLibraryInfo())
-
-
 def run(main: Callable[[list[str]], None], flags_parser: Callable[[list[str]], list[str]] = parse_flags) -> None:
   """`app.run(main)` under the error contract: flag errors and `UserError` are one `error:` line and exit 2."""
   def guarded(argv):
-    quiet_library_logs()
+    from genjax.train.report import setup_logging
+    setup_logging()
     try:
       main(argv)
     except UserError as e:
       fail(str(e))
   app.run(guarded, flags_parser=flags_parser)
+
+
+def task_for(config) -> Task:
+  """The family's Task for `config`, with the outside weights `config.model.init_from` names read by
+  `genjax.interop` (the models never import it): what every launcher trains, samples, evaluates or exports."""
+  from genjax.interop import hf
+  from genjax.models import get_task
+  return get_task(config, pretrained=hf.pretrained_for(config))
+
+
+def check_run_dir(workdir: str) -> None:
+  """A --workdir that cannot hold a trained run (missing, or a file), named before anything is read."""
+  if not os.path.isdir(workdir):
+    what = "a file" if os.path.exists(workdir) else "missing"
+    raise UserError(f"--workdir={workdir!r} is {what}, not a run directory (train one with "
+                    f"`python -m experiments.train --config=... --workdir=<a new directory>`)")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedRun:
+  """A trained run as sample / evaluate / export / steps_sweep use it."""
+  config: Any
+  params: Any
+  step: int                   # the checkpoint actually loaded (an older one when the newest is unreadable)
+  task: Task
+
+
+def load_run(workdir: str, step: Optional[int] = None) -> LoadedRun:
+  """The run in `workdir` at `step` (default: its newest readable checkpoint, `genjax.core.checkpoint.load_run_at`)
+  and its Task."""
+  check_run_dir(workdir)
+  from genjax.core.checkpoint import load_run_at
+  config, params, loaded = load_run_at(workdir, step=step)
+  return LoadedRun(config, params, loaded, task_for(config))

@@ -1,5 +1,6 @@
 r"""Evaluate a trained run offline and write `eval.json`: sample quality for image families, test-split
-likelihoods for every family, each beside the number it should be compared with. Run from the repository root:
+likelihoods for every family, each beside the number it should be compared with (`genjax-evaluate` once installed,
+`pip install -e .`):
 
   python -m experiments.evaluate --workdir=runs/ddpm_digits                   # the family's default sampler
   python -m experiments.evaluate --workdir=runs/ddpm_digits --sampler=dpm_solver --num_steps=20 \
@@ -19,14 +20,6 @@ with `task.evaluate` also gets its test-split metrics (mean over the whole split
 LM these are loss (nats), bits per byte and perplexity, next to the byte-unigram baselines.
 """
 from __future__ import annotations
-
-if __name__ == "__main__" and not __package__:   # `python experiments/evaluate.py` from anywhere: run as the module
-  import os as _os
-  import runpy as _runpy
-  import sys as _sys
-  _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
-  _runpy.run_module("experiments.evaluate", run_name="__main__", alter_sys=True)
-  _sys.exit()
 
 import ast
 import dataclasses
@@ -230,18 +223,13 @@ def evaluate_run(workdir: str, *, step: Optional[int] = None, options: Optional[
   import jax
   from genjax import data as gdata
   from genjax import metrics
-  from genjax.models import get_task
-  from genjax.core.checkpoint import load_run_at
   options = dict(options or {})
-  if not os.path.isdir(workdir):
-    what = "a file" if os.path.exists(workdir) else "missing"
-    raise UserError(f"--workdir={workdir!r} is {what}, not a run directory")
-  config, params, loaded_step = load_run_at(workdir, step=step)   # an older step when the newest is unreadable
-  task = get_task(config)
+  run = cli.load_run(workdir, step=step)   # an older step when the newest is unreadable
+  config, params, task = run.config, run.params, run.task
   info = gdata.dataset_info(config.dataset.name)
   rng = jax.random.PRNGKey(seed)
   out = {"workdir": os.path.abspath(workdir), "family": config.family, "variant": config.variant,
-         "dataset": config.dataset.name, "step": loaded_step,
+         "dataset": config.dataset.name, "step": run.step,
          "sample_options": options, "seed": seed}
   if info.kind == "image" and task.sample_images is not None:
     # Samples first: a bad sample option is named before the feature network is built (a minute the first time).
@@ -293,6 +281,11 @@ def main(argv):
   print(f"wrote {output}")
 
 
-if __name__ == "__main__":
+def entry() -> None:
+  """The `genjax-evaluate` console script: `python -m experiments.evaluate` with the same flags."""
   define_flags()
   cli.run(main)
+
+
+if __name__ == "__main__":
+  entry()

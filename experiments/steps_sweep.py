@@ -4,24 +4,18 @@ sampler at every step count, as JSON and as a PNG plot with the real-vs-real flo
   python -m experiments.steps_sweep --workdir=runs/ddpm_digits
   python -m experiments.steps_sweep --workdir=runs/ddpm_digits --samplers=ddim,dpm_solver --num_steps=10,20,50 \
       --output=runs/ddpm_digits/fd_vs_steps
-  python -m experiments.steps_sweep --diffusers_model=ddpm-cifar10-32 --samplers=ddim,heun --num_samples=64
+  python -m experiments.steps_sweep --diffusers_model=ddpm-cifar10-32 --samplers=ddim,heun --num_samples=64 \
+      --output=runs/cifar10/fd_vs_steps
 
 Writes `<output>.json` (one record per sampler × steps: the metrics, sampling seconds) and `<output>.png`
 (default output: `<workdir>/fd_vs_steps`). Every point draws the same number of samples (the eval split's size,
 or --num_samples) from the same seed as `experiments.evaluate --seed` (so the two agree on a shared point),
-scored against the same train-split features as `experiments.evaluate`; the feature network, the train features and the floor are computed once. The run's sample options other than
-sampler/num_steps (guidance, eta, label) keep the config's defaults unless --option sets them. The plot needs
-matplotlib (`pip install -e ".[plot]"`).
+scored against the same train-split features as `experiments.evaluate`; the feature network, the train features
+and the floor are computed once. The run's sample options other than sampler/num_steps (guidance, eta, label) keep
+the config's defaults unless --option sets them. The run's Task says which samplers it takes (`task.samplers`, the
+default sweep); a Task without any is one `error:` line. The plot needs matplotlib (`pip install -e ".[plot]"`).
 """
 from __future__ import annotations
-
-if __name__ == "__main__" and not __package__:   # `python experiments/steps_sweep.py` from anywhere: as the module
-  import os as _os
-  import runpy as _runpy
-  import sys as _sys
-  _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
-  _runpy.run_module("experiments.steps_sweep", run_name="__main__", alter_sys=True)
-  _sys.exit()
 
 import functools
 import json
@@ -39,15 +33,13 @@ SAMPLER_LABELS = {"ddpm": "DDPM (ancestral)", "ddim": "DDIM (eta=0)", "dpm_solve
                   "dpm_solver_3m": "DPM-Solver++(3M)", "dpm_solver_sde": "DPM-Solver++(2M-SDE)", "unipc": "UniPC-2",
                   "euler": "Euler (Karras)", "heun": "Heun (Karras, 2 calls/step)",
                   "euler_ancestral": "Euler-ancestral (Karras)", "midpoint": "midpoint (2 calls/step)"}
-# Every sampler of a diffusion run (genjax.models.diffusion.SAMPLERS; a test keeps the two equal).
-DEFAULT_SAMPLERS = ("ddpm", "ddim", "dpm_solver", "dpm_solver_3m", "dpm_solver_sde", "unipc", "euler", "heun",
-                    "euler_ancestral")
 
 
 def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Diffusion run directory written by experiments.train.")
   flags.DEFINE_string("output", None, "Output path without extension (default <workdir>/fd_vs_steps).")
-  flags.DEFINE_list("samplers", list(DEFAULT_SAMPLERS), "Samplers to sweep (default: all of a diffusion run's).")
+  flags.DEFINE_list("samplers", None, "Samplers to sweep (default: every sampler the run's model takes, "
+                    "`task.samplers`; with --diffusers_model every genjax.interop.diffusers.SAMPLERS).")
   flags.DEFINE_list("num_steps", ["10", "20", "50", "100", "250"], "Step counts to sweep.")
   flags.DEFINE_integer("num_samples", 0, "Samples per point; 0 = the size of the eval split.")
   flags.DEFINE_integer("sample_batch_size", 256, "Samples per sampler call (as experiments.evaluate: equal samples).")
@@ -61,24 +53,23 @@ def define_flags() -> None:
       message="give exactly one of --workdir (a genjax diffusion run) or --diffusers_model (a diffusers directory)")
 
 
-def check_arguments(samplers, num_steps, valid_samplers=None) -> None:
-  from genjax.models.diffusion import SAMPLERS
-  valid = valid_samplers or SAMPLERS
-  bad = [s for s in samplers if s not in valid]
+def check_arguments(samplers, num_steps, valid_samplers) -> None:
+  """The sweep's grid: `samplers` among `valid_samplers`, `num_steps` positive ints."""
+  bad = [s for s in samplers if s not in valid_samplers]
   if bad or not samplers:
-    raise UserError(f"unknown samplers {bad or list(samplers)}; valid: {list(valid)}")
+    raise UserError(f"unknown samplers {bad or list(samplers)}; valid: {list(valid_samplers)}")
   if not num_steps or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in num_steps):
     raise UserError(f"num_steps must be positive ints, got {list(num_steps)}")
 
 
 def sweep(task, params, ref, samplers, num_steps, *, sample_batch_size: int = 256, seed: int = 0, options=None,
-          log=print, valid_samplers=None) -> list[dict]:
+          log=print, valid_samplers=()) -> list[dict]:
   """One record per sampler × step count: the metrics against `ref` (an `evaluate.ImageReference`), sampling
   seconds, and the XLA compilations the point caused (the first point of a sampler compiles its program; the
   other step counts should compile nothing)."""
   from experiments import evaluate as ev
   from genjax.compiles import CompileCounter
-  check_arguments(samplers, num_steps, valid_samplers)
+  check_arguments(samplers, num_steps, valid_samplers or task.samplers)
   fd = f"FD-{ref.name}"
   points = []
   for sampler in samplers:
@@ -96,24 +87,20 @@ def sweep(task, params, ref, samplers, num_steps, *, sample_batch_size: int = 25
 
 def sweep_run(workdir: str, samplers, num_steps, *, num_samples: int = 0, sample_batch_size: int = 256,
               seed: int = 0, options=None, feature_cache=None, log=print) -> dict:
-  """`sweep` over a trained diffusion run: {"points": [...], "floor": ..., "metric": "FD-<data>", ...}."""
+  """`sweep` over a trained run whose Task names its `samplers` (diffusion): {"points": [...], "floor": ...,
+  "metric": "FD-<data>", ...}. `samplers` None: every one the Task takes."""
   from experiments import evaluate as ev
-  from genjax.models import get_task
-  from genjax.core.checkpoint import load_run
-  check_arguments(samplers, num_steps)
-  if not os.path.isdir(workdir):
-    what = "a file" if os.path.exists(workdir) else "missing"
-    raise UserError(f"--workdir={workdir!r} is {what}, not a run directory")
-  config, params = load_run(workdir)
-  if config.family != "diffusion":
-    raise UserError(f"{workdir!r} holds a {config.family!r} run; the steps sweep needs a diffusion run")
-  task = get_task(config)
+  run = cli.load_run(workdir)
+  config, params, task = run.config, run.params, run.task
+  task.require("samplers", "experiments.steps_sweep")
+  samplers = task.samplers if samplers is None else samplers
+  check_arguments(samplers, num_steps, task.samplers)
   ref = ev.image_reference(config, num_samples=num_samples, feature_cache=feature_cache)
   fd = f"FD-{ref.name}"
   log(f"floor (real vs real, {ref.num_samples} images): {fd} {ref.floor[fd]:.2f}")
   points = sweep(task, params, ref, samplers, num_steps, sample_batch_size=sample_batch_size, seed=seed,
                  options=options, log=log)
-  return {"workdir": os.path.abspath(workdir), "variant": config.variant, "metric": fd,
+  return {"workdir": os.path.abspath(workdir), "variant": config.variant, "step": run.step, "metric": fd,
           "num_samples": ref.num_samples, "seed": seed, "options": dict(options or {}), "floor": ref.floor,
           "memorizer": ref.memorizer,
           **ref.info, "points": points}
@@ -131,6 +118,7 @@ def sweep_diffusers(model_dir: str, samplers, num_steps, *, num_samples: int = 0
   from genjax.compiles import CompileCounter
   from genjax.data import dataset_info
   from genjax.interop import diffusers
+  samplers = diffusers.SAMPLERS if samplers is None else samplers
   check_arguments(samplers, num_steps, diffusers.SAMPLERS)
   extra = [k for k in (options or {}) if k != "eta"]
   if extra:
@@ -207,6 +195,9 @@ def main(argv):
   if not all(s.strip().isdigit() for s in f.num_steps):
     raise UserError(f"--num_steps={','.join(f.num_steps)} must be a comma-separated list of positive ints")
   steps = [int(s) for s in f.num_steps]
+  if f.diffusers_model and f.output is None:
+    raise UserError("--diffusers_model needs --output=PATH (without extension, e.g. --output=runs/cifar/fd_vs_steps): "
+                    "there is no run directory to write under")
   t0 = time.time()
   run = functools.partial(sweep_diffusers, f.diffusers_model) if f.diffusers_model else \
       functools.partial(sweep_run, f.workdir)
@@ -214,9 +205,7 @@ def main(argv):
                options=parse_options({}, f.option), feature_cache=f.feature_cache)
   result["seconds"] = round(time.time() - t0, 1)
   result["command"] = "python -m experiments.steps_sweep " + " ".join(sys.argv[1:])
-  default_out = os.path.join("samples", f"fd_vs_steps_{result['variant']}") if f.diffusers_model else \
-      os.path.join(f.workdir, "fd_vs_steps")
-  out = f.output or default_out
+  out = f.output or os.path.join(f.workdir, "fd_vs_steps")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out + ".json", "w") as fh:
     json.dump(result, fh, indent=2)
@@ -227,6 +216,11 @@ def main(argv):
   print(f"wrote {out}.json and {out}.png")
 
 
-if __name__ == "__main__":
+def entry() -> None:
+  """`python -m experiments.steps_sweep`: the launcher's flags, then `main` under the error contract."""
   define_flags()
   cli.run(main)
+
+
+if __name__ == "__main__":
+  entry()

@@ -1,4 +1,4 @@
-r"""Train any genjax family: one absl launcher, one loop. Run from the repository root:
+r"""Train any genjax family: one absl launcher, one loop (`genjax-train` once installed, `pip install -e .`):
 
   python -m experiments.train --config=experiments/configs/vae.py:digits --workdir=runs/vae
   python -m experiments.train --config=experiments/configs/ddpm.py:digits --workdir=runs/ddpm \
@@ -13,14 +13,6 @@ one `error: ...` line (exit status 2) before anything is compiled or written.
 """
 from __future__ import annotations
 
-if __name__ == "__main__" and not __package__:   # `python experiments/train.py` from anywhere: run as the module
-  import os as _os
-  import runpy as _runpy
-  import sys as _sys
-  _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
-  _runpy.run_module("experiments.train", run_name="__main__", alter_sys=True)
-  _sys.exit()
-
 import glob
 import importlib.util
 import os
@@ -30,7 +22,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from experiments import cli
-from genjax.errors import WorkdirError
+from genjax.train.workdir import check_workdir
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file and variant, e.g. experiments/configs/vae.py:digits (paths are also looked up "
@@ -56,20 +48,11 @@ def init_distributed() -> None:
                              process_id=_PROCESS_ID.value)
 
 
-def check_workdir(workdir: str) -> None:
-  """A workdir that can never hold a run, named before anything is imported, compiled or written."""
-  if not workdir.strip():
-    raise WorkdirError(f"--workdir={workdir!r} is empty; name a directory for checkpoints and metrics")
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise WorkdirError(f"--workdir={workdir!r} is a file, not a directory; name a new or existing run directory")
-
-
 def run(config, workdir: str):
-  """get the family's Task → the shared loop. Returns the final TrainState."""
-  check_workdir(workdir)
-  from genjax.models import get_task
+  """The family's Task (outside weights resolved by `cli.task_for`) → the shared loop. Returns the final
+  TrainState."""
   from genjax.train.trainer import train_and_evaluate
-  return train_and_evaluate(config, workdir, get_task)   # checks the shared config values before get_task reads it
+  return train_and_evaluate(config, workdir, cli.task_for)   # checks the workdir and the shared config values first
 
 
 def _config_argument(argv: list[str]) -> tuple[int, str] | None:
@@ -188,5 +171,10 @@ def main(argv):
   logging.info("next: python -m experiments.sample --workdir=%s   (or experiments.evaluate)", _WORKDIR.value)
 
 
-if __name__ == "__main__":
+def entry() -> None:
+  """The `genjax-train` console script: `python -m experiments.train` with the same flags."""
   cli.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  entry()

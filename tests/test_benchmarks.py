@@ -25,6 +25,7 @@ import genjax.models.transformer  # noqa: F401,E402
 import genjax.models.vae  # noqa: F401,E402
 import genjax.train.trainer  # noqa: F401,E402
 from benchmarks import common, decoding, samplers, train_step  # noqa: E402
+from genjax.train.throughput import peak_flops  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -70,8 +71,8 @@ def test_time_call_needs_five_repeats_and_reports_the_median():
 
 
 def test_peak_flops_table_and_json_nan():
-  assert common.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
-  assert common.peak_flops("cpu") is None
+  assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+  assert peak_flops("cpu") is None
   assert common._jsonable(float("nan")) is None
 
 

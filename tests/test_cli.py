@@ -157,7 +157,9 @@ def test_evaluate_refusals(runs, tmp_path):
       "option the family lacks": ([*evaluate, "--sampler=ddim"], ["['sampler']"]),
       "malformed --option": ([*evaluate, "--option=guidance"], ["'guidance'"]),
       "workdir is a file": (["-m", "experiments.evaluate", f"--workdir={runs['file']}"], [runs["file"], "a file"]),
-      "sweep: unknown sampler": ([*sweep, "--samplers=ddmi"], ["['ddmi']", "dpm_solver"]),
+      # The GAN's Task names no samplers: the sweep says what this run can do instead of naming a family.
+      "sweep: a run without samplers": ([*sweep, "--samplers=ddim"], ["experiments.steps_sweep needs a model that can "
+                                                                      "choose a sampler", "can: sample images"]),
       "sweep: steps not ints": ([*sweep, "--num_steps=10,x"], ["--num_steps=10,x"]),
   }
   # An empty feature cache: a refusal that came after the feature network would train it (a minute, an extra line).
@@ -181,12 +183,12 @@ def test_vae_trials(tmp_path):
 
 
 def test_launchers_run_from_any_directory_and_explain_their_flags(tmp_path):
-  results = run_all({
-      "print_config": [os.path.join(ROOT, "experiments", "train.py"), "--config=experiments/configs/gan.py:digits",
+  results = run_all({   # `python -m` from elsewhere, with the package importable (as `pip install -e .` makes it)
+      "print_config": ["-m", "experiments.train", "--config=experiments/configs/gan.py:digits",
                        "--config.num_train_steps=7", "--print_config"],
-      "sample help": [os.path.join(ROOT, "experiments", "sample.py"), "--help"],
-      "evaluate help": [os.path.join(ROOT, "experiments", "evaluate.py"), "--help"],
-  }, cwd=str(tmp_path))
+      "sample help": ["-m", "experiments.sample", "--help"],
+      "evaluate help": ["-m", "experiments.evaluate", "--help"],
+  }, cwd=str(tmp_path), env={"PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])})
   printed = results["print_config"]
   assert printed.returncode == 0, printed.stderr
   for field in ("num_train_steps: 7", "disc_optimizer:", "learning_rate:", "latent_dim: 32", "dataset:"):
@@ -198,6 +200,49 @@ def test_launchers_run_from_any_directory_and_explain_their_flags(tmp_path):
       assert flag in text, (name, flag)
     assert "restricted to" in text                      # what GAN truncation does
   assert os.listdir(tmp_path) == []                      # nothing written where it was run
+
+
+def test_console_scripts_name_the_launchers_entry_functions():
+  import importlib
+  import tomllib
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    scripts = tomllib.load(f)["project"]["scripts"]
+  assert sorted(scripts) == ["genjax-evaluate", "genjax-export", "genjax-sample", "genjax-train"]
+  for name, target in scripts.items():
+    module, _, function = target.partition(":")
+    assert module == "experiments." + name.removeprefix("genjax-") and callable(
+        getattr(importlib.import_module(module), function)), (name, target)
+
+
+def test_capabilities_a_run_lacks_are_one_line_naming_what_it_can_do(runs, tmp_path):
+  from PIL import Image
+  png = str(tmp_path / "digit.png")
+  Image.fromarray(np.zeros((8, 8), np.uint8)).save(png)
+  cases = {
+      "edit a GAN run": (["-m", "experiments.sample", f"--workdir={runs['gan']}", f"--init_image={png}",
+                          "--strength=0.5"], ["--init_image, --strength needs a model that can edit images",
+                                              "can: sample images, interpolate, evaluate"]),
+      "export a GAN run": (["-m", "experiments.export", f"--workdir={runs['gan']}", f"--out={tmp_path / 'out'}"],
+                           ["experiments.export needs a model that can export", "can: sample images"]),
+      "diffusers without --output": (["-m", "experiments.sample", f"--diffusers_model={tmp_path}"],
+                                     ["--diffusers_model needs --output"]),
+  }
+  check_refusals(cases, [runs["gan"]])
+  assert sorted(os.listdir(tmp_path)) == ["digit.png"]            # nothing written, here or for --out
+
+
+def test_samples_are_named_by_the_step_actually_loaded(runs, tmp_path):
+  """A damaged newest checkpoint is skipped (read-only, with a warning): the files name the step that was read."""
+  import shutil
+  workdir = str(tmp_path / "gan")
+  shutil.copytree(runs["gan"], workdir)
+  ckpts = os.path.join(workdir, "checkpoints")
+  shutil.copytree(os.path.join(ckpts, "1"), os.path.join(ckpts, "7"))
+  with open(os.path.join(ckpts, "7", "meta", "metadata"), "w"):
+    pass                                                           # empty metadata JSON: step 7 is damaged
+  out = sample_cli.sample_run(workdir, options={}, num_samples=2)
+  assert out["step"] == 1 and os.path.basename(out["paths"][0]) == "sample_step1_n2_seed0.png"
+  assert sorted(os.listdir(ckpts)) == ["1", "7"]                   # sampling moved nothing
 
 
 def test_sample_files_are_named_from_their_options_and_interpolation_honours_them(runs, tmp_path):

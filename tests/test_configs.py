@@ -6,19 +6,36 @@ step is evaluated abstractly (`jax.eval_shape`: every shape and dtype of init an
 real step runs through the loop at reduced width and one residual block per level (`REDUCED_WIDTH`). Smaller configs
 train their real step at full width. Batch, steps and sequence length shrink in every case. The latent-diffusion
 config is evaluated abstractly here; its real training run is in tests/test_diffusion_model.py.
+
+Config files declare no default a second time: a variant writes only settings that change a value (its family's typed
+model defaults and base_config's loop settings are declared once), and `--print_config` shows every typed field.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import pathlib
+import types
+from unittest import mock
 
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+import yaml
 
+from experiments import train
+from experiments.configs.common import base_config
 from experiments.train import run
 from genjax.data import dataset_info
+from genjax.errors import ConfigError
+from genjax.models.diffusion import DiffusionConfig
+from genjax.models.fields import config_section
+from genjax.models.gan import GANConfig
+from genjax.models.lm_layers import LMConfig
+from genjax.models.transformer import DERIVED_FIELDS, RUN_FIELDS
+from genjax.models.vae import VAEConfig
 from tests.util import flat
 
 CONFIG_DIR = pathlib.Path(__file__).parent.parent / "experiments" / "configs"
@@ -28,6 +45,81 @@ CASES = [(f, v) for f in CONFIG_FILES for v in importlib.import_module(f"experim
 
 def test_every_family_has_configs():
   assert {"vae", "ddpm", "gan", "lm"} <= set(CONFIG_FILES)
+
+
+TYPED_CONFIGS = {"vae": VAEConfig, "diffusion": DiffusionConfig, "gan": GANConfig, "lm": LMConfig}
+
+
+def _variant(config_file: str, variant: str):
+  return importlib.import_module(f"experiments.configs.{config_file}").VARIANTS[variant]
+
+
+def _restated_settings(variant) -> list[str]:
+  """`key=value` for every setting the variant function writes over an equal value: a typed model default, a
+  base_config loop setting or anything else the config already held, restated."""
+  found, write = [], ml_collections.ConfigDict.__setitem__
+
+  def recording(section, key, value):
+    if key in section and not isinstance(value, ml_collections.FieldReference):
+      old = section[key]
+      if old == value and isinstance(old, bool) == isinstance(value, bool):
+        found.append(f"{key}={value!r}")
+    write(section, key, value)
+
+  with mock.patch.object(ml_collections.ConfigDict, "__setitem__", recording):
+    variant(base_config())
+  return found
+
+
+def test_config_files_set_only_what_a_variant_changes():
+  restated = {f"{f}.py:{v}": _restated_settings(_variant(f, v)) for f, v in CASES}
+  assert {case: found for case, found in restated.items() if found} == {}
+
+
+def test_a_restated_default_is_found():
+  def restating(c):
+    c.model = config_section(GANConfig)
+    c.model.update(latent_dim=GANConfig.latent_dim, loss="hinge")
+    c.log_every_steps = base_config().log_every_steps
+  assert _restated_settings(restating) == [f"latent_dim={GANConfig.latent_dim}",
+                                           f"log_every_steps={base_config().log_every_steps}"]
+
+
+def _typed_fields(cfg, names=None) -> dict:
+  """{field: None, or the same for a nested dataclass} of the dataclass instance `cfg` (only `names` if given)."""
+  return {f.name: _typed_fields(getattr(cfg, f.name)) if dataclasses.is_dataclass(getattr(cfg, f.name)) else None
+          for f in dataclasses.fields(cfg) if f.init and (names is None or f.name in names)}
+
+
+def _printed_fields(section: dict) -> dict:
+  return {k: _printed_fields(v) if isinstance(v, dict) else None for k, v in section.items()}
+
+
+def _expected_model_fields(c) -> dict:
+  """Every field of the family's typed config; lm: those a config sets (the rest follow other settings) and
+  init_from, and when fine-tuning a checkpoint only those that say how it runs."""
+  cls = TYPED_CONFIGS[c.family]
+  if cls is not LMConfig:
+    return _typed_fields(cls())
+  fine_tune = c.model.init_from != ""                    # hf_finetune: None until --config.model.init_from=DIR
+  names = RUN_FIELDS if fine_tune else {f.name for f in dataclasses.fields(LMConfig)} - set(DERIVED_FIELDS)
+  return {**_typed_fields(LMConfig(), names), "init_from": None}
+
+
+def test_print_config_lists_every_typed_field_of_the_family(monkeypatch, capsys):
+  monkeypatch.setattr(train, "_PRINT_CONFIG", types.SimpleNamespace(value=True))
+  for config_file, variant in CASES:
+    c = importlib.import_module(f"experiments.configs.{config_file}").get_config(variant)
+    monkeypatch.setattr(train, "_CONFIG", types.SimpleNamespace(value=c))
+    train.main([])
+    printed = yaml.load(capsys.readouterr().out, Loader=yaml.FullLoader)
+    assert _printed_fields(printed["model"]) == _expected_model_fields(c), (config_file, variant)
+
+
+def test_config_section_names_the_valid_fields():
+  assert config_section(GANConfig, only=["latent_dim"]).to_dict() == {"latent_dim": GANConfig.latent_dim}
+  with pytest.raises(ConfigError, match=r"GANConfig has no fields \['latnt_dim'\]; valid: .*'latent_dim'"):
+    config_section(GANConfig, only=["latnt_dim"])
 
 
 @pytest.fixture(scope="module")

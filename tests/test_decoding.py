@@ -6,6 +6,7 @@ The model here is a hand-built "bag of tokens" LM in pure jax with a token cache
 reference: logits at position t = A[x_t] + mean(one_hot(x_0..x_t)) @ Bm. Transformer-specific decoding tests
 (cached vs full logits) live in tests/test_transformer.py.
 """
+import dataclasses
 import itertools
 import math
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 
 from genjax.compiles import CompileCounter
 from genjax.errors import UserError
-from genjax.samplers import DecodingModel, beam_search, generate, top_k_logits, top_p_logits
+from genjax.samplers import DecodingModel, DecodingSettings, beam_search, generate, top_k_logits, top_p_logits
 from genjax.samplers.logits import apply_penalties, choose_tokens, filter_logits, min_p_logits
 
 V = 7
@@ -246,30 +247,30 @@ def test_repetition_penalty_matches_reference():
 def test_temperature_to_zero_is_greedy():
   params = _params(2)
   greedy = generate(BAG, params, PROMPTS, greedy=True, max_new_tokens=N)
-  cold = generate(BAG, params, PROMPTS, jax.random.key(0), temperature=1e-6, top_p=0.9, max_new_tokens=N)
+  cold = generate(BAG, params, PROMPTS, rng=jax.random.key(0), temperature=1e-6, top_p=0.9, max_new_tokens=N)
   np.testing.assert_array_equal(cold.tokens, greedy.tokens)
 
 
 def test_batch_invariance_with_row_ids_and_eos():
   params, rng = _params(3, eos_bias=0.0), jax.random.key(42)
   kw = dict(max_new_tokens=N, temperature=1.3, top_p=0.95, eos_id=EOS, pad_id=PAD)
-  batch = generate(BAG, params, PROMPTS, rng, **kw)
+  batch = generate(BAG, params, PROMPTS, rng=rng, **kw)
   lens = np.asarray(batch.lengths)
   assert lens.min() < N and lens.max() == N, lens      # EOS in some rows, not all
   for row in range(len(PROMPTS)):
     alone = generate(BAG, params, rng=rng, row_ids=[row], **_alone(row), **kw)
     np.testing.assert_array_equal(alone.tokens[0], batch.tokens[row])
-  reordered = generate(BAG, params, PROMPTS[::-1], rng, row_ids=np.arange(4)[::-1], **kw)
+  reordered = generate(BAG, params, PROMPTS[::-1], rng=rng, row_ids=np.arange(4)[::-1], **kw)
   np.testing.assert_array_equal(reordered.tokens[::-1], batch.tokens)
   # Different row ids give different draws (the key really is per row).
-  same = generate(BAG, params, [PROMPTS[0]] * 4, rng, **kw)
+  same = generate(BAG, params, [PROMPTS[0]] * 4, rng=rng, **kw)
   assert len({tuple(r) for r in np.asarray(same.tokens)}) > 1
 
 
 def test_generate_sampling_distribution_of_first_token():
   params = _params(4)
   n = 2000
-  out = generate(BAG, params, [[1, 2]] * n, jax.random.key(7), max_new_tokens=1, temperature=0.8, top_k=4)
+  out = generate(BAG, params, [[1, 2]] * n, rng=jax.random.key(7), max_new_tokens=1, temperature=0.8, top_k=4)
   probs = np.asarray(jax.nn.softmax(filter_logits(jnp.asarray(_ref_logits(params, [1, 2])), 0.8, 4)))
   freq = np.bincount(np.asarray(out.tokens[:, 0]), minlength=V) / n
   np.testing.assert_allclose(freq, probs, atol=0.04)    # ~4 standard errors at n = 2000
@@ -284,13 +285,13 @@ def test_runtime_settings_compile_nothing_new():
               dict(greedy=True, row_ids=[5, 6, 7, 8]), dict(temperature=[0.1, 0.2, 1.0, 0.0], eos_id=3),
               dict(greedy=True, repetition_penalty=1.2)]
   for setting in settings:   # compiles the four specialisations: all rows greedy or not x penalties off or not
-    generate(COUNTING, params, PROMPTS, jax.random.key(1), **{**kw, **setting})
+    generate(COUNTING, params, PROMPTS, rng=jax.random.key(1), **{**kw, **setting})
   traces = TRACES["n"]
   assert traces > 0
   for setting in settings + [dict(temperature=0.9, top_p=0.8, top_k=2), dict(greedy=True, frequency_penalty=0.5)]:
-    generate(COUNTING, params, PROMPTS, jax.random.key(2), **{**kw, **setting})
+    generate(COUNTING, params, PROMPTS, rng=jax.random.key(2), **{**kw, **setting})
   assert TRACES["n"] == traces
-  generate(COUNTING, params, PROMPTS, jax.random.key(1), max_new_tokens=N + 1)   # a new output shape compiles
+  generate(COUNTING, params, PROMPTS, rng=jax.random.key(1), max_new_tokens=N + 1)   # a new output shape compiles
   assert TRACES["n"] > traces
 
 
@@ -298,12 +299,12 @@ def test_greedy_and_penalty_free_specialisations_agree_with_the_general_program(
   params = _params(5)
   kw = dict(max_new_tokens=N, eos_id=EOS)
   greedy = generate(COUNTING, params, PROMPTS, **kw, greedy=True)                         # argmax-only program
-  mixed = generate(COUNTING, params, PROMPTS, jax.random.key(3), **kw, temperature=[0.0, 0.0, 0.0, 1.0])
+  mixed = generate(COUNTING, params, PROMPTS, rng=jax.random.key(3), **kw, temperature=[0.0, 0.0, 0.0, 1.0])
   np.testing.assert_array_equal(mixed.tokens[:3], greedy.tokens[:3])                      # the greedy rows
   penalised = generate(COUNTING, params, PROMPTS, **kw, greedy=True, repetition_penalty=[1.0, 1.0, 1.0, 1.5])
   np.testing.assert_array_equal(penalised.tokens[:3], greedy.tokens[:3])                  # rows at the defaults
-  sampled = generate(COUNTING, params, PROMPTS, jax.random.key(4), **kw, temperature=0.8, top_p=0.9)
-  also = generate(COUNTING, params, PROMPTS, jax.random.key(4), **kw, temperature=0.8, top_p=0.9,
+  sampled = generate(COUNTING, params, PROMPTS, rng=jax.random.key(4), **kw, temperature=0.8, top_p=0.9)
+  also = generate(COUNTING, params, PROMPTS, rng=jax.random.key(4), **kw, temperature=0.8, top_p=0.9,
                   presence_penalty=[0.0, 0.0, 0.0, 0.5])
   np.testing.assert_array_equal(also.tokens[:3], sampled.tokens[:3])
 
@@ -354,7 +355,7 @@ BAD_SETTINGS = [
 def test_bad_settings_raise_naming_the_setting_and_value(setting, message):
   kw = {"max_new_tokens": 2, **setting}
   with pytest.raises(UserError, match=message):       # raised on the host, before anything compiles
-    generate(BAG, _params(0), PROMPTS, jax.random.key(0), **kw)
+    generate(BAG, _params(0), PROMPTS, rng=jax.random.key(0), **kw)
 
 
 def test_bad_beam_settings():
@@ -414,7 +415,7 @@ def test_stop_sequences_end_exactly_at_the_match_per_row():
 
 def test_logprobs_equal_a_full_forward_log_softmax():
   params = _params(3, eos_bias=0.0)
-  out = generate(BAG, params, PROMPTS, jax.random.key(5), max_new_tokens=N, temperature=1.3, top_p=0.9, min_p=0.05,
+  out = generate(BAG, params, PROMPTS, rng=jax.random.key(5), max_new_tokens=N, temperature=1.3, top_p=0.9, min_p=0.05,
                  repetition_penalty=1.5, eos_id=EOS, pad_id=PAD)
   lens = np.asarray(out.lengths)
   assert lens.min() < N, lens                           # some row ends early: zeros after it
@@ -441,29 +442,91 @@ def test_greedy_logprobs_equal_a_full_forward_log_softmax():
     assert (np.asarray(out.logprobs[r, lens[r]:]) == 0).all()
 
 
-def test_scalar_settings_are_packed_once_and_vectors_still_checked():
-  from genjax.samplers.decoding_inputs import sampling_settings
-  kw = dict(temperature=0.7, top_k=3, top_p=0.9, min_p=0.0, min_tokens_to_keep=1, repetition_penalty=1.0,
-            presence_penalty=0.0, frequency_penalty=0.0)
-  floats, ints = sampling_settings(4, **kw)
-  again = sampling_settings(4, **kw)
+def test_settings_are_packed_once_and_vectors_still_checked():
+  from genjax.samplers.settings import sampling_arrays
+  kw = dict(max_new_tokens=2, temperature=0.7, top_k=3, top_p=0.9)
+  floats, ints = sampling_arrays(DecodingSettings(**kw), 4)
+  again = sampling_arrays(DecodingSettings(**kw), 4)
   assert again[0] is floats and again[1] is ints         # cached: no host work on a repeated call
   assert not floats.flags.writeable and not ints.flags.writeable
   np.testing.assert_allclose(floats[:, 0], 0.7, rtol=1e-7)
   np.testing.assert_array_equal(ints[:, 0], 3)
   with pytest.raises(UserError, match=r"top_p=1.5 must be in \(0, 1\]"):
-    sampling_settings(4, **{**kw, "top_p": 1.5})
-  rows = sampling_settings(4, **{**kw, "temperature": [0.1, 0.2, 0.0, 1.0]})[0]
+    DecodingSettings(**{**kw, "top_p": 1.5})
+  rows = sampling_arrays(DecodingSettings(**{**kw, "temperature": [0.1, 0.2, 0.0, 1.0]}), 4)[0]
   np.testing.assert_allclose(rows[:, 0], [0.1, 0.2, 0.0, 1.0], rtol=1e-7)
   with pytest.raises(UserError, match=r"temperature=\[0.1, -1.0, 0.0, 1.0\] must be >= 0"):
-    sampling_settings(4, **{**kw, "temperature": [0.1, -1.0, 0.0, 1.0]})
+    DecodingSettings(**{**kw, "temperature": [0.1, -1.0, 0.0, 1.0]})
+  with pytest.raises(UserError, match=r"temperature must be a scalar or have shape \(4,\), got shape \(3,\)"):
+    sampling_arrays(DecodingSettings(**{**kw, "temperature": [0.1, 0.2, 0.0]}), 4)
+
+
+def test_settings_are_one_canonical_hashable_value():
+  # 1, 1.0, True and numpy scalars of one value build equal settings of one type: a sound cache / jit key.
+  same = [DecodingSettings(max_new_tokens=4, top_k=k, temperature=t, top_p=p, stop_sequences=stops)
+          for k, t, p, stops in ((1, 1, np.float32(0.5), [[1, 2]]), (1.0, True, 0.5, ((1, 2),)),
+                                 (True, 1.0, 0.5, [np.array([1, 2])]))]
+  assert len(set(same)) == 1 and all(s == same[0] for s in same)
+  assert type(same[0].top_k) is int and type(same[0].temperature) is float
+  per_row = DecodingSettings(max_new_tokens=4, temperature=np.array([0.5, 0.0]))
+  assert per_row.temperature == (0.5, 0.0) and hash(per_row) == hash(per_row.replace())
+  assert per_row.replace(top_p=0.9) != per_row and per_row.replace(top_p=0.9).temperature == (0.5, 0.0)
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    per_row.top_p = 0.5
+  with pytest.raises(TypeError):
+    DecodingSettings(4)                                  # keyword-only
+
+
+def test_settings_object_equals_its_keyword_arguments_bitwise():
+  params, rng = _params(3, eos_bias=0.0), jax.random.key(11)
+  fields = dict(max_new_tokens=N, temperature=[0.9, 0.0, 1.3, 0.7], top_k=5, min_p=0.05, repetition_penalty=1.2,
+                eos_id=EOS, pad_id=PAD, stop_sequences=[[3, 4]], num_return_sequences=2)
+  by_value = generate(BAG, params, PROMPTS, rng=rng, settings=DecodingSettings(**fields))
+  by_keywords = generate(BAG, params, PROMPTS, rng=rng, **fields)
+  overridden = generate(BAG, params, PROMPTS, rng=rng, settings=DecodingSettings(**{**fields, "top_k": 2}), top_k=5)
+  for out in (by_keywords, overridden):
+    for a, b in zip(by_value, out):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  beams = DecodingSettings(max_new_tokens=4, num_beams=2, eos_id=EOS, pad_id=PAD)
+  for a, b in zip(beam_search(BAG, params, PROMPTS, settings=beams),
+                  beam_search(BAG, params, PROMPTS, max_new_tokens=4, num_beams=2, eos_id=EOS, pad_id=PAD)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_three_decoders_reject_a_bad_setting_alike():
+  from genjax.samplers import speculative_generate
+  decoders = {"generate": lambda **kw: generate(BAG, _params(0), PROMPTS, rng=jax.random.key(0), **kw),
+              "beam_search": lambda **kw: beam_search(BAG, _params(0), PROMPTS, **kw),
+              "speculative_generate": lambda **kw: speculative_generate(BAG, _params(0), BAG, _params(1), PROMPTS,
+                                                                        rng=jax.random.key(0), **kw)}
+  for bad in (dict(top_p=1.5), dict(max_new_tokens=0), dict(pad_id=1.5), dict(eos_id=True),
+              dict(length_penalty=float("nan")), dict(num_beams=0), dict(num_draft_tokens=2.0)):
+    messages = set()
+    for name, call in decoders.items():
+      with pytest.raises(UserError) as error:
+        call(**{"max_new_tokens": 2, **bad})
+      messages.add(str(error.value))
+    (message,) = messages                                # the same error from every decoder
+    assert "\n" not in message and f"{next(iter(bad))}=" in message, message
+  # A knob a decoder does not apply is refused, naming the decoders that do; a wrong type of settings too.
+  with pytest.raises(UserError, match=r"^num_beams=3 does not apply to generate; .*\(used by beam_search\)$"):
+    decoders["generate"](max_new_tokens=2, num_beams=3)
+  with pytest.raises(UserError, match=r"^temperature=0.5 does not apply to beam_search; .*generate, "
+                                      r"speculative_generate\)$"):
+    decoders["beam_search"](max_new_tokens=2, temperature=0.5)
+  with pytest.raises(UserError, match=r"^stop_sequences=\[\[1\]\] does not apply to speculative_generate"):
+    decoders["speculative_generate"](max_new_tokens=2, stop_sequences=[[1]])
+  with pytest.raises(UserError, match=r"settings=\{'max_new_tokens': 2\} must be a genjax.samplers.DecodingSett"):
+    decoders["beam_search"](settings={"max_new_tokens": 2})
+  with pytest.raises(TypeError, match=r"unexpected keyword arguments \['temprature'\]"):
+    decoders["generate"](max_new_tokens=2, temprature=0.5)
 
 
 def test_num_return_sequences_share_the_prefill():
   params, rng = _params(3, eos_bias=0.0), jax.random.key(9)
   kw = dict(max_new_tokens=N, temperature=1.0, eos_id=EOS, pad_id=PAD)
-  one = generate(BAG, params, PROMPTS, rng, **kw)
-  three = generate(BAG, params, PROMPTS, rng, num_return_sequences=3, **kw)
+  one = generate(BAG, params, PROMPTS, rng=rng, **kw)
+  three = generate(BAG, params, PROMPTS, rng=rng, num_return_sequences=3, **kw)
   assert three.tokens.shape == (4, 3, N) and three.lengths.shape == (4, 3) and three.stop_index.shape == (4, 3)
   for field in ("tokens", "lengths", "stop_index"):     # sequence 0 of n is the n = 1 draw
     np.testing.assert_array_equal(getattr(three, field)[:, 0], getattr(one, field))
@@ -478,12 +541,12 @@ def test_num_return_sequences_share_the_prefill():
 def test_a_new_batch_size_compiles_one_program_per_specialisation():
   params = _params(5)
   for setting in (dict(greedy=True), dict(temperature=0.7, top_p=0.9)):
-    generate(BAG, params, PROMPTS, jax.random.key(0), max_new_tokens=N, **setting)     # warm: batch 4
+    generate(BAG, params, PROMPTS, rng=jax.random.key(0), max_new_tokens=N, **setting)     # warm: batch 4
     with CompileCounter() as cc:
-      generate(BAG, params, PROMPTS[:3], jax.random.key(0), max_new_tokens=N, **setting)   # batch 3, new
+      generate(BAG, params, PROMPTS[:3], rng=jax.random.key(0), max_new_tokens=N, **setting)   # batch 3, new
     assert cc.count == 1, (setting, cc.count)
     with CompileCounter() as cc:
-      generate(BAG, params, PROMPTS[:3], jax.random.key(1), max_new_tokens=N, **{**setting, "min_p": 0.1})
+      generate(BAG, params, PROMPTS[:3], rng=jax.random.key(1), max_new_tokens=N, **{**setting, "min_p": 0.1})
     assert cc.count == 0
 
 

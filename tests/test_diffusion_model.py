@@ -267,6 +267,9 @@ def test_flow_config_names_its_samplers_and_prediction():
   config.model.prediction = "epsilon"
   with pytest.raises(ConfigError, match="prediction='velocity'"):
     diffusion.task(config)
+  flow, pixels = diffusion.task(tiny_config("flow_digits")), diffusion.task(tiny_config("digits"))
+  assert flow.samplers == diffusion.FLOW_METHODS == ("euler", "heun", "midpoint")   # what a steps sweep may ask for
+  assert pixels.samplers == diffusion.SAMPLERS and pixels.edit is pixels.sample_images   # editing: the same sampler
 
 
 def test_latent_config_needs_a_vae_workdir_and_a_valid_vae():

@@ -39,8 +39,8 @@ def gaussian_model(params, x, t, prediction="epsilon", dtype=jnp.float32):
   return {"epsilon": eps, "x0": x0, "v": jnp.sqrt(a) * eps - jnp.sqrt(1 - a) * x0}[prediction]
 
 
-def gaussian_params(mu=MU, s=S, sched=SCHED):
-  return {"abar": sched.alphas_cumprod, "mu": jnp.asarray(mu, jnp.float32), "s": jnp.asarray(s, jnp.float32)}
+def gaussian_params(mu=MU, s=S, schedule=SCHED):
+  return {"abar": schedule.alphas_cumprod, "mu": jnp.asarray(mu, jnp.float32), "s": jnp.asarray(s, jnp.float32)}
 
 
 MODELS = {p: Partial(gaussian_model, prediction=p) for p in ("epsilon", "v", "x0")}
@@ -173,7 +173,7 @@ def test_dpm_solver_grid_skips_the_empty_tail_of_the_cosine_schedule():
   cosine = NoiseSchedule.cosine(1000)
   ts = np.asarray(spacing_table(cosine, jnp.int32(5), "log_snr"))[:5]
   assert ts[0] == 999 and ts[1] < 990 and ts[-1] == 0, ts
-  model = Partial(MODELS["epsilon"], gaussian_params(sched=cosine))
+  model = Partial(MODELS["epsilon"], gaussian_params(schedule=cosine))
   for n, tol in ((5, 0.07), (20, 0.008)):
     slope = affine_fit(X_LINE, dpm_solver_sample(model, cosine, X_LINE, num_steps=n))[0]
     assert abs(slope - exact_slope()) < tol, (n, slope)
@@ -251,7 +251,7 @@ def test_bf16_model_gives_finite_samples():
     for name in samplers.split():
       run = {"ddim": lambda m, sch: ddim_sample(m, sch, x_T, num_steps=50, prediction=prediction),
              "dpm": lambda m, sch: dpm_solver_sample(m, sch, x_T, num_steps=20, prediction=prediction)}[name]
-      got = run(Partial(BF16_MODELS[prediction], gaussian_params(sched=cos)), cos)
+      got = run(Partial(BF16_MODELS[prediction], gaussian_params(schedule=cos)), cos)
       assert got.dtype == jnp.float32 and np.all(np.isfinite(got)), (prediction, name)
       got = run(Partial(BF16_MODELS[prediction], gaussian_params()), SCHED)
       want = run(Partial(MODELS[prediction], gaussian_params()), SCHED)

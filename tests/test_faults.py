@@ -18,14 +18,15 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from benchmarks.fault_worker import DAMAGE as WORKER_DAMAGE
-from benchmarks.fault_worker import (ROOT, changed_files, hooked_train_iterator, nan_hook, snapshot, steps_on_disk,
-                                     swap_in_previous_arrays, worker_env)
+from benchmarks.fault_worker import (ROOT, changed_files, flat, hooked_train_iterator, nan_hook, snapshot,
+                                     steps_on_disk, swap_in_previous_arrays, worker_env)
 from experiments.configs import ddpm as ddpm_configs
 from experiments.train import run
 from genjax.errors import WorkdirError
@@ -34,7 +35,7 @@ from genjax.core.checkpoint import (CheckpointMismatchError, Checkpointer, Check
                                      CheckpointUnreadableError, load_run, load_run_at)
 from genjax.core.checksums import array_checksums
 from genjax.train.trainer import NonFiniteLossError, train_and_evaluate
-from tests.util import flat, tiny_vae_config
+from tests.util import tiny_vae_config
 
 # 6 steps, a checkpoint every 2 (kept: 3), async saves, metrics every step, params sharded data=2 × fsdp=4.
 CFG = {"num_train_steps": 6, "checkpoint_every_steps": 2, "log_every_steps": 1, "eval_every_steps": -1,
@@ -98,15 +99,15 @@ def ref(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("reference"))
   state = run(cfg(), workdir)
   assert steps_on_disk(workdir) == [2, 4, 6]
-  return {"workdir": workdir, "params": flat(state.params), "opt": flat(state.opt_states),
-          "ema": flat(state.ema_params)}
+  return {"workdir": workdir, "params": jax.device_get(state.params), "opt": jax.device_get(state.opt_states),
+          "ema": jax.device_get(state.ema_params)}
 
 
 def assert_bitwise_equal_to_ref(state, ref) -> None:
   assert int(state.step) == 6
-  np.testing.assert_array_equal(flat(state.params), ref["params"])
-  np.testing.assert_array_equal(flat(state.opt_states), ref["opt"])
-  np.testing.assert_array_equal(flat(state.ema_params), ref["ema"])
+  chex.assert_trees_all_equal(state.params, ref["params"])
+  chex.assert_trees_all_equal(state.opt_states, ref["opt"])
+  chex.assert_trees_all_equal(state.ema_params, ref["ema"])
 
 
 def restored_tree(workdir, step):
@@ -168,7 +169,7 @@ def test_sigterm_saves_the_current_step_second_run_is_refused_resume_is_bit_for_
 # ---- other device counts, other parallel path ------------------------------------------------------------------
 
 def test_restore_from_8_devices_onto_4_and_1_and_pmap_on_8_into_pjit_on_1(ref, tmp_path, cache_dir):
-  ref_step2 = flat(restored_tree(ref["workdir"], 2))
+  ref_step2 = flat(restored_tree(ref["workdir"], 2))         # the workers write flat vectors (fault_worker.flat)
   pmap_dir = str(tmp_path / "pmap")
   pmap_done = str(tmp_path / "pmap_done")
   jobs4 = [{"dump_step": 2, "workdir": copy_run(ref, tmp_path / "w8_dump4", [2]), "out": str(tmp_path / "d4.npy")},
@@ -192,7 +193,7 @@ def test_restore_from_8_devices_onto_4_and_1_and_pmap_on_8_into_pjit_on_1(ref, t
   np.testing.assert_array_equal(np.load(tmp_path / "d1.npy"), ref_step2)
   assert train4 == {"devices": 4, "step": 6} and train1 == pmap1 == {"devices": 1, "step": 6}
   for name in ("p4", "p1", "pp"):                                            # training on from there
-    np.testing.assert_allclose(np.load(tmp_path / f"{name}.npy"), ref["params"], atol=TOL)
+    np.testing.assert_allclose(np.load(tmp_path / f"{name}.npy"), flat(ref["params"]), atol=TOL)
 
 
 # ---- damaged checkpoints ---------------------------------------------------------------------------------------
@@ -313,7 +314,7 @@ def test_injected_nan_stops_naming_the_step_and_the_last_good_checkpoint_is_inta
   assert steps_on_disk(workdir) == [2, 4]
   logged = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert max(logged) == 4
-  np.testing.assert_array_equal(flat(restored_tree(workdir, 4)), flat(restored_tree(ref["workdir"], 4)))
+  chex.assert_trees_all_equal(restored_tree(workdir, 4), restored_tree(ref["workdir"], 4))
 
 
 # ---- no pickle ---------------------------------------------------------------------------------------------------
@@ -334,7 +335,7 @@ def test_checkpoints_are_arrays_and_json_only_and_load_without_pickle(ref, monke
   for name in ("load", "loads", "Unpickler", "dump", "dumps", "Pickler"):
     monkeypatch.setattr(pickle, name, refuse)
   config, params = load_run(ref["workdir"])
-  np.testing.assert_array_equal(flat(params), ref["ema"])
+  chex.assert_trees_all_equal(params, ref["ema"])
 
 
 # ---- bad inputs: one clear error, nothing on disk lost ---------------------------------------------------------
@@ -424,7 +425,7 @@ def test_load_run_reports_the_step_it_fell_back_to(ref, tmp_path):
   DAMAGE["bit flips in array data"](os.path.join(workdir, "checkpoints", "6"))
   _, params, step = load_run_at(workdir)
   assert step == 4 and steps_on_disk(workdir) == [2, 4, 6]            # read-only: nothing moved
-  np.testing.assert_array_equal(flat(params), flat(restored_tree(ref["workdir"], 4)["ema_params"]))
+  chex.assert_trees_all_equal(params, restored_tree(ref["workdir"], 4)["ema_params"])
 
 
 def test_load_run_names_the_steps_there_are(ref):

@@ -211,8 +211,10 @@ def test_interpolation_grid_ends_at_its_latents():
   end = g._generate_impl(params["gen"], gan.sample_latents(r1, 3, 8), lab)
   np.testing.assert_allclose(grid[:, 0], start, atol=1e-5)
   np.testing.assert_allclose(grid[:, -1], end, atol=1e-5)
-  images, cols = gan.interpolation_images(tiny_config(), params, rng, rows=3, cols=5, label=4)  # sample.py's hook
+  images, cols = gan.interpolation_images(tiny_config(), params, rng, rows=3, cols=5, label=4)  # the Task's
   assert cols == 5
+  same, _ = gan.task(tiny_config()).interpolate(params, rng, rows=3, cols=5, label=4)
+  np.testing.assert_array_equal(same, images)
   np.testing.assert_allclose(images, grid.reshape(images.shape), atol=1e-6)
   z0, z1 = jnp.array([[3.0, 0.0]]), jnp.array([[0.0, 3.0]])          # slerp keeps the norm of equal-norm ends
   np.testing.assert_allclose(gan.slerp(z0, z1, jnp.array([0.5])), [[3 / math.sqrt(2)] * 2], rtol=1e-5)
@@ -268,7 +270,7 @@ def test_config_errors_name_the_bad_value():
 
 def test_the_config_file_declares_every_field_with_the_dataclass_defaults():
   c = base_config()
-  gan_configs._gan_defaults(c)
+  gan_configs._gan(c, "digits")
   assert c.model.to_dict() == to_dict(gan.GANConfig())          # one set of fields, one set of defaults
   for variant in gan_configs.VARIANTS:
     cfg = gan.gan_config(gan_configs.get_config(variant))

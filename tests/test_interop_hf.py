@@ -3,6 +3,7 @@ transformers' own classes on PyTorch (CPU), saved with `save_pretrained`, loaded
 
 torch and transformers are test-only oracles (the `interop-test` extra); without them these tests skip.
 """
+import functools
 import json
 import os
 
@@ -169,7 +170,8 @@ def test_sharded_checkpoint_loads_onto_a_2x4_mesh_with_logical_axis_shardings(tm
   index = json.load(open(tmp_path / "model.safetensors.index.json"))
   assert len(set(index["weight_map"].values())) > 2
   mesh = parallel.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
-  cfg, params = hf.load_lm(str(tmp_path), mesh=mesh, vocab_multiple=4)
+  cfg, params = hf.load_lm(str(tmp_path), shardings=functools.partial(parallel.param_shardings, mesh=mesh),
+                           vocab_multiple=4)
   P = jax.sharding.PartitionSpec
   assert params["embedding"].sharding.spec == P("tensor", "fsdp")
   assert params["head"]["kernel"].sharding.spec == P("fsdp", "tensor")
@@ -298,7 +300,7 @@ def test_hf_finetune_starts_from_the_checkpoint_and_exports_back(tmp_path):
   c.dataset.seq_len, c.batch_size, c.num_train_steps = 16, 8, 1
   c.eval_every_steps = c.sample_every_steps = -1
   c.optimizer.learning_rate, c.optimizer.warmup_steps, c.async_checkpointing = 1e-2, 0, False
-  task = get_task(c)
+  task = get_task(c, pretrained=hf.pretrained_for(c))
   _, loaded = hf.load_lm(model_dir)
   init = nn.unbox(jax.jit(task.init)(jax.random.key(0), {"tokens": np.zeros((1, 17), np.int32)}))
   jax.tree.map(np.testing.assert_array_equal, init, loaded)  # step 0 is the checkpoint, not a random init
@@ -312,7 +314,8 @@ def test_hf_finetune_starts_from_the_checkpoint_and_exports_back(tmp_path):
   back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
   tokens = np.asarray([ids], np.int32)
   theirs = _hf_logits(back, tokens, np.array([len(ids)]))
-  ours, _ = T.TransformerLM(T.lm_config(config)).apply({"params": params}, jnp.asarray(tokens))
+  ours, _ = T.TransformerLM(T.lm_config(config, hf.pretrained_for(config))).apply({"params": params},
+                                                                                 jnp.asarray(tokens))
   np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-5, rtol=0)
   before = _hf_logits(transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval(), tokens, np.array([3]))
   assert np.abs(before - theirs).max() > 1e-3                # training moved the weights that were exported

@@ -7,6 +7,7 @@ import os
 import signal
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,8 +21,9 @@ from genjax.core import Phase, Task
 from genjax.core.checkpoint import Checkpointer, load_run
 from genjax.train.preemption import Interrupted, StopSignals
 from genjax.train.report import Progress, log_line
+from genjax.train.step import init_state, make_train_step
 from genjax.train.trainer import NonFiniteLossError, train_and_evaluate
-from tests.util import flat, tiny_vae_config
+from tests.util import tiny_vae_config
 
 # Float32 sums in a different order (8-way pmean vs one global mean) drift by ~1e-7 per step; after 4 Adam steps
 # the params agree to well within 1e-5.
@@ -42,9 +44,10 @@ def test_pjit_matches_pmap(tmp_path, pjit_run):
   a = pjit_run
   b = run(tiny_vae_config(parallel="pmap"), str(tmp_path / "pmap"))
   assert int(a.step) == int(b.step) == 4
-  np.testing.assert_allclose(flat(a.params), flat(b.params), atol=TOL)
-  np.testing.assert_allclose(flat(a.ema_params), flat(b.ema_params), atol=TOL)
-  assert np.abs(flat(a.params) - flat(run(tiny_vae_config(seed=1), str(tmp_path / "s1")).params)).max() > 1e-3
+  chex.assert_trees_all_close(a.params, b.params, atol=TOL, rtol=0)
+  chex.assert_trees_all_close(a.ema_params, b.ema_params, atol=TOL, rtol=0)
+  with pytest.raises(AssertionError):              # another seed: some parameter differs by more than 1e-3
+    chex.assert_trees_all_close(a.params, run(tiny_vae_config(seed=1), str(tmp_path / "s1")).params, atol=1e-3, rtol=0)
 
 
 def test_one_device_matches_eight(tmp_path, pjit_run):
@@ -52,14 +55,14 @@ def test_one_device_matches_eight(tmp_path, pjit_run):
   eight = pjit_run                                          # mesh.data=-1: all 8 devices
   assert len(one.params["enc_0"]["kernel"].sharding.device_set) == 1
   assert len(eight.params["enc_0"]["kernel"].sharding.device_set) == 8
-  np.testing.assert_allclose(flat(one.params), flat(eight.params), atol=TOL)
+  chex.assert_trees_all_close(one.params, eight.params, atol=TOL, rtol=0)
 
 
 def test_fsdp_sharding_matches_replicated(tmp_path, pjit_run):
   fsdp = run(tiny_vae_config(param_sharding="fsdp", **{"mesh.data": 2, "mesh.fsdp": 4}), str(tmp_path / "f"))
   kernel = fsdp.params["dec_hidden"]["kernel"]          # [4, 32]: 32 is divisible by fsdp=4
   assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
-  np.testing.assert_allclose(flat(fsdp.params), flat(pjit_run.params), atol=TOL)
+  chex.assert_trees_all_close(fsdp.params, pjit_run.params, atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("parallel", ["pjit", "pmap"])
@@ -68,14 +71,14 @@ def test_resume_equals_uninterrupted(tmp_path, parallel):
   run(tiny_vae_config(parallel=parallel, num_train_steps=2), str(tmp_path / "resumed"))   # "interrupted" at 2
   resumed = run(tiny_vae_config(parallel=parallel, num_train_steps=6), str(tmp_path / "resumed"))
   assert int(resumed.step) == 6
-  np.testing.assert_array_equal(flat(resumed.params), flat(straight.params))
-  np.testing.assert_array_equal(flat(resumed.opt_states), flat(straight.opt_states))
+  chex.assert_trees_all_equal(resumed.params, straight.params)
+  chex.assert_trees_all_equal(resumed.opt_states, straight.opt_states)
 
 
 def test_rerun_of_finished_run_trains_nothing_more(tmp_path):
   first = run(tiny_vae_config(), str(tmp_path))
   again = run(tiny_vae_config(), str(tmp_path))
-  np.testing.assert_array_equal(flat(first.params), flat(again.params))
+  chex.assert_trees_all_equal(first.params, again.params)
 
 
 def test_compilation_cache_dir_keeps_the_compiled_train_step(tmp_path):
@@ -89,7 +92,7 @@ def test_compilation_cache_dir_keeps_the_compiled_train_step(tmp_path):
 
 def test_gradient_accumulation_matches_full_batch(tmp_path, pjit_run):
   accum = run(tiny_vae_config(grad_accum_steps=2), str(tmp_path / "accum"))
-  np.testing.assert_allclose(flat(accum.params), flat(pjit_run.params), atol=TOL)
+  chex.assert_trees_all_close(accum.params, pjit_run.params, atol=TOL, rtol=0)
 
 
 def test_outputs_on_disk_and_load_run(tmp_path):
@@ -102,7 +105,7 @@ def test_outputs_on_disk_and_load_run(tmp_path):
   assert any('"eval/elbo_nats"' in line for line in lines) and any('"loss"' in line for line in lines)
   config, params = load_run(str(tmp_path))
   assert config.family == "vae"
-  np.testing.assert_array_equal(flat(params), flat(state.ema_params))
+  chex.assert_trees_all_equal(params, state.ema_params)
 
 
 def _quadratic_task(nan_from_step: int) -> Task:
@@ -125,6 +128,16 @@ def test_nan_stops_run_and_keeps_last_good_checkpoint(tmp_path):
   assert ckpt.all_steps()[-1] == 4
   _, tree, _, _ = ckpt.restore_latest()
   assert np.all(np.isfinite(tree["params"]["w"]))
+
+
+def test_train_step_names_a_batch_field_with_other_rows():
+  task = _quadratic_task(nan_from_step=10**9)
+  state = init_state(task, jax.random.PRNGKey(0), {}, ema_decay=0.0)
+  step_fn = make_train_step(task, ema_decay=0.0)
+  batch = {"image": jnp.zeros((4, 2)), "label": jnp.zeros((3,), jnp.int32)}
+  with pytest.raises(AssertionError, match=r"'label' has a shape prefix different from expected: \(3,\) != \(4,\)"):
+    jax.eval_shape(step_fn, state, batch)
+  jax.eval_shape(step_fn, state, {**batch, "label": jnp.zeros((4,), jnp.int32)})
 
 
 def test_quadratic_converges_through_the_loop(tmp_path):
@@ -175,11 +188,11 @@ def _tiny_gan_config(**overrides):
 def test_gan_two_phases_pjit_matches_pmap_and_resume_is_exact(tmp_path):
   pjit = run(_tiny_gan_config(), str(tmp_path / "pjit"))
   pmap = run(_tiny_gan_config(parallel="pmap"), str(tmp_path / "pmap"))
-  for part in ("gen", "disc"):
-    np.testing.assert_allclose(flat(pjit.params[part]), flat(pmap.params[part]), atol=TOL)
+  assert set(pjit.params) == {"gen", "disc"}
+  chex.assert_trees_all_close(pjit.params, pmap.params, atol=TOL, rtol=0)
   run(_tiny_gan_config(num_train_steps=2), str(tmp_path / "resumed"))
   resumed = run(_tiny_gan_config(), str(tmp_path / "resumed"))
-  np.testing.assert_array_equal(flat(resumed.params), flat(pjit.params))
+  chex.assert_trees_all_equal(resumed.params, pjit.params)
 
 
 # ---- signals, hooks, what the log says ---------------------------------------------------------------------------

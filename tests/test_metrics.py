@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -268,11 +269,7 @@ def test_feature_net_learns_and_gives_features(short_net):
 def test_feature_net_training_is_reproducible_and_cached(short_net, tmp_path, monkeypatch):
   fx, cache = short_net
   again = feat.build_feature_extractor("digits", cache_dir=str(tmp_path), num_steps=_SHORT)
-  flat1 = jax.tree_util.tree_leaves_with_path(fx.params)
-  flat2 = jax.tree_util.tree_leaves_with_path(again.params)
-  assert [p for p, _ in flat1] == [p for p, _ in flat2]
-  for (_, a), (_, b) in zip(flat1, flat2):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(fx.params, again.params)
   # Arrays-only cache: loads with pickling disabled.
   with np.load(os.path.join(cache, "digits", "params.npz"), allow_pickle=False) as z:
     assert "Dense_0/kernel" in z.files and all(z[k].dtype == np.float32 for k in z.files)

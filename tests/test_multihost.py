@@ -9,12 +9,12 @@ import subprocess
 import sys
 import time
 
-import numpy as np
+import chex
 import pytest
 
 from experiments.train import run
 from genjax.core.checkpoint import load_run
-from tests.util import flat, tiny_vae_config
+from tests.util import tiny_vae_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FLAGS = ["--config.model.latent_dim=4", "--config.model.channels=(8,16)", "--config.model.hidden=32",
@@ -46,7 +46,7 @@ def test_two_processes_match_one(tmp_path, parallel):
   _, multi_params = load_run(workdir)
   single = run(tiny_vae_config(parallel="pjit", **{"mesh.data": 4}), str(tmp_path / "single"))
   # Same global batches and per-example keys; only the float32 reduction order differs.
-  np.testing.assert_allclose(flat(multi_params), flat(single.ema_params), atol=1e-5)
+  chex.assert_trees_all_close(multi_params, single.ema_params, atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow

@@ -147,4 +147,4 @@ def test_bad_arguments_name_the_choices():
     sampler_accuracy.run(["ring"], ["linear"], [5], ["ddmi"])
   with pytest.raises(ValueError, match=r"unknown schedules \['sigmoid'\]"):
     sampler_accuracy.run(["ring"], ["sigmoid"], [5])
-  assert sampler_accuracy.SamplerSpec("h", "h", "m:f", calls_per_step=2, final_saving=1).steps_for(50) == 25
+  assert sampler_accuracy.AccuracyCase("h", "h", "heun").steps_for(50) == 25     # 2 calls a step, the last Euler

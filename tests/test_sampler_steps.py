@@ -22,8 +22,8 @@ ABAR64 = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))
 X_T = jax.random.normal(jax.random.key(0), (8, 1))
 
 
-def gaussian_eps(x, t, sched=SCHED):
-  a = (sched.alpha_sigma(t)[0] ** 2).reshape((-1,) + (1,) * (x.ndim - 1))
+def gaussian_eps(x, t, schedule=SCHED):
+  a = (schedule.alpha_sigma(t)[0] ** 2).reshape((-1,) + (1,) * (x.ndim - 1))
   return jnp.sqrt(1 - a) * (x - jnp.sqrt(a) * MU) / (a * S * S + 1 - a)
 
 

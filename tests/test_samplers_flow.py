@@ -29,7 +29,7 @@ EXACT = MU + S * np.asarray(X_LINE, np.float64)
 
 
 def error(method, n, shift=1.0):
-  return float(np.max(np.abs(np.asarray(flow_sample(VELOCITY, X_LINE, num_steps=n, method=method, shift=shift),
+  return float(np.max(np.abs(np.asarray(flow_sample(VELOCITY, FlowSchedule(shift), X_LINE, num_steps=n, method=method),
                                         np.float64) - EXACT)))
 
 
@@ -72,7 +72,7 @@ def test_model_calls_per_step():
 
   for method, expected in (("euler", 6), ("heun", 12), ("midpoint", 12)):
     calls.clear()
-    jax.block_until_ready(flow_sample(counting, X_LINE, num_steps=6, method=method))
+    jax.block_until_ready(flow_sample(counting, FlowSchedule(), X_LINE, num_steps=6, method=method))
     jax.effects_barrier()
     assert len(calls) == expected, (method, len(calls))
 
@@ -102,11 +102,13 @@ def test_flow_schedule_training_side():
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: flow_sample(VELOCITY, X_LINE, num_steps=4, method="rk4"), "method='rk4' is not one of"),
-    (lambda: flow_sample(VELOCITY, X_LINE, num_steps=0), "num_steps must be an int >= 1"),
-    (lambda: flow_sample(VELOCITY, X_LINE, num_steps=4, shift=0.0), "shift must be a scalar > 0"),
+    (lambda: flow_sample(VELOCITY, FlowSchedule(), X_LINE, num_steps=4, method="rk4"), "method='rk4' is not one of"),
+    (lambda: flow_sample(VELOCITY, FlowSchedule(), X_LINE, num_steps=0), "num_steps must be an int >= 1"),
+    (lambda: flow_sample(VELOCITY, 3.0, X_LINE, num_steps=4), "schedule must be a genjax FlowSchedule"),
+    (lambda: FlowSchedule(shift=0.0), "shift must be a scalar > 0"),
     (lambda: FlowSchedule(shift=-1.0), "shift must be a scalar > 0"),
-    (lambda: flow_sample(VELOCITY, jnp.zeros((4,), jnp.int32), num_steps=4), "x_1 must be a float array"),
+    (lambda: flow_sample(VELOCITY, FlowSchedule(), jnp.zeros((4,), jnp.int32), num_steps=4),
+     "x_T must be a float array"),
 ])
 def test_bad_arguments_raise_one_clear_error(call, match):
   with pytest.raises(UserError, match=match):

@@ -70,7 +70,7 @@ def test_speculative_sampling_is_exact():
   rng = np.random.default_rng(0)
   target_table = jnp.asarray(rng.normal(size=(V, V)) * 1.5, jnp.float32)
   draft_table = jnp.asarray(rng.normal(size=(V, V)) * 1.5, jnp.float32)     # unrelated: it disagrees often
-  out = speculative_generate(TABLE, target_table, TABLE, draft_table, [[3]] * ROWS, jax.random.key(0), **SAMPLING)
+  out = speculative_generate(TABLE, target_table, TABLE, draft_table, [[3]] * ROWS, rng=jax.random.key(0), **SAMPLING)
   tokens = np.asarray(out.tokens)
   assert 0.1 < float(out.acceptance_rate) < 0.9, float(out.acceptance_rate)
   # The target's filtered transition matrix: the output must be this Markov chain started at token 3.
@@ -91,7 +91,7 @@ def test_speculative_sampling_is_exact():
 
 def test_identical_draft_accepts_everything_and_pads_after_eos():
   table = jnp.asarray(np.random.default_rng(1).normal(size=(V, V)), jnp.float32)
-  out = speculative_generate(TABLE, table, TABLE, table, [[3]] * ROWS, jax.random.key(2), eos_id=5, pad_id=0,
+  out = speculative_generate(TABLE, table, TABLE, table, [[3]] * ROWS, rng=jax.random.key(2), eos_id=5, pad_id=0,
                              **SAMPLING)                 # the same program as the test above
   assert float(out.acceptance_rate) == 1.0
   tokens, lens = np.asarray(out.tokens), np.asarray(out.lengths)
@@ -109,7 +109,7 @@ def test_speculative_refuses_bad_input():
   with pytest.raises(UserError, match=r"draft.init_cache\(1, 6\) leaf \['index'\] has shape \(\)"):
     speculative_generate(table, None, shared, None, [[1]], greedy=True, max_new_tokens=2)
   with pytest.raises(UserError, match=r"top_p=2.0 must be in \(0, 1\]"):
-    speculative_generate(table, None, table, None, [[1]], jax.random.key(0), max_new_tokens=2, top_p=2.0)
+    speculative_generate(table, None, table, None, [[1]], rng=jax.random.key(0), max_new_tokens=2, top_p=2.0)
   limited = table._replace(max_len=4)
   with pytest.raises(UserError, match=r"max_new_tokens=4 = 5 does not fit in the model's context max_len=4"):
     speculative_generate(limited, None, table, None, [[1]], greedy=True, max_new_tokens=4)

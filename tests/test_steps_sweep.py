@@ -56,7 +56,7 @@ def test_bad_sweep_arguments_name_the_choices(setup):
   task, params, ref = setup
   with pytest.raises(ValueError, match="unknown samplers \\['eular'\\]; valid: \\['ddpm', 'ddim', 'dpm_solver', "):
     steps_sweep.sweep(task, params, ref, ["ddim", "eular"], [2])
-  assert steps_sweep.DEFAULT_SAMPLERS == diffusion.SAMPLERS     # the CLI sweeps every sampler by default
+  assert task.samplers == diffusion.SAMPLERS       # the CLI's default sweep and valid names: the Task's samplers
   assert set(steps_sweep.SAMPLER_LABELS) >= set(diffusion.SAMPLERS)
   with pytest.raises(ValueError, match="num_steps must be positive ints"):
     steps_sweep.sweep(task, params, ref, ["ddim"], [0])

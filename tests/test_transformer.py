@@ -177,9 +177,9 @@ def test_greedy_decode_equals_argmax_over_full_recomputation():
 def test_transformer_sampling_is_batch_invariant():
   params, model = _params(seed=2), T.decoding_model(CFG)
   kw = dict(temperature=0.9, top_k=40, top_p=0.9, repetition_penalty=1.2, **DECODE)
-  batch = generate(model, params, IDS, jax.random.key(5), prompt_lengths=LENGTHS, **kw)
+  batch = generate(model, params, IDS, rng=jax.random.key(5), prompt_lengths=LENGTHS, **kw)
   for row in range(len(TEXTS)):
-    alone = generate(model, params, IDS[row:row + 1], jax.random.key(5), prompt_lengths=LENGTHS[row:row + 1],
+    alone = generate(model, params, IDS[row:row + 1], rng=jax.random.key(5), prompt_lengths=LENGTHS[row:row + 1],
                      row_ids=[row], **kw)
     np.testing.assert_array_equal(alone.tokens[0], batch.tokens[row])
   assert not np.array_equal(batch.tokens[0], batch.tokens[2])
@@ -301,6 +301,34 @@ def test_every_lm_variant_declares_the_fields_lm_config_and_the_data_read():
   with pytest.raises(ConfigError, match=r"config.model.num_layers='2' must be an int"):
     T.lm_config(c)
   assert T.lm_config(_config(rope_base=500)).rope_base == 500.0     # converted to the field's type
+
+
+def test_task_starts_from_the_pretrained_it_is_given_and_exports():
+  """The models never read a checkpoint themselves: `init_from` needs the `Pretrained` a launcher resolved (with
+  genjax.interop.hf.pretrained_for); its architecture, params and tokenizer are the task's."""
+  from genjax.core.task import Pretrained
+  from genjax.errors import UserError
+  c = _config()
+  c.model = ml_collections.ConfigDict({"init_from": "a_checkpoint"})      # the architecture is the checkpoint's
+  with pytest.raises(ConfigError, match=r"init_from='a_checkpoint' is read by genjax.interop: pass pretrained="):
+    get_task(c)
+  arch = dataclasses.replace(T.lm_config(_config()), param_dtype="bfloat16")
+  tok = tok_lib.ByteTokenizer()
+  pretrained = Pretrained("a_checkpoint", arch, load_params=lambda cfg: {"from": cfg}, tokenizer=tok)
+  task = get_task(c, pretrained=pretrained)
+  params = task.init(jax.random.key(0), {"tokens": np.zeros((1, 17), np.int32)})
+  assert params["from"] == dataclasses.replace(arch, param_dtype="float32")    # trained with float32 params
+  assert task.sample_text.keywords["tokenizer"] is tok
+  assert (task.export.format, task.export.model_config, task.export.assets) == ("huggingface", params["from"],
+                                                                                "a_checkpoint")
+  assert get_task(_config()).export.assets is None and get_task(_config()).capabilities() == (
+      "sample_text", "evaluate", "export")
+  c.model.num_layers = 7
+  with pytest.raises(UserError, match=r"config.model fields \['num_layers'\] contradict the checkpoint"):
+    get_task(c, pretrained=pretrained)
+  with pytest.raises(ConfigError, match="the 'vae' family cannot start from outside weights"):
+    from tests.util import tiny_vae_config
+    get_task(tiny_vae_config(), pretrained=pretrained)
 
 
 def test_decoding_limit_is_the_trained_context_unless_asked_for_longer():

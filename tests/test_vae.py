@@ -98,3 +98,21 @@ def test_indivisible_image_is_a_clear_error():
   model = vae.VAE(image_shape=(28, 28, 1), channels=(8, 16, 32))
   with pytest.raises(ValueError, match="not divisible by 2\\*\\*len\\(channels\\)=8"):
     model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros((1, 16)))
+
+
+def test_task_interpolates_between_test_images_and_says_what_it_cannot_do():
+  from genjax.errors import UserError
+  c = tiny_vae_config()
+  task = vae.task(c)
+  x = jnp.zeros((1, 8, 8, 1))
+  params = task.init(jax.random.PRNGKey(0), {"image": x})
+  grid, cols = task.interpolate(params, jax.random.PRNGKey(1))
+  assert cols == 8 and grid.shape == (64, 8, 8, 1)
+  expect, _ = vae.interpolation_images(c, params, jax.random.PRNGKey(1))
+  np.testing.assert_array_equal(grid, expect)
+  with pytest.raises(UserError, match=r"interpolation grid takes no options, got \['label'\]"):
+    task.interpolate(params, jax.random.PRNGKey(1), label=3)
+  assert task.capabilities() == ("sample_images", "interpolate", "evaluate")
+  with pytest.raises(UserError, match=r"^--init_image needs a model that can edit images; this run's can: sample "
+                                      r"images, interpolate, evaluate$"):
+    task.require("edit", "--init_image")

@@ -1,7 +1,9 @@
-"""Fields every config shares (flax-examples names) and the variant picker every config file uses.
+"""Fields every config shares (flax-examples names), the loop's periods, and the variant picker every config file uses.
 
 A config file `experiments/configs/<family>.py` defines `get_config(arg)`; `arg` is the variant after the colon in
-`--config=experiments/configs/vae.py:digits`.
+`--config=experiments/configs/vae.py:digits`. Each variant starts from `base_config()` and its family's model
+section (`genjax.models.fields.config_section` of the family's typed config: every model default is declared there,
+once) and sets only what it changes; tests/test_configs.py fails on a setting that restates the value it already has.
 """
 from __future__ import annotations
 
@@ -38,13 +40,20 @@ def base_config() -> ml_collections.ConfigDict:
   # Every data set's fields (genjax.data.get_source reads them as declared; a missing one is a ConfigError).
   # download: let TFDS fetch and prepare a data set that is not under data_dir (needs internet and TensorFlow).
   # Text data sets also need seq_len and tokenizer: experiments/configs/lm.py declares them.
-  c.dataset = ml_collections.ConfigDict(dict(name="", data_dir=None, train_split="train", eval_split="test",
-                                             download=False))
+  # data_dir: None = the TFDS default; a str placeholder so that --config.dataset.data_dir=DIR can override it.
+  c.dataset = ml_collections.ConfigDict(dict(name="", data_dir=ml_collections.config_dict.placeholder(str),
+                                             train_split="train", eval_split="test", download=False))
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adam", learning_rate=1e-3, schedule="constant", warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
       weight_decay=0.0, grad_clip_norm=1.0))
   c.model = ml_collections.ConfigDict()
   return c
+
+
+def every(c: ml_collections.ConfigDict, steps: int, *, sample: int | None = None) -> None:
+  """Checkpoint and evaluate every `steps` steps; the sample grid every `sample` steps (default: `steps` too)."""
+  c.checkpoint_every_steps = c.eval_every_steps = steps
+  c.sample_every_steps = steps if sample is None else sample
 
 
 def pick_variant(config_file: str, arg: str | None,

@@ -7,79 +7,54 @@
   mnist    28x28x1; unconditional, hinge loss + R1.
   cifar10  32x32x3; class-conditional (projection D), hinge loss + lazy R1 — accelerator-sized.
 
-`config.optimizer` trains the generator, `config.disc_optimizer` the discriminator (both `make_optimizer`).
+Model fields (`config.model`): `genjax.models.gan.GANConfig` declares each one, its default and its meaning; a variant
+sets only what it changes. `config.optimizer` trains the generator, `config.disc_optimizer` the discriminator (both
+`make_optimizer`).
 """
 from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs.common import pick_variant
+from experiments.configs.common import every, pick_variant
+from genjax.models.fields import config_section
+from genjax.models.gan import GANConfig
 
 
-def _gan_defaults(c: ml_collections.ConfigDict) -> None:
+def _gan(c, dataset: str, **optimizer) -> None:
+  """The GAN family on `dataset`: GANConfig's defaults; both optimisers the same, `optimizer` changing the GAN's."""
   c.family = "gan"
-  c.model = ml_collections.ConfigDict(dict(
-      latent_dim=64,
-      gen_channels=(128, 64),        # lowest resolution first; x2 upsampling between entries
-      disc_channels=(32, 64),        # full resolution first; stride-2 conv for every further entry
-      disc_features=128,
-      conditional=False,
-      loss="non_saturating",         # "non_saturating" | "hinge" | "wgan_gp"
-      r1_gamma=0.0,                  # 0 = no R1
-      r1_interval=1,                 # lazy R1: every k steps, scaled by k
-      gp_weight=10.0,                # WGAN-GP only
-  ))
+  c.dataset.name = dataset
+  c.model = config_section(GANConfig)
   # GAN optimisers: Adam with b1 = 0 or 0.5 and no clipping (clipping hides D/G imbalance in the grad norms).
-  c.optimizer.update(name="adam", learning_rate=2e-4, b1=0.5, b2=0.99, schedule="constant", grad_clip_norm=0.0)
+  c.optimizer.update(learning_rate=2e-4, b1=0.5, b2=0.99, grad_clip_norm=0.0)
+  c.optimizer.update(optimizer)
   c.disc_optimizer = ml_collections.ConfigDict(c.optimizer.to_dict())
 
 
 def _digits(c):
-  _gan_defaults(c)
-  c.dataset.name = "digits"
+  _gan(c, "digits", learning_rate=1e-3)
   c.model.update(latent_dim=32, gen_channels=(64, 32, 16), disc_channels=(16, 32, 64), disc_features=64,
-                 conditional=True, loss="non_saturating", r1_gamma=0.1, r1_interval=4)
-  c.optimizer.learning_rate = 1e-3
-  c.disc_optimizer.learning_rate = 1e-3
-  c.batch_size = 64
-  c.num_train_steps = 2000
-  c.ema_decay = 0.99
+                 conditional=True, r1_gamma=0.1, r1_interval=4)
+  c.update(num_train_steps=2000, ema_decay=0.99, checkpoint_every_steps=1000, eval_every_steps=1000,
+           num_sample_images=100)
   c.log_every_steps = 100            # a multiple of r1_interval (see disc/r1 in genjax/models/gan.py)
-  c.checkpoint_every_steps = 1000
-  c.sample_every_steps = 500
-  c.eval_every_steps = 1000
-  c.num_sample_images = 100
-  c.num_eval_batches = 4
 
 
 def _mnist(c):
-  _gan_defaults(c)
-  c.dataset.name = "mnist"
-  c.model.update(latent_dim=64, gen_channels=(256, 128, 64), disc_channels=(64, 128, 256), disc_features=256,
-                 conditional=False, loss="hinge", r1_gamma=1.0, r1_interval=4)
-  c.batch_size = 128
-  c.num_train_steps = 20000
-  c.ema_decay = 0.999
-  c.log_every_steps = 200
-  c.checkpoint_every_steps = 2000
-  c.sample_every_steps = 2000
-  c.eval_every_steps = 2000
+  _gan(c, "mnist")
+  c.model.update(gen_channels=(256, 128, 64), disc_channels=(64, 128, 256), disc_features=256, loss="hinge",
+                 r1_gamma=1.0, r1_interval=4)
+  c.update(batch_size=128, num_train_steps=20000, log_every_steps=200)
+  every(c, 2000)
 
 
 def _cifar10(c):
-  _gan_defaults(c)
-  c.dataset.name = "cifar10"
+  _gan(c, "cifar10", b1=0.0)
   c.model.update(latent_dim=128, gen_channels=(512, 256, 128, 64), disc_channels=(64, 128, 256, 512),
                  disc_features=512, conditional=True, loss="hinge", r1_gamma=0.1, r1_interval=16)
-  c.optimizer.update(learning_rate=2e-4, b1=0.0, b2=0.99)
-  c.disc_optimizer.update(learning_rate=2e-4, b1=0.0, b2=0.99)
-  c.batch_size = 256
-  c.num_train_steps = 100000
-  c.ema_decay = 0.9999
+  c.update(batch_size=256, num_train_steps=100000, ema_decay=0.9999)
   c.log_every_steps = 400            # a multiple of r1_interval, so the logged disc/r1 mean is unbiased
-  c.checkpoint_every_steps = 5000
-  c.sample_every_steps = 5000
-  c.eval_every_steps = 5000
+  every(c, 5000)
 
 
 VARIANTS = {"digits": _digits, "mnist": _mnist, "cifar10": _cifar10}

@@ -5,6 +5,7 @@
     restored = ckpt.restore_latest(abstract_state, expect_meta={"family": "vae"})   # None: no checkpoint yet
     config, params = load_run(workdir)        # for sampling/evaluation: EMA params of the latest readable step
     config, params, step = load_run_at(workdir)   # ... and the step they are from
+    committed_steps(workdir)                  # the finished checkpoints on disk, from the listing alone
 
 What survives what:
 - Layout. The state is saved as a nested dict of arrays (`flax.serialization.to_state_dict`) and restored onto the
@@ -158,7 +159,7 @@ class Checkpointer:
       self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(tree), data=ocp.args.JsonSave(data_state),
           meta=ocp.args.JsonSave({**meta, INTEGRITY_KEY: integrity})), force=True)
-    except Exception as e:
+    except Exception as e:  # any failure to start a save (orbax, tensorstore, the OS) becomes a CheckpointSaveError
       error = self._fail(step, e)
       self._error_reported = True
       raise error from e
@@ -179,7 +180,7 @@ class Checkpointer:
     """Waits for the pending save; raises a save failure nobody has been told about yet."""
     try:
       self.manager.wait_until_finished()
-    except Exception as e:
+    except Exception as e:  # as in _finish_in_flight: a failed background write, whatever raised it, is recorded
       self._fail(self._in_flight, e)
     finally:
       self.manager.close()
@@ -261,6 +262,24 @@ class Checkpointer:
     meta = {k: v for k, v in meta.items() if k != INTEGRITY_KEY}
     return (tree_to_state(abstract_state, tree) if abstract_state is not None else tree), data, meta
 
+  def newest_readable(self, steps: list[int], read) -> tuple[Optional[tuple[int, Any]], list]:
+    """The one "newest readable checkpoint" walk (resume, sampling, evaluation): ((step, read(step)) of the newest
+    of `steps` that `read` reads, or None; [(step, error)] of the newer ones skipped). A damaged step is skipped
+    with a warning, one that does not fit (CheckpointMismatchError) silently; trouble reading (I/O, permissions)
+    raises CheckpointReadError and stops the walk."""
+    skipped = []
+    for step in reversed(steps):
+      try:
+        return (step, read(step)), skipped
+      except CheckpointMismatchError as e:
+        skipped.append((step, e))
+      except Exception as e:  # damaged: say so and try the previous one; trouble reading: stop
+        self._raise_if_trouble(step, e)
+        logging.warning("checkpoint at step %d in %s cannot be read (%s); trying the previous one", step,
+                        self.directory, _first_line(e))
+        skipped.append((step, e))
+    return None, skipped
+
   def restore_latest(self, abstract_state: Optional[Any] = None, expect_meta: Optional[dict] = None):
     """(step, state, data_state, meta) of the newest intact checkpoint that fits; None when there is none.
 
@@ -268,27 +287,18 @@ class Checkpointer:
     CheckpointMismatchError when no checkpoint fits this config, CheckpointUnreadableError when all are damaged
     (in both cases nothing on disk is touched).
     """
-    steps, skipped, mismatches = self.all_steps(), [], []
-    for step in reversed(steps):
-      try:
-        restored = (step,) + self.restore(step, abstract_state, expect_meta)
-      except CheckpointMismatchError as e:
-        mismatches.append(e)
-        skipped.append((step, e))
-        continue
-      except Exception as e:  # damaged: say so and try the previous one; trouble reading: stop
-        self._raise_if_trouble(step, e)
-        logging.warning("checkpoint at step %d in %s cannot be read (%s); trying the previous one", step,
-                        self.directory, _first_line(e))
-        skipped.append((step, e))
-        continue
+    steps = self.all_steps()
+    found, skipped = self.newest_readable(steps, lambda s: self.restore(s, abstract_state, expect_meta))
+    if found is not None:
+      step, restored = found
       if skipped:
         moved = self._move_aside([s for s, _ in skipped])
         logging.warning("resumed from step %d: newer checkpoint(s) %s could not be used and were moved to %s",
                         step, [s for s, _ in skipped], moved)
-      return restored
+      return (step,) + restored
     if not steps:
       return None
+    mismatches = [e for _, e in skipped if isinstance(e, CheckpointMismatchError)]
     if len(mismatches) == len(steps):
       raise mismatches[0]
     reasons = "; ".join(f"step {s}: {_first_line(e)}" for s, e in skipped[:3])
@@ -378,18 +388,19 @@ def load_run_at(workdir: str, step: Optional[int] = None) -> tuple[ml_collection
       raise CheckpointError(f"no checkpoint of step {step} in {ckpt.directory}; steps: {steps}")
     if not steps:
       raise CheckpointError(f"no checkpoint in {ckpt.directory}; the run has not saved one yet")
-    errors = []
-    for s in ([step] if step is not None else reversed(steps)):
-      try:
-        tree, _, _ = ckpt.restore(s)
-      except Exception as e:
-        ckpt._raise_if_trouble(s, e)
-        logging.warning("checkpoint at step %d in %s cannot be read (%s); trying the previous one", s,
-                        ckpt.directory, _first_line(e))
-        errors.append(f"step {s}: {_first_line(e)}")
-        continue
-      params = tree["ema_params"] if tree.get("ema_params") is not None else tree["params"]
-      return config, params, s
-    raise CheckpointUnreadableError(f"no readable checkpoint in {ckpt.directory} ({'; '.join(errors[:3])})")
+    found, skipped = ckpt.newest_readable([step] if step is not None else steps, lambda s: ckpt.restore(s)[0])
+    if found is None:
+      errors = [f"step {s}: {_first_line(e)}" for s, e in skipped]
+      raise CheckpointUnreadableError(f"no readable checkpoint in {ckpt.directory} ({'; '.join(errors[:3])})")
+    loaded, tree = found
+    params = tree["ema_params"] if tree.get("ema_params") is not None else tree["params"]
+    return config, params, loaded
   finally:
     ckpt.manager.close()
+
+
+def committed_steps(workdir: str) -> list[int]:
+  """The steps with a finished checkpoint in `workdir` (orbax's unfinished `<step>.orbax-checkpoint-tmp-*`
+  directories excluded), read from the directory listing alone: nothing is opened."""
+  directory = os.path.join(workdir, CHECKPOINT_DIR)
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(directory) else []

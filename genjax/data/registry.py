@@ -26,6 +26,9 @@ import functools
 from typing import Any, Optional
 
 import numpy as np
+from pydoc_data.topics import topics
+
+from genjax.data.hf_tokenizer import load_tokenizer
 from genjax.errors import ConfigError, UserError
 
 
@@ -143,7 +146,6 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=1)
 def pydoc_bytes() -> bytes:
-  from pydoc_data.topics import topics
   return "\n\n".join(topics[k] for k in sorted(topics)).encode("utf-8")
 
 
@@ -175,7 +177,6 @@ def _token_stream(dataset_config: Any, data: bytes, needed_by: str):
   tokenizer_dir = _field(dataset_config, "tokenizer", needed_by)
   if not tokenizer_dir:
     return data
-  from genjax.interop.hf_tokenizer import load_tokenizer
   return load_tokenizer(tokenizer_dir).encode_corpus(data.decode("utf-8", errors="replace"))
 
 

@@ -1,7 +1,9 @@
 """Other people's checkpoints in and out of genjax (no network, no torch).
 
 - `genjax.interop.hf`: Hugging Face causal LMs (GPT-2, Llama, Mistral, Qwen2) — `load_lm`, `load_tokenizer`,
-  `save_lm`.
+  `save_lm`, and `pretrained_for(config)`: the checkpoint `config.model.init_from` names, as the lm family starts
+  from it. The models never import this package: a launcher resolves a config's outside weights here and passes
+  them down, `genjax.models.get_task(config, pretrained=hf.pretrained_for(config))`.
 - `genjax.interop.diffusers`: diffusers `UNet2DModel` DDPM U-Nets and their schedules — `load_unet`,
   `load_schedule`, `load_sampler_options`, `load_pipeline` / `sample_images` (any genjax diffusion sampler).
 

@@ -35,9 +35,12 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
+from safetensors import safe_open   # its flax framework reads bfloat16 too (numpy cannot)
 
-from genjax.errors import CheckpointError, UserError, check_choice
+from genjax.errors import CheckpointError, UserError
 from genjax.interop.diffusers_unet import ACTIVATIONS, DOWN_BLOCK_TYPES, UP_BLOCK_TYPES, DiffusersUNet, UNet2DConfig
+from genjax.samplers.registry import sampler_names, sampler_spec
 from genjax.samplers.schedules import NoiseSchedule
 
 __all__ = ["load_unet", "load_unet_config", "load_schedule", "load_sampler_options", "load_pipeline",
@@ -180,14 +183,7 @@ def load_sampler_options(path: str) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- sampling
-def _sampler_functions() -> dict[str, Callable]:
-  from genjax.samplers import diffusion, edm
-  return {"ddpm": diffusion.ddpm_sample, "ddim": diffusion.ddim_sample, "dpm_solver": diffusion.dpm_solver_sample,
-          "unipc": diffusion.unipc_sample, "euler": edm.euler_sample, "heun": edm.heun_sample,
-          "euler_ancestral": edm.euler_ancestral_sample}
-
-
-SAMPLERS = ("ddpm", "ddim", "dpm_solver", "unipc", "euler", "heun", "euler_ancestral")
+SAMPLERS = sampler_names("diffusion")   # every diffusion sampler of genjax.samplers.registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,24 +216,17 @@ def load_pipeline(path: str) -> DiffusersPipeline:
 
 def sample_images(pipe: DiffusersPipeline, rng, num_samples: int, *, sampler: str = "dpm_solver",
                   num_steps: int = 20, **options) -> np.ndarray:
-  """`num_samples` images in [0, 1], float32 NHWC, drawn with the genjax sampler `sampler` (one of `SAMPLERS`)
-  in `num_steps` steps from x_T ~ N(0, I) (drawn from the first half of `rng`; the sampler gets the second).
-  `options` go to the sampler (e.g. eta=0.5 for ddim, spacing="trailing", order=3) and override the scheduler
-  config's prediction / clip_denoised. The model's [-1, 1] range is mapped to [0, 1] as diffusers' DDPMPipeline
-  does."""
-  import inspect
-  check_choice("sampler", sampler, SAMPLERS)
+  """`num_samples` images in [0, 1], float32 NHWC, drawn with the genjax sampler `sampler` (one of `SAMPLERS`, the
+  sampler registry's names) in `num_steps` steps from x_T ~ N(0, I) (drawn from the first half of `rng`; the sampler
+  gets the second). `options` go to the sampler (e.g. eta=0.5 for ddim, spacing="trailing", order=3) and override
+  the scheduler config's prediction / clip_denoised. The model's [-1, 1] range is mapped to [0, 1] as diffusers'
+  DDPMPipeline does."""
+  spec = sampler_spec(sampler)
   if not isinstance(num_samples, int) or num_samples < 1:
     raise UserError(f"num_samples={num_samples!r} must be a positive int")
-  fn = _sampler_functions()[sampler]
-  valid = [p for p in inspect.signature(fn).parameters if p not in ("model_fn", "schedule", "x_T", "num_steps",
-                                                                      "rng")]
-  bad = [k for k in options if k not in valid]
-  if bad:
-    raise UserError(f"option {bad[0]!r} does not apply to sampler={sampler!r}; valid: {', '.join(valid)}")
   noise_rng, sampler_rng = jax.random.split(rng)
   x_T = jax.random.normal(noise_rng, (num_samples, *pipe.image_shape()), jnp.float32)
-  x0 = fn(pipe.model_fn, pipe.schedule, x_T, num_steps=num_steps, rng=sampler_rng, **{**pipe.options, **options})
+  x0 = spec(pipe.model_fn, pipe.schedule, x_T, num_steps=num_steps, rng=sampler_rng, **{**pipe.options, **options})
   return np.clip((np.asarray(x0, np.float32) + 1.0) / 2.0, 0.0, 1.0)
 
 
@@ -276,7 +265,6 @@ def _weights_dir(path: str) -> str:
 
 def _read_weights(folder: str) -> dict[str, np.ndarray]:
   """All tensors of the (possibly sharded) safetensors checkpoint in `folder`, as host numpy arrays."""
-  from safetensors import safe_open  # the flax framework reads bfloat16 too (numpy cannot)
   single, index = os.path.join(folder, WEIGHTS_NAME), os.path.join(folder, WEIGHTS_INDEX_NAME)
   if os.path.isfile(single):
     files = [single]
@@ -325,7 +313,6 @@ def _diffusers_key(flax_path: tuple[str, ...]) -> str:
 def _convert_weights(tensors: dict[str, np.ndarray], expected) -> dict:
   """Maps diffusers state-dict tensors onto the Flax tree `expected` (shapes from `eval_shape`): conv OIHW -> HWIO,
   linear [out, in] -> [in, out], norm weight -> scale. Every expected leaf must be filled and no tensor left over."""
-  from flax import traverse_util
   want = traverse_util.flatten_dict(expected)
   out = {}
   for key, value in tensors.items():

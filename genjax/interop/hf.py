@@ -4,14 +4,15 @@ Qwen2), from a local directory as `save_pretrained` writes it. No network, no to
     from genjax.interop import hf
     cfg, params = hf.load_lm("path/to/model")                     # bf16 checkpoints stay bf16 unless dtype= asks
     tok = hf.load_tokenizer("path/to/model")                      # tokenizer.json; eos/pad ids from the config files
-    out = genjax.samplers.generate(transformer.decoding_model(cfg), params, [tok.encode("Hello")], rng,
+    out = genjax.samplers.generate(transformer.decoding_model(cfg), params, [tok.encode("Hello")], rng=rng,
                                    max_new_tokens=32, eos_id=tok.eos_id, pad_id=tok.pad_id or 0)
     hf.save_lm(cfg, params, "out/dir", tokenizer=tok)             # transformers.AutoModelForCausalLM loads it
 
-`load_lm(path, dtype=None, mesh=None, vocab_multiple=1)`: weights are read tensor by tensor with `safetensors`
-straight to numpy (`model.safetensors`, or the shards a `model.safetensors.index.json` names). With a `mesh`
-(axes "data", "fsdp", "tensor") each param is placed with the LM's logical-axis sharding as soon as it is read, so
-the host holds one tensor at a time and a model larger than one device loads. `vocab_multiple` pads the embedding
+`load_lm(path, dtype=None, shardings=None, vocab_multiple=1)`: weights are read tensor by tensor with `safetensors`
+straight to numpy (`model.safetensors`, or the shards a `model.safetensors.index.json` names). With `shardings`
+(boxed abstract params -> their shardings, e.g. `functools.partial(genjax.train.parallel.param_shardings,
+mesh=mesh)` for the LM's logical-axis sharding) each param is placed as soon as it is read, so the host holds one
+tensor at a time and a model larger than one device loads. `vocab_multiple` pads the embedding
 table (and head) to a multiple (for an even "tensor" split); the padding ids get -inf logits and `save_lm` writes
 the exact original vocabulary. Anything the converter does not understand (a `model_type`, sliding-window
 attention, rope scaling, MoE, extra tensors) is a one-line `UserError` naming the field; `save_lm` checks
@@ -20,17 +21,24 @@ everything before it writes, and writes through a temporary directory, so a fail
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
 import tempfile
 from typing import Any, Callable, Optional
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
+from genjax.core.task import Pretrained
+from genjax.data.hf_tokenizer import HFTokenizer, load_tokenizer  # noqa: F401  (users: hf.load_tokenizer)
 from genjax.errors import CheckpointError, UserError
 from genjax.models.lm_layers import PARAM_DTYPES, LMConfig, TransformerLM, unstack_layers
-from genjax.interop.hf_tokenizer import HFTokenizer, load_tokenizer  # noqa: F401
 
 MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
@@ -182,7 +190,6 @@ class _Tensors:
   """name -> numpy array, read lazily from model.safetensors or the shards of model.safetensors.index.json."""
 
   def __init__(self, path: str):
-    from safetensors import safe_open
     single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
       weight_map = _read_json(path, "model.safetensors.index.json").get("weight_map", {})
@@ -221,16 +228,12 @@ def _storage_dtype(tensors: _Tensors, dtype: Optional[str]) -> str:
 
 def abstract_params(cfg: LMConfig):
   """The boxed (logical-axis) abstract params of TransformerLM(cfg): shapes, dtypes, axis names."""
-  import jax
-  import jax.numpy as jnp
   return jax.eval_shape(lambda: TransformerLM(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
 
 
-def load_lm(path: str, dtype: Optional[str] = None, *, mesh=None, vocab_multiple: int = 1):
+def load_lm(path: str, dtype: Optional[str] = None, *, shardings: Optional[Callable[[Any], Any]] = None,
+            vocab_multiple: int = 1):
   """(LMConfig, params) of the Hugging Face causal LM in `path`; see the module docstring."""
-  import flax.linen as nn
-  import jax
-  from genjax.train import parallel
 
   cfg = read_config(path, vocab_multiple)
   tensors = _Tensors(path)
@@ -245,14 +248,14 @@ def load_lm(path: str, dtype: Optional[str] = None, *, mesh=None, vocab_multiple
     raise UserError(f"checkpoint tensor {extra[0]!r} (and {len(extra) - 1} more) has no place in this "
                     f"{cfg.norm}-norm/{cfg.mlp} architecture: an option genjax does not support")
   boxed = abstract_params(cfg)
-  shardings = parallel.param_shardings(boxed, mesh) if mesh is not None else None
+  placed = shardings(boxed) if shardings is not None else None
 
   def one(path_keys, leaf):
     keys = tuple(k.key for k in path_keys)
     w = _converted(tensors, cfg, plan, keys, leaf.shape)
-    if shardings is None:
+    if placed is None:
       return jax.device_put(w)
-    return jax.make_array_from_callback(w.shape, _get(shardings, keys), lambda index: w[index])
+    return jax.make_array_from_callback(w.shape, _get(placed, keys), lambda index: w[index])
 
   return cfg, jax.tree_util.tree_map_with_path(one, nn.unbox(boxed))
 
@@ -273,8 +276,6 @@ def checkpoint_params(path: str, cfg: LMConfig):
   """The checkpoint's params as boxed (logical-axis) arrays for use inside `jax.jit` — a Task's `init` when
   fine-tuning (`config.model.init_from`). `cfg` is `read_config(path)` with any dtype/param_dtype. Each leaf is read
   on the host by a `jax.pure_callback` when the program runs, so no weight is baked into the compiled program."""
-  import flax.linen as nn
-  import jax
   tensors = _Tensors(path)
   plan = _plan(cfg, set(tensors.where))
 
@@ -284,6 +285,21 @@ def checkpoint_params(path: str, cfg: LMConfig):
     return box.replace_boxed(jax.pure_callback(read, jax.ShapeDtypeStruct(box.value.shape, box.value.dtype)))
 
   return jax.tree_util.tree_map_with_path(leaf, abstract_params(cfg), is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def pretrained(path: str) -> Pretrained:
+  """The checkpoint in `path` as the lm family starts from it: its LMConfig, its params read inside the training
+  program (`checkpoint_params`) and its tokenizer."""
+  return Pretrained(source=path, model_config=read_config(path), load_params=functools.partial(checkpoint_params, path),
+                    tokenizer=load_tokenizer(path))
+
+
+def pretrained_for(config) -> Optional[Pretrained]:
+  """The checkpoint `config.model.init_from` names (`pretrained`), or None when the config starts from scratch (no
+  such field, or "" / None: the family then names a missing required checkpoint itself). Launchers pass it to
+  `genjax.models.get_task(config, pretrained=...)`."""
+  init_from = config.model.get("init_from") if "model" in config else None
+  return pretrained(init_from) if init_from else None
 
 
 def _get(tree, keys):
@@ -325,7 +341,6 @@ def _hf_config(cfg: LMConfig, kind: str, tokenizer) -> dict:
 
 def _hf_tensors(cfg: LMConfig, params) -> dict:
   """genjax params -> {hf name: numpy array}: the inverse of the load plan, vocabulary cut to its exact size."""
-  import flax.linen as nn
   params, vocab, linear = nn.unbox(params), cfg.token_vocab_size or cfg.vocab_size, cfg.positions == "rope"
   if cfg.scan_layers:
     params = unstack_layers(params, cfg.num_layers)
@@ -355,7 +370,6 @@ def save_lm(config: LMConfig, params, path: str, tokenizer=None) -> str:
   loads the same model: config.json, model.safetensors (params in their storage dtype, vocabulary at its exact
   size), generation_config.json, and the tokenizer files when `tokenizer` (a `load_tokenizer` result or a
   directory) is given. Returns `path`."""
-  from safetensors.numpy import save_file
   kind = _export_kind(config)
   if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
     raise UserError(f"save_lm: {path!r} exists and is not an empty directory; give a new directory")

@@ -26,12 +26,15 @@ import tempfile
 import time
 from typing import Any, Mapping, Optional
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import app, flags
 from flax import traverse_util
+from genjax.data import load_arrays
 from genjax.errors import UserError
 
 FORMAT_VERSION = 1
@@ -121,6 +124,10 @@ def train_feature_net(dataset: str, images: np.ndarray, labels: np.ndarray, test
   `num_steps` overrides the spec's epochs (tests use a few steps). Deterministic for a given seed on one backend.
   """
   spec = _spec(dataset)
+  chex.assert_rank([images, labels, test_images, test_labels], [4, 1, 4, 1])
+  chex.assert_equal_shape_prefix([images, labels], 1)
+  chex.assert_equal_shape_prefix([test_images, test_labels], 1)
+  chex.assert_type([labels, test_labels], int)
   num_classes = int(labels.max()) + 1
   model = FeatureNet(num_classes, tuple(spec["widths"]), spec["feature_dim"], spec["dropout"])
   bs = min(spec["batch_size"], images.shape[0])
@@ -278,7 +285,6 @@ def _jitted_init(model: FeatureNet):
 def build_feature_extractor(dataset: str, cache_dir: Optional[str] = None, data_dir: Optional[str] = None,
                             force: bool = False, num_steps: Optional[int] = None) -> FeatureExtractor:
   """Trains the feature network on `dataset`'s train split, reports test accuracy, and caches it."""
-  from genjax.data import load_arrays
   _spec(dataset)
   directory = os.path.join(os.path.expanduser(cache_dir or default_cache_dir()), dataset)
   if not force:
@@ -303,7 +309,6 @@ def load_feature_extractor(dataset: str, cache_dir: Optional[str] = None,
 
 def _main(argv):
   del argv
-  from absl import flags
   f = flags.FLAGS
   try:
     fx = build_feature_extractor(f.dataset, cache_dir=f.cache_dir, data_dir=f.data_dir, force=f.force)
@@ -318,7 +323,6 @@ def _main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags
   flags.DEFINE_enum("dataset", "digits", sorted(SPECS), "Data set whose feature network to train.")
   flags.DEFINE_string("cache_dir", None,
                       "Cache directory (default $GENJAX_FEATURE_CACHE or ~/.cache/genjax/features).")

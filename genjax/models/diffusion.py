@@ -29,8 +29,9 @@ Editing: `sample_images(params, rng, n, init_image=..., strength=... | inpaint_m
 see `genjax.models.diffusion_editing`).
 
 Sampling: `sample_images(params, rng, n, sampler=..., num_steps=..., eta=..., guidance=..., label=...)` runs the
-jitted samplers of `genjax.samplers` (`SAMPLERS`: DDPM, DDIM, DPM-Solver++ 2M / 3M / 2M-SDE, UniPC, EDM Euler /
-Heun / Euler-ancestral, each with its defaults; a flow model takes `FLOW_METHODS`; defaults from `config.model`:
+jitted samplers of `genjax.samplers` through its registry (`run_sampler`; `SAMPLERS` = the registry's diffusion
+names: DDPM, DDIM, DPM-Solver++ 2M / 3M / 2M-SDE, UniPC, EDM Euler / Heun / Euler-ancestral, each with its
+defaults; a flow model takes `FLOW_METHODS`, the registry's flow names; defaults from `config.model`:
 sampler, num_sample_steps, eta, guidance); any other option is a ValueError naming the valid ones. Sampling is
 one jitted program per (n, sampler, guided-or-not): num_steps, eta, the guidance scale and the label are runtime
 values (changing them compiles nothing new). `evaluate` gives the same loss (no label dropout, no dropout) on a
@@ -46,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genjax.data import dataset_info
 from genjax.dtypes import compute_dtype
 from genjax.errors import ConfigError, UserError
 from genjax.models.diffusion_editing import EDIT_OPTIONS, check_edit_options, edit_images
@@ -53,18 +55,18 @@ from genjax.models.diffusion_space import LatentSource, Space, latent_space, pix
 from genjax.models.fields import from_config
 from genjax.models.unet import UNet
 from genjax.models.vae import VAEConfig
-from genjax.samplers.diffusion import (classifier_free_guidance, ddim_sample, ddpm_sample, dpm_solver_sample,
-                                       unipc_sample)
-from genjax.samplers.edm import euler_ancestral_sample, euler_sample, heun_sample
-from genjax.samplers.flow import FLOW_METHODS, FlowSchedule, flow_sample
+from genjax.samplers.flow import FlowSchedule
+from genjax.samplers.guidance import classifier_free_guidance
+from genjax.samplers.registry import run_sampler, sampler_names
 from genjax.samplers.schedules import PREDICTION_ALIASES, PREDICTIONS, NoiseSchedule, check_prediction
 from genjax.core.optim import make_optimizer
 from genjax.core.random import example_keys
 from genjax.core.task import Phase, Task
 
 SCHEDULES = ("linear", "cosine", "flow")
-SAMPLERS = ("ddpm", "ddim", "dpm_solver", "dpm_solver_3m", "dpm_solver_sde", "unipc", "euler", "heun",
-            "euler_ancestral")
+SAMPLERS = sampler_names("diffusion")      # genjax.samplers.registry.DIFFUSION_SAMPLERS
+FLOW_METHODS = sampler_names("flow")       # a flow-matching model's samplers: registry.FLOW_SAMPLERS
+ETA_SAMPLERS = ("ddim",)                   # the samplers the `eta` option (config.model.eta) goes to
 SPACES = ("pixel", "latent")
 SAMPLE_OPTIONS = ("sampler", "num_steps", "eta", "guidance", "label")
 
@@ -79,30 +81,30 @@ class DiffusionConfig:
   """`config.model` of the diffusion family (experiments/configs/ddpm.py), typed: `from_config(DiffusionConfig,
   config.model).check()`. `vae` may be given as a config section: it is read into a `VAEConfig`."""
   ch: int = 64                           # U-Net base width
-  ch_mult: tuple[int, ...] = (1, 2)      # channel multiplier per resolution level
+  ch_mult: tuple[int, ...] = (1, 2)      # channel multiplier per resolution level (a stride-2 conv between levels)
   num_res_blocks: int = 2
   attn_resolutions: tuple[int, ...] = (4,)   # spatial sizes with self-attention (the middle block always has it)
   num_heads: int = 4
   dropout: float = 0.0
   norm_groups: int = 32
   conditional: bool = True               # class-conditional; the null label num_classes is the unconditional model
-  label_dropout: float = 0.1             # P(label -> null label) in training
+  label_dropout: float = 0.1             # P(label -> null label) in training: trains the guidance model too
   prediction: str = "epsilon"            # "epsilon" | "v" | "x0" (diffusers' aliases too); "velocity" for "flow"
-  schedule: str = "cosine"               # SCHEDULES
+  schedule: str = "cosine"               # SCHEDULES ("flow": flow matching, prediction "velocity")
   num_timesteps: int = 1000
   beta_start: float = 1e-4               # linear schedule only
   beta_end: float = 0.02                 # linear schedule only
   cosine_s: float = 0.008                # cosine schedule only
-  flow_shift: float = 1.0                # flow matching only: SD3-style time shift (1 = none)
-  sampler: str = "ddim"                  # default sampler: SAMPLERS (FLOW_METHODS for "flow")
+  flow_shift: float = 1.0                # flow only: SD3-style shift of training times and sampling grid (1 = none)
+  sampler: str = "ddim"                  # default sampler of sample grids: SAMPLERS (FLOW_METHODS for "flow")
   num_sample_steps: int = 50
   eta: float = 0.0
   guidance: float = 1.0                  # classifier-free guidance scale (1 = the plain conditional model)
-  clip_denoised: bool = True             # pixel space: clip predicted x0 to [-1, 1] while sampling
+  clip_denoised: bool = True             # pixel space: clip predicted x0 to the data range [-1, 1] while sampling
   space: str = "pixel"                   # SPACES: "latent" diffuses the latents of the VAE `vae`
   vae_workdir: str = ""                  # latent: the trained VAE run init copies params from (read only there)
-  latent_scale: float = 0.0              # latent: x0 = latent_scale * encoder mean; 0 = measured at init
-  vae: VAEConfig = dataclasses.field(default_factory=VAEConfig)   # latent: the VAE run's model section
+  latent_scale: float = 0.0              # latent: x0 = latent_scale * encoder mean; 0 = 1 / std over the data, at init
+  vae: VAEConfig = dataclasses.field(default_factory=VAEConfig)   # latent: the VAE run's model section (must equal)
 
   def __post_init__(self):
     if not isinstance(self.vae, VAEConfig):  # a config section (from_config keeps nested sections as they are)
@@ -248,8 +250,9 @@ def sample_options(options: dict, defaults: dict, num_timesteps: int, num_classe
   eta = float(o["eta"])
   if not 0.0 <= eta <= 1.0:
     raise UserError(f"eta must be in [0, 1], got {o['eta']!r}")
-  if eta != 0.0 and o["sampler"] != "ddim":
-    raise UserError(f"eta={eta} applies only to sampler='ddim', got sampler={o['sampler']!r}")
+  if eta != 0.0 and o["sampler"] not in ETA_SAMPLERS:
+    raise UserError(f"eta={eta} applies only to sampler={' | '.join(map(repr, ETA_SAMPLERS))}, "
+                    f"got sampler={o['sampler']!r}")
   guidance = float(o["guidance"])
   if not guidance >= 0.0:
     raise UserError(f"guidance must be a scale >= 0 (1 = the plain conditional model), got {o['guidance']!r}")
@@ -265,13 +268,13 @@ def sample_options(options: dict, defaults: dict, num_timesteps: int, num_classe
   return dict(sampler=o["sampler"], num_steps=int(n), eta=eta, guidance=guidance, label=label)
 
 
-def _sample_fn(unet: UNet, schedule, space: Space, defaults: dict, prediction: str,
-               num_classes: int, max_steps: int, flow_time_scale: float):
-  """`sample_images(params, rng, n, **options) -> [n, H, W, C]` in [0, 1] (see module docstring)."""
-  flow = isinstance(schedule, FlowSchedule)
+def _model_builder(unet: UNet, num_classes: int, flow_time_scale: Optional[float]):
+  """`model_for(params, labels, guidance, guided) -> model_fn(x, t)`: the U-Net as a sampler's model, a pytree
+  Partial over the params (one function object per task, so new params / labels / guidance compile nothing).
+  `flow_time_scale`: a flow model sees t in [0, 1] scaled to the VP timestep range; None for a VP model."""
 
-  def net(unet_vars, x, t, labels=None):  # flow models see t in [0, 1] scaled to the VP timestep range
-    return unet.apply(unet_vars, x, t * flow_time_scale if flow else t, labels)
+  def net(unet_vars, x, t, labels=None):
+    return unet.apply(unet_vars, x, t if flow_time_scale is None else t * flow_time_scale, labels)
 
   def conditional(unet_vars, labels, x, t):
     return net(unet_vars, x, t, labels)
@@ -289,26 +292,24 @@ def _sample_fn(unet: UNet, schedule, space: Space, defaults: dict, prediction: s
       return classifier_free_guidance(jax.tree_util.Partial(labelled, params["unet"]), guidance, num_classes, labels)
     return jax.tree_util.Partial(conditional, params["unet"], labels)
 
+  return model_for
+
+
+def _sample_fn(unet: UNet, schedule, space: Space, defaults: dict, prediction: str,
+               num_classes: int, max_steps: int, flow_time_scale: float):
+  """`sample_images(params, rng, n, **options) -> [n, H, W, C]` in [0, 1] (see module docstring)."""
+  flow = isinstance(schedule, FlowSchedule)
+  model_for = _model_builder(unet, num_classes, flow_time_scale if flow else None)
+  # A flow model's samplers take no prediction / clipping; eta goes to ETA_SAMPLERS only (sample_options checks).
+  fixed = {} if flow else dict(prediction=prediction, clip_denoised=space.clip)
+
   @functools.partial(jax.jit, static_argnames=("n", "sampler", "guided"))
   def run(params, rng, labels, guidance, num_steps, eta, *, n, sampler, guided):
     noise_rng, step_rng = jax.random.split(rng)
     x_T = jax.random.normal(noise_rng, (n,) + space.shape, jnp.float32)
-    model_fn = model_for(params, labels, guidance, guided)
-    kw = dict(prediction=prediction, clip_denoised=space.clip)
-    if flow:
-      x0 = flow_sample(model_fn, x_T, num_steps=num_steps, method=sampler, shift=schedule.shift)
-    elif sampler == "ddpm":
-      x0 = ddpm_sample(model_fn, schedule, x_T, rng=step_rng, num_steps=num_steps, **kw)
-    elif sampler == "ddim":
-      x0 = ddim_sample(model_fn, schedule, x_T, num_steps=num_steps, eta=eta, rng=step_rng, **kw)
-    elif sampler.startswith("dpm_solver"):   # 2M, 3M, 2M-SDE
-      x0 = dpm_solver_sample(model_fn, schedule, x_T, num_steps=num_steps, order=3 if sampler.endswith("3m") else 2,
-                             stochastic=sampler.endswith("sde"), rng=step_rng, **kw)
-    elif sampler == "unipc":
-      x0 = unipc_sample(model_fn, schedule, x_T, num_steps=num_steps, **kw)
-    else:   # EDM / Karras samplers: the U-Net gets float t
-      edm = {"euler": euler_sample, "heun": heun_sample, "euler_ancestral": euler_ancestral_sample}[sampler]
-      x0 = edm(model_fn, schedule, x_T, num_steps=num_steps, rng=step_rng, **kw)
+    options = dict(fixed, eta=eta) if sampler in ETA_SAMPLERS else fixed
+    x0 = run_sampler(sampler, model_for(params, labels, guidance, guided), schedule, x_T, rng=step_rng,
+                     num_steps=num_steps, space="flow" if flow else "diffusion", **options)
     return space.decode(params, x0)
 
   def sample_images(params, rng, n: int, **options):
@@ -334,7 +335,6 @@ def _sample_fn(unet: UNet, schedule, space: Space, defaults: dict, prediction: s
 
 def task(config) -> Task:
   """The diffusion Task for `config` (see experiments/configs/ddpm.py for the fields); reads nothing from disk."""
-  from genjax.data import dataset_info
   cfg = model_config(config)
   info = dataset_info(config.dataset.name)
   if info.kind != "image":
@@ -397,4 +397,5 @@ def task(config) -> Task:
   optimizer = make_optimizer(config.optimizer, int(config.num_train_steps))
   return Task(init=init, phases=(Phase("diffusion", loss_fn, optimizer, params_key="unet"),),
               sample_images=sample_images, evaluate=evaluate,
-              shape_init=functools.partial(init, extra=space.extra_shapes))
+              shape_init=functools.partial(init, extra=space.extra_shapes),
+              edit=sample_images, samplers=FLOW_METHODS if flow else SAMPLERS)   # edit: see diffusion_editing.py

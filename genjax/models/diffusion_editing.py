@@ -6,8 +6,8 @@
 
 `init_image`: images in [0, 1], [H, W, C] (used for every sample) or [n, H, W, C]; a 3-channel image for a
 1-channel model is averaged to grey (and a grey one repeated for an RGB model). img2img runs
-`genjax.samplers.img2img_sample` with the `sampler` option (any VP sampler; dpm_solver_3m / dpm_solver_sde map to
-DPM-Solver++ order 3 / stochastic) and `num_steps`; inpainting runs `genjax.samplers.inpaint_sample` (RePaint's
+`genjax.samplers.img2img_sample` with the `sampler` option (any name of the sampler registry's
+DIFFUSION_SAMPLERS) and `num_steps`; inpainting runs `genjax.samplers.inpaint_sample` (RePaint's
 DDPM steps, `num_steps` of them, each `num_resample` times) with `inpaint_mask` [H, W] or [H, W, 1] in {0, 1}:
 1 = keep the image's pixel, 0 = fill in. Pixel-space VP models only (not flow matching; inpainting not in a VAE's
 latent space). strength, the mask and num_resample are runtime values (changing them compiles nothing).
@@ -22,7 +22,6 @@ from genjax.errors import UserError
 from genjax.samplers.editing import inpaint_sample, img2img_sample
 
 EDIT_OPTIONS = ("init_image", "strength", "inpaint_mask", "num_resample")
-_IMG2IMG = {"dpm_solver_3m": ("dpm_solver", {"order": 3}), "dpm_solver_sde": ("dpm_solver", {"stochastic": True})}
 
 
 def check_edit_options(edits: dict, *, flow: bool, sampler_given: bool) -> None:
@@ -81,9 +80,7 @@ def edit_images(model_fn, schedule, space, params, rng, n: int, options: dict, e
     x0 = inpaint_sample(model_fn, schedule, x_T, known=x_image, mask=mask, num_steps=options["num_steps"],
                         rng=jax.random.fold_in(key, 1), num_resample=num_resample, **kw)
   else:
-    sampler, extra = _IMG2IMG.get(options["sampler"], (options["sampler"], {}))
-    if sampler == "ddim":
-      extra = {"eta": options["eta"]}
+    extra = {"eta": options["eta"]} if options["eta"] != 0.0 else {}   # sample_options: eta > 0 only for DDIM
     x0 = img2img_sample(model_fn, schedule, x_image, strength=float(edits["strength"]),
-                        num_steps=options["num_steps"], rng=key, sampler=sampler, **extra, **kw)
+                        num_steps=options["num_steps"], rng=key, sampler=options["sampler"], **extra, **kw)
   return space.decode(params, x0)

@@ -7,7 +7,7 @@ its own optimizer (`config.disc_optimizer` for "disc", `config.optimizer` for "g
     task = genjax.models.gan.task(config)    # params = {"gen": ..., "disc": ...}
     images = task.sample_images(ema_params, rng, 16, truncation=0.7, label=3)
     grid = genjax.models.gan.build(config).interpolation_grid(ema_params, rng, rows=10, cols=8)
-    grid, cols = genjax.models.gan.interpolation_images(config, ema_params, rng)   # what sample.py uses
+    grid, cols = genjax.models.gan.interpolation_images(config, ema_params, rng)   # the Task's `interpolate`
     gan = GAN(gan_config(config), image_shape=(8, 8, 1), num_classes=10, dtype="bfloat16")   # without the data set
 
 `config.model` is read once into the frozen `GANConfig` (`gan_config(config)`; every field is declared with its
@@ -27,6 +27,7 @@ disc/fake_acc, disc/real_logit, disc/fake_logit, disc/r1, disc/gp; gen/fool_rate
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Sequence
 
@@ -35,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genjax.data import dataset_info
 from genjax.dtypes import compute_dtype
 from genjax.errors import ConfigError, UserError
 from genjax.models.fields import from_config
@@ -353,11 +355,11 @@ def make_task(config, image_shape, num_classes: int) -> Task:
       phases=(Phase("disc", gan.disc_loss, make_optimizer(disc_opt_cfg, steps), params_key="disc"),
               Phase("gen", gan.gen_loss, make_optimizer(config.optimizer, steps), params_key="gen")),
       sample_images=gan.sample_images,
-      evaluate=gan.evaluate)
+      evaluate=gan.evaluate,
+      interpolate=functools.partial(interpolation_images, config))
 
 
 def _image_info(config):
-  from genjax.data import dataset_info          # imported here: genjax.data pulls in the data-set readers
   info = dataset_info(config.dataset.name)
   if info.kind != "image":
     raise ConfigError(f"the GAN family needs an image dataset; {config.dataset.name!r} is {info.kind!r}")
@@ -371,8 +373,8 @@ def build(config) -> GAN:
 
 
 def interpolation_images(config, params, rng, rows: int | None = None, cols: int = 8, truncation=None, label=None):
-  """(images, cols) for `experiments/sample.py --interpolate`: the GAN's latent interpolation grid, one row per
-  class (the row's label) for conditional models, else 8 rows."""
+  """(images, cols), the Task's `interpolate` (`experiments/sample.py --interpolate`): the latent interpolation grid,
+  one row per class (the row's label) for conditional models, else 8 rows."""
   gan = build(config)
   rows = int(rows or (gan.num_classes or 8))
   if gan.num_classes and label is None:

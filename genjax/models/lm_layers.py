@@ -45,12 +45,15 @@ REMATS = ("none", "full", "dots_saveable")
 
 @dataclasses.dataclass(frozen=True)
 class LMConfig:
+  """`config.model` of the lm family (experiments/configs/lm.py), typed by `genjax.models.transformer.lm_config`;
+  the defaults are the byte-level `pydoc` model."""
   vocab_size: int = tok_lib.padded_vocab_size(64)
   embed_dim: int = 128
   num_layers: int = 2
   num_heads: int = 4
   mlp_dim: int = 512
-  max_len: int = 512             # the longest KV cache decoding may use (the learned position table's size)
+  max_len: int = 512             # the longest KV cache decoding may use (the learned position table's size);
+                                 # training windows are config.dataset.seq_len
   rope_base: float = 10000.0
   dtype: str = "float32"         # compute dtype (DTYPES)
   norm: str = "rms"              # "rms" | "layer" (LayerNorm with bias)
@@ -65,7 +68,8 @@ class LMConfig:
   param_dtype: str = "float32"   # storage dtype of the params (PARAM_DTYPES)
   context_len: int = 0           # the context the model was trained on (0: unknown); decoding's default limit
   # How it runs (the same function of the same params, up to summation order):
-  scan_layers: bool = False      # nn.scan over the blocks: params stacked [num_layers, ...] under "blocks"
+  scan_layers: bool = False      # nn.scan over the blocks (compile time flat in depth): params stacked
+                                 # [num_layers, ...] under "blocks"
   remat: str = "none"            # "none" | "full" | "dots_saveable": recompute block activations in the backward
   attention: str = "einsum"      # "einsum" (scores in float32 by hand) | "dot_product" (jax.nn.dot_product_attention)
 

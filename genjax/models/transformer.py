@@ -4,11 +4,12 @@
     cfg = lm_config(config)                      # frozen LMConfig from config.model.* and config.compute_dtype
     logits, _ = TransformerLM(cfg).apply({"params": params}, tokens)            # full forward, [B, T, V] float32
     logits, cache = TransformerLM(cfg).apply({"params": params}, tok, pos, cache)   # cached step
-    out = genjax.samplers.generate(decoding_model(cfg), params, prompts, rng, max_new_tokens=100)
+    out = genjax.samplers.generate(decoding_model(cfg), params, prompts, rng=rng, max_new_tokens=100)
 
 The architecture is chosen by `LMConfig` fields (`genjax/models/lm_layers.py`): the default is genjax's own byte LM
 (RoPE, pre-norm RMSNorm, GELU MLP); GPT-2 and Llama-family checkpoints come from `genjax.interop.hf.load_lm`, and
-`config.model.init_from=DIR` fine-tunes one through the shared loop (its tokenizer then tokenizes the data via
+`config.model.init_from=DIR` fine-tunes one through the shared loop (read by `genjax.interop`, passed down as
+`task(config, pretrained=...)`) (its tokenizer then tokenizes the data via
 `config.dataset.tokenizer`). Params carry logical axis names (`nn.with_logical_partitioning`): "vocab", "embed",
 "heads", "kv", "mlp", "norm" (+ "layers" with `scan_layers`); the loop maps them to mesh axes and unboxes them (the
 functions here also accept boxed params). Activations run in `config.compute_dtype`; norms, softmax and logits in
@@ -42,7 +43,7 @@ from genjax.models.lm_layers import (LMConfig, TransformerLM, init_cache, rope, 
                                      unstack_layers)
 from genjax.samplers.decoding import DecodingModel, beam_search, generate
 from genjax.core.optim import make_optimizer
-from genjax.core.task import Phase, Task
+from genjax.core.task import Export, Phase, Pretrained, Task
 
 SAMPLE_OPTIONS = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 0, "top_p": 0.95, "repetition_penalty": 1.0,
                   "presence_penalty": 0.0, "frequency_penalty": 0.0, "num_beams": 1, "length_penalty": 1.0,
@@ -52,6 +53,8 @@ SAMPLE_OPTIONS = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 0, "top_p"
 # LMConfig fields a config does not set: they follow config.compute_dtype, config.dataset.seq_len and float32
 # training params.
 DERIVED_FIELDS = ("dtype", "context_len", "param_dtype")
+# LMConfig fields a fine-tuning config (model.init_from) may set: how it runs; the architecture is the checkpoint's.
+RUN_FIELDS = ("remat", "attention")
 
 
 def _declared(section, key: str, where: str):
@@ -62,11 +65,11 @@ def _declared(section, key: str, where: str):
   return section[key]
 
 
-def lm_config(config) -> LMConfig:
+def lm_config(config, pretrained: Optional[Pretrained] = None) -> LMConfig:
   """LMConfig from `config.model.*` (fields it does not set keep LMConfig's defaults), `config.compute_dtype` and
   the trained context `config.dataset.seq_len` (decoding's default length limit). `config.model.init_from` is ""
-  (train from scratch) or a Hugging Face checkpoint directory, whose architecture is then the model's
-  (`genjax.interop.hf.read_config`)."""
+  (train from scratch) or a Hugging Face checkpoint directory, whose architecture is then the model's: a launcher
+  reads it with `genjax.interop.hf.pretrained_for(config)` and passes it as `pretrained`."""
   dtype = config.compute_dtype
   compute_dtype(dtype)                                     # ConfigError naming the value and the valid names
   model = dict(config.model)
@@ -76,9 +79,12 @@ def lm_config(config) -> LMConfig:
     raise ConfigError("config.model.init_from is not set: give the Hugging Face checkpoint directory to fine-tune, "
                       "--config.model.init_from=DIR")
   if init_from:
-    from genjax.interop import hf     # the checkpoint's own architecture; params stay float32 for training
-    run = {k: model.pop(k) for k in ("remat", "attention") if k in model}     # how it runs may be chosen
-    cfg = dataclasses.replace(hf.read_config(init_from), dtype=dtype, param_dtype="float32", **run)
+    if pretrained is None:
+      raise ConfigError(f"config.model.init_from={init_from!r} is read by genjax.interop: pass "
+                        f"pretrained=genjax.interop.hf.pretrained_for(config)")
+    run = {k: model.pop(k) for k in RUN_FIELDS if k in model}     # how it runs may be chosen
+    # the checkpoint's own architecture; params stay float32 for training
+    cfg = dataclasses.replace(pretrained.model_config, dtype=dtype, param_dtype="float32", **run)
     extra = {k for k, v in model.items() if v != getattr(cfg, k, v)}
     if extra:
       raise UserError(f"config.model fields {sorted(extra)} contradict the checkpoint model.init_from={init_from!r}"
@@ -179,7 +185,7 @@ def sample_text(cfg: LMConfig, params, prompts, rng, *, tokenizer=None, max_len:
                       cache_len=cache_len)
     generated = np.asarray(out.sequences[:, 0])
   else:
-    out = generate(model, params, tokens, rng, prompt_lengths=lengths, max_new_tokens=new,
+    out = generate(model, params, tokens, rng=rng, prompt_lengths=lengths, max_new_tokens=new,
                    temperature=o["temperature"], top_k=o["top_k"], top_p=o["top_p"],
                    repetition_penalty=o["repetition_penalty"], presence_penalty=o["presence_penalty"],
                    frequency_penalty=o["frequency_penalty"], eos_id=eos_id, pad_id=pad_id, cache_len=cache_len,
@@ -188,23 +194,22 @@ def sample_text(cfg: LMConfig, params, prompts, rng, *, tokenizer=None, max_len:
   return [tokenizer.decode(row[:n]) for row, n in zip(generated, np.asarray(out.lengths).reshape(len(ids), -1)[:, 0])]
 
 
-def task(config) -> Task:
+def task(config, pretrained: Optional[Pretrained] = None) -> Task:
   """The "lm" family: one phase minimising next-token cross-entropy; with `config.model.init_from=DIR` the params
-  start from that Hugging Face checkpoint and `sample_text` uses its tokenizer."""
-  cfg = lm_config(config)
+  start from that Hugging Face checkpoint (`pretrained`, read by `genjax.interop.hf.pretrained_for`) and
+  `sample_text` uses its tokenizer. Every LM can be exported (`Export("huggingface", ...)`); the converter refuses
+  an architecture Hugging Face has no equivalent of."""
+  cfg = lm_config(config, pretrained)
   module = TransformerLM(cfg)
-  init_from = config.model.init_from       # lm_config checked it: "" or a checkpoint directory
-  tokenizer = None
-  if init_from:       # fine-tuning a Hugging Face checkpoint: its weights, its tokenizer
-    from genjax.interop import hf
-    tokenizer = hf.load_tokenizer(init_from)
+  init_from = config.model.init_from       # lm_config checked it: "" or a checkpoint directory (then pretrained)
+  tokenizer = pretrained.tokenizer if init_from else None
 
   def init(rng, example_batch):
     tokens = jnp.asarray(example_batch["tokens"])
     if tokens.ndim != 2 or tokens.shape[1] < 2:
       raise ValueError(f"batch['tokens'] must be int [batch, seq_len + 1], got shape {tokens.shape}")
     if init_from:
-      return hf.checkpoint_params(init_from, cfg)
+      return pretrained.load_params(cfg)
     return module.init(rng, tokens[:1, :-1])["params"]
 
   def loss_fn(params, batch, rng, step):
@@ -218,4 +223,4 @@ def task(config) -> Task:
 
   phase = Phase("lm", loss_fn, optimizer=make_optimizer(config.optimizer, config.num_train_steps))
   return Task(init=init, phases=(phase,), sample_text=functools.partial(sample_text, cfg, tokenizer=tokenizer),
-              evaluate=evaluate)
+              evaluate=evaluate, export=Export("huggingface", cfg, assets=init_from or None))

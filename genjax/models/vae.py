@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from genjax.data import dataset_info
+from genjax.data import dataset_info, load_arrays
 from genjax.dtypes import compute_dtype
 from genjax.models.fields import from_config
 from genjax.core import Phase, Task, make_optimizer
@@ -209,14 +209,19 @@ def task(config) -> Task:
                       f"0 decodes its mean)")
     return prior_samples(params, rng, jnp.float32(temperature), n=int(n))
 
+  def interpolate(params, rng, **options):
+    if options:
+      raise UserError(f"the VAE's interpolation grid takes no options, got {sorted(options)} (it interpolates "
+                      f"between the codes of test images)")
+    return interpolation_images(config, params, rng)
+
   optimizer = make_optimizer(config.optimizer, int(config.num_train_steps))
   return Task(init=init, phases=(Phase("vae", loss_fn, optimizer),), sample_images=sample_images,
-              evaluate=evaluate)
+              evaluate=evaluate, interpolate=interpolate)
 
 
 def interpolation_images(config, params, rng, rows: int = 8, cols: int = 8):
   """(images, cols): rows of decoded interpolations between pairs of test images drawn with `rng`."""
-  from genjax.data import load_arrays
   x = load_arrays(config.dataset.name, config.dataset.eval_split, config.dataset.data_dir)["image"]
   idx = jax.random.choice(rng, len(x), (2 * rows,), replace=False)
   pairs = jnp.asarray(x)[idx]

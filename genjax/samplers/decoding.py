@@ -16,16 +16,22 @@ storing that index once per row and keeping a per-slot position table as its att
 
 Usage (the transformer LM provides its DecodingModel: `transformer.decoding_model(transformer.lm_config(config))`):
 
-    from genjax.samplers import generate, beam_search
-    out = generate(model, params, [[257, 72, 105], [257, 79]], rng, max_new_tokens=50, temperature=0.8,
+    from genjax.samplers import DecodingSettings, beam_search, generate
+    out = generate(model, params, [[257, 72, 105], [257, 79]], rng=rng, max_new_tokens=50, temperature=0.8,
                    top_p=0.9, min_p=0.05, repetition_penalty=1.2, eos_id=258, pad_id=256,
                    stop_sequences=[[10, 10]])
+    settings = DecodingSettings(max_new_tokens=50, temperature=0.8, eos_id=258, pad_id=256)
+    out = generate(model, params, prompts, rng=rng, settings=settings)              # the same knobs, as one value
     out.tokens      # int32 [B, 50]: new tokens; after a row's EOS or stop sequence, pad_id
     out.lengths     # int32 [B]: new tokens per row (EOS / stop sequence included)
     out.logprobs    # float32 [B, 50]: log p(token) under the model's raw softmax; 0 after the row ends
     out.stop_index  # int32 [B]: which stop sequence ended the row, -1 for none
     best = beam_search(model, params, prompts, num_beams=4, max_new_tokens=50, length_penalty=1.0, eos_id=258)
     best.sequences[:, 0], best.scores[:, 0]       # the best beam of each row
+
+The decoding knobs are the fields of `DecodingSettings` (`genjax.samplers.settings`: validation, which decoder
+applies which); each decoder takes `settings=` and/or the fields as keyword arguments, which override it. `rng`,
+`prompt_lengths`, `row_ids` and `cache_len` describe the call, not the decoding: they stay keyword arguments.
 
 Prompts are a list of id lists or an int array [B, P] right-padded with `prompt_lengths` [B] (each >= 1). The
 longest prompt plus `max_new_tokens` must fit in `model.max_len` (a UserError otherwise: no silent stop).
@@ -47,6 +53,7 @@ rest of the batch.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -55,11 +62,13 @@ import numpy as np
 
 from genjax.errors import UserError
 from genjax.samplers import decoding_inputs as inputs
+from genjax.samplers import settings as settings_lib
+from genjax.samplers.settings import DecodingSettings
 from genjax.samplers.logits import (apply_penalties, choose_tokens, filter_logits, min_p_logits,  # noqa: F401
                                     top_k_logits, top_p_logits)
 
-__all__ = ["DecodingModel", "GenerateOutput", "BeamSearchOutput", "generate", "beam_search", "top_k_logits",
-           "top_p_logits", "min_p_logits", "filter_logits", "apply_penalties", "choose_tokens"]
+__all__ = ["DecodingModel", "DecodingSettings", "GenerateOutput", "BeamSearchOutput", "generate", "beam_search",
+           "top_k_logits", "top_p_logits", "min_p_logits", "filter_logits", "apply_penalties", "choose_tokens"]
 
 
 class DecodingModel(NamedTuple):
@@ -111,230 +120,321 @@ def row_keys(rng, row_ids, num_return_sequences: int) -> jax.Array:
 def _stop_match(recent, stops, stop_lengths):
   """(bool [B], int32 [B]): whether the last tokens `recent` [B, L] end with one of the row's stop sequences, and
   the first such index (-1: none)."""
-  hit = jnp.all((stops == recent[:, None, :]) | (stops == inputs.WILDCARD), axis=-1) & (stop_lengths > 0)
+  hit = jnp.all((stops == recent[:, None, :]) | (stops == settings_lib.WILDCARD), axis=-1) & (stop_lengths > 0)
   return jnp.any(hit, axis=-1), jnp.where(jnp.any(hit, axis=-1), jnp.argmax(hit, axis=-1), -1).astype(jnp.int32)
 
 
-def _generate_impl(model, max_new_tokens, cache_len, n, sample, penalize, params, prompts, lengths, rng, row_ids,
-                   floats, ints, ids, stops):
-  s = inputs.unpack_settings(floats, ints)
-  eos_id, pad_id = ids[0], ids[1]
-  logits, cache = prefill(model, params, prompts, lengths, cache_len)
-  if n > 1:                                      # n samples per prompt share the prefill
-    rep = lambda x: jnp.repeat(x, n, axis=0)
-    logits, cache, prompts, lengths = rep(logits), jax.tree_util.tree_map(rep, cache), rep(prompts), rep(lengths)
-    s = {k: rep(v) for k, v in s.items()}
-    stops = None if stops is None else tuple(rep(x) for x in stops)
+# --------------------------------------------------------------------------------------------- generate --------
+class _GenerateProgram(NamedTuple):
+  """What one compiled `generate` program is specialised on (its static argument)."""
+  model: DecodingModel
+  max_new_tokens: int
+  cache_len: int
+  num_return_sequences: int
+  sample: bool                # some row samples (False: argmax only: no sort, no random draw)
+  penalize: bool              # some row has a penalty on (False: no bookkeeping of seen ids)
+
+
+class _Rows(NamedTuple):
+  """Per-row constants of one decode loop (after repeating each prompt's row n times)."""
+  settings: settings_lib.RowSettings
+  keys: Optional[jax.Array]   # [B] PRNG keys (sampling only)
+  eos_id: jax.Array
+  pad_id: jax.Array
+  stops: Optional[tuple]      # (int32 [B, S, L] stop table, int32 [B, S] lengths) or None
+  lengths: jax.Array          # int32 [B] prompt lengths
+
+
+class _Tracks(NamedTuple):
+  """What each chosen token updates: the outputs so far and the bookkeeping of penalties and stop sequences."""
+  tokens: jax.Array           # int32 [B, max_new_tokens], pad_id where not yet written / after the row ended
+  logprobs: jax.Array         # float32 [B, max_new_tokens]
+  done: jax.Array             # bool [B]
+  lengths: jax.Array          # int32 [B] tokens generated
+  stop_index: jax.Array       # int32 [B] the stop sequence that ended the row, -1 for none
+  seen: jax.Array             # bool [B, V] ids in prompt + output (with penalties; else int32 [B, 0])
+  counts: jax.Array           # int32 [B, V] generated count of each id (with penalties; else [B, 0])
+  recent: jax.Array           # int32 [B, L] the last L tokens, L the longest stop sequence ([B, 0] without)
+
+
+class _GenerateState(NamedTuple):
+  t: jax.Array                # the index of the next token to choose
+  token: jax.Array            # int32 [B] the last chosen token, fed to the model next
+  tracks: _Tracks
+  cache: Any
+
+
+def _repeat_rows(n: int, logits, cache, prompts, lengths, s, stops):
+  """Each prompt's row n times in a row: n samples per prompt share the prefill."""
+  rep = lambda x: jnp.repeat(x, n, axis=0)
+  stops = None if stops is None else tuple(rep(x) for x in stops)
+  return rep(logits), jax.tree_util.tree_map(rep, cache), rep(prompts), rep(lengths), s.repeat(n), stops
+
+
+def _initial_tracks(program: _GenerateProgram, rows: _Rows, prompts, vocab: int) -> _Tracks:
   batch, width = prompts.shape
-  rows = jnp.arange(batch)
-  keys = row_keys(rng, row_ids, n) if sample else None
-  vocab = logits.shape[-1]
-  in_prompt = jnp.arange(width)[None, :] < lengths[:, None]
-  if penalize:
-    seen = jnp.zeros((batch, vocab), bool).at[rows[:, None], prompts].max(in_prompt)
+  lengths = rows.lengths
+  if program.penalize:
+    in_prompt = jnp.arange(width)[None, :] < lengths[:, None]
+    seen = jnp.zeros((batch, vocab), bool).at[jnp.arange(batch)[:, None], prompts].max(in_prompt)
     counts = jnp.zeros((batch, vocab), jnp.int32)
   else:
     seen = counts = jnp.zeros((batch, 0), jnp.int32)
-  if stops is not None:
-    span = stops[0].shape[-1]
+  if rows.stops is not None:
+    span = rows.stops[0].shape[-1]
     idx = lengths[:, None] - span + jnp.arange(span)[None, :]
     recent = jnp.where(idx >= 0, jnp.take_along_axis(prompts, jnp.maximum(idx, 0), axis=1), -1)
   else:
     recent = jnp.zeros((batch, 0), jnp.int32)
-
-  # choose(t, logits, carry): token t of every row from the logits of its previous position, with its
-  # bookkeeping. It runs once on the prefill logits, then once per loop iteration after feeding token t - 1 (so
-  # the loop carries one token per row, not the logits, and never runs a model step whose output is unused).
-  def choose(t, logits, carry):
-    out, out_logp, done, n_out, stop_index, seen, counts, recent = carry
-    chosen = logits
-    if penalize:
-      chosen = apply_penalties(logits, seen, counts, s["repetition_penalty"], s["presence_penalty"],
-                               s["frequency_penalty"])
-    if sample:
-      step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, t)
-      tok = choose_tokens(chosen, step_keys, s["temperature"], s["top_k"], s["top_p"], s["min_p"],
-                          s["min_tokens_to_keep"])
-      logp = jnp.take_along_axis(logits, tok[:, None], axis=1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
-    elif penalize:
-      tok = jnp.argmax(chosen, axis=-1).astype(jnp.int32)
-      logp = jnp.take_along_axis(logits, tok[:, None], axis=1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
-    else:                                        # the argmax's own logit is the max: log p = -log sum exp(l - max)
-      tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-      top = jnp.max(logits, axis=-1, keepdims=True)
-      logp = -jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))
-    tok = jnp.where(done, pad_id, tok)
-    out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, t))
-    out_logp = jax.lax.dynamic_update_slice(out_logp, jnp.where(done, 0.0, logp)[:, None], (0, t))
-    if penalize:
-      hot = jax.nn.one_hot(tok, vocab, dtype=jnp.int32) * (~done)[:, None]
-      seen, counts = seen | (hot > 0), counts + hot
-    n_out = n_out + (~done).astype(jnp.int32)
-    stopped = jnp.zeros_like(done)
-    if stops is not None:
-      recent = jnp.concatenate([recent[:, 1:], tok[:, None]], axis=1)
-      stopped, which = _stop_match(recent, *stops)
-      stopped = stopped & ~done
-      stop_index = jnp.where(stopped, which, stop_index)
-    done = done | (tok == eos_id) | stopped
-    return tok, (out, out_logp, done, n_out, stop_index, seen, counts, recent)
-
-  def cond(state):
-    t, done = state[0], state[2][2]
-    return (t < max_new_tokens) & ~jnp.all(done)
-
-  def body(state):
-    t, tok, carry, cache = state
-    pos = jnp.minimum(lengths + t - 1, cache_len - 1)
-    logits, cache = model.step_fn(params, tok[:, None], pos[:, None], cache)
-    tok, carry = choose(t, logits[:, 0].astype(jnp.float32), carry)
-    return t + 1, tok, carry, cache
-
   zeros = jnp.zeros((batch,), jnp.int32)
-  carry = (jnp.full((batch, max_new_tokens), pad_id, jnp.int32), jnp.zeros((batch, max_new_tokens), jnp.float32),
-           jnp.zeros((batch,), bool), zeros, zeros - 1, seen, counts, recent)
-  tok, carry = choose(jnp.int32(0), logits, carry)
-  _, _, carry, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, carry, cache))
-  out, out_logp, _, n_out, stop_index, *_ = carry
+  n = program.max_new_tokens
+  return _Tracks(jnp.full((batch, n), rows.pad_id, jnp.int32), jnp.zeros((batch, n), jnp.float32),
+                 jnp.zeros((batch,), bool), zeros, zeros - 1, seen, counts, recent)
+
+
+def _pick(program: _GenerateProgram, rows: _Rows, t, logits, tracks: _Tracks):
+  """(int32 [B] token t of every row, float32 [B] its log-prob under the raw logits)."""
+  s = rows.settings
+  chosen = logits
+  if program.penalize:
+    chosen = apply_penalties(logits, tracks.seen, tracks.counts, s.repetition_penalty, s.presence_penalty,
+                             s.frequency_penalty)
+  if program.sample:
+    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(rows.keys, t)
+    tok = choose_tokens(chosen, step_keys, s.temperature, s.top_k, s.top_p, s.min_p, s.min_tokens_to_keep)
+  elif program.penalize:
+    tok = jnp.argmax(chosen, axis=-1).astype(jnp.int32)
+  else:                                          # the argmax's own logit is the max: log p = -log sum exp(l - max)
+    tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    return tok, -jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))
+  return tok, jnp.take_along_axis(logits, tok[:, None], axis=1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
+
+
+def _choose(program: _GenerateProgram, rows: _Rows, t, logits, tracks: _Tracks):
+  """Token t of every row from the logits of its previous position, with its bookkeeping. It runs once on the
+  prefill logits, then once per loop iteration after feeding token t - 1 (so the loop carries one token per row,
+  not the logits, and never runs a model step whose output is unused)."""
+  tok, logp = _pick(program, rows, t, logits, tracks)
+  done = tracks.done
+  tok = jnp.where(done, rows.pad_id, tok)
+  out = jax.lax.dynamic_update_slice(tracks.tokens, tok[:, None], (0, t))
+  out_logp = jax.lax.dynamic_update_slice(tracks.logprobs, jnp.where(done, 0.0, logp)[:, None], (0, t))
+  seen, counts, recent, stop_index = tracks.seen, tracks.counts, tracks.recent, tracks.stop_index
+  if program.penalize:
+    hot = jax.nn.one_hot(tok, logits.shape[-1], dtype=jnp.int32) * (~done)[:, None]
+    seen, counts = seen | (hot > 0), counts + hot
+  n_out = tracks.lengths + (~done).astype(jnp.int32)
+  stopped = jnp.zeros_like(done)
+  if rows.stops is not None:
+    recent = jnp.concatenate([recent[:, 1:], tok[:, None]], axis=1)
+    stopped, which = _stop_match(recent, *rows.stops)
+    stopped = stopped & ~done
+    stop_index = jnp.where(stopped, which, stop_index)
+  done = done | (tok == rows.eos_id) | stopped
+  return tok, _Tracks(out, out_logp, done, n_out, stop_index, seen, counts, recent)
+
+
+def _generate_cond(program: _GenerateProgram, state: _GenerateState):
+  return (state.t < program.max_new_tokens) & ~jnp.all(state.tracks.done)
+
+
+def _generate_body(program: _GenerateProgram, rows: _Rows, params, state: _GenerateState) -> _GenerateState:
+  pos = jnp.minimum(rows.lengths + state.t - 1, program.cache_len - 1)
+  logits, cache = program.model.step_fn(params, state.token[:, None], pos[:, None], state.cache)
+  tok, tracks = _choose(program, rows, state.t, logits[:, 0].astype(jnp.float32), state.tracks)
+  return _GenerateState(state.t + 1, tok, tracks, cache)
+
+
+def _generate_impl(program: _GenerateProgram, params, prompts, lengths, rng, row_ids, floats, ints, ids,
+                   stops) -> GenerateOutput:
+  s = settings_lib.RowSettings.unpack(floats, ints)
+  logits, cache = prefill(program.model, params, prompts, lengths, program.cache_len)
+  n = program.num_return_sequences
   if n > 1:
-    split = lambda x: x.reshape((batch // n, n) + x.shape[1:])
-    return GenerateOutput(split(out), split(n_out), split(out_logp), split(stop_index))
-  return GenerateOutput(out, n_out, out_logp, stop_index)
+    logits, cache, prompts, lengths, s, stops = _repeat_rows(n, logits, cache, prompts, lengths, s, stops)
+  keys = row_keys(rng, row_ids, n) if program.sample else None
+  rows = _Rows(s, keys, ids[0], ids[1], stops, lengths)
+  tok, tracks = _choose(program, rows, jnp.int32(0), logits,
+                        _initial_tracks(program, rows, prompts, logits.shape[-1]))
+  state = jax.lax.while_loop(functools.partial(_generate_cond, program),
+                             functools.partial(_generate_body, program, rows, params),
+                             _GenerateState(jnp.int32(1), tok, tracks, cache))
+  out = GenerateOutput(state.tracks.tokens, state.tracks.lengths, state.tracks.logprobs, state.tracks.stop_index)
+  if n > 1:
+    return GenerateOutput(*(x.reshape((x.shape[0] // n, n) + x.shape[1:]) for x in out))
+  return out
 
 
-_generate_jit = jax.jit(_generate_impl, static_argnums=(0, 1, 2, 3, 4, 5))
+_generate_jit = jax.jit(_generate_impl, static_argnums=(0,))
 
 
-def generate(model: DecodingModel, params, prompts, rng=None, *, max_new_tokens: int, prompt_lengths=None,
-             temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, min_tokens_to_keep=1, repetition_penalty=1.0,
-             presence_penalty=0.0, frequency_penalty=0.0, greedy: bool = False, eos_id: Optional[int] = None,
-             pad_id: int = 0, stop_sequences=None, num_return_sequences: int = 1, row_ids=None,
-             cache_len: Optional[int] = None) -> GenerateOutput:
+def generate(model: DecodingModel, params, prompts, *, rng=None, settings: Optional[DecodingSettings] = None,
+             prompt_lengths=None, row_ids=None, cache_len: Optional[int] = None, **overrides) -> GenerateOutput:
   """Decodes up to `max_new_tokens` per prompt; stops early once every row has ended.
 
-  Temperature, then top-k (`0` = off), then top-p (`1.0` = off), then min-p (`0.0` = off; transformers'
+  `settings` (a `DecodingSettings`) and/or its fields as keyword arguments (they override `settings`):
+  temperature, then top-k (`0` = off), then top-p (`1.0` = off), then min-p (`0.0` = off; transformers'
   `MinPLogitsWarper`); `temperature == 0` or `greedy=True` is argmax. Penalties act on the raw logits first:
   `repetition_penalty` over prompt + generated ids, presence/frequency over generated ids. `rng` is one PRNG key
   (needed unless greedy). A row ends when it emits `eos_id` or when its prompt + output ends with one of
   `stop_sequences` (token-id lists, one list for every row or one list per row; the match may start in the
   prompt). `num_return_sequences=n` draws n independent continuations per prompt from one prefill (every output
-  field then has shape [B, n, ...]). A bad setting raises `genjax.errors.UserError` naming it.
+  field then has shape [B, n, ...]). `prompt_lengths` (array prompts), `row_ids` and `cache_len` describe the call,
+  not the decoding. A bad setting raises `genjax.errors.UserError` naming it.
   See the module docstring for the model interface and what is static vs runtime.
   """
   check_model(model)
-  tokens, lengths = inputs.prepare_prompts(prompts, prompt_lengths, pad_id)
+  settings = settings_lib.for_decoder("generate", settings, overrides)
+  tokens, lengths = inputs.prepare_prompts(prompts, prompt_lengths, settings.pad_id)
   batch = tokens.shape[0]
-  n = inputs.positive_int("num_return_sequences", num_return_sequences)
-  cache_len = inputs.check_context(model, lengths, max_new_tokens, cache_len, tokens.shape[1])
+  cache_len = inputs.check_context(model, lengths, settings.max_new_tokens, cache_len, tokens.shape[1])
   inputs.check_cache_batch_axis(model, batch, cache_len)
   tokens = tokens[:, :cache_len]                   # padding beyond the cache is never read
-  floats, ints = inputs.sampling_settings(
-      batch, temperature=0.0 if greedy else temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-      min_tokens_to_keep=min_tokens_to_keep, repetition_penalty=repetition_penalty,
-      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
-  # Two specialisations, each compiled once: every row greedy (argmax only: no sort, no random draw) or not;
-  # penalties at their defaults in every row (no bookkeeping of seen ids) or not.
-  sample = bool(np.any(floats[:, 0] > 0))
-  penalize = bool(np.any(floats[:, 3] != 1) or np.any(floats[:, 4:6] != 0))
-  if sample and rng is None:
-    raise UserError("sampling needs an rng key (or pass greedy=True / temperature=0)")
-  row_ids = (np.arange(batch, dtype=np.int32) if row_ids is None
-             else inputs.host_vector("row_ids", row_ids, batch, np.int32))
-  ids = np.array([-1 if eos_id is None else eos_id, pad_id], np.int32)
-  stops = inputs.stop_table(stop_sequences, batch)
-  return _generate_jit(model, inputs.positive_int("max_new_tokens", max_new_tokens), cache_len, n, sample,
-                       penalize, params, tokens, lengths, rng if sample else None, row_ids, floats, ints, ids, stops)
+  floats, ints = settings_lib.sampling_arrays(settings, batch)
+  settings_lib.check_rng(rng, floats)
+  # Each specialisation compiles once: every row greedy (argmax only) or not; penalties off in every row or not.
+  program = _GenerateProgram(model, settings.max_new_tokens, cache_len, settings.num_return_sequences,
+                             settings_lib.samples(floats), settings_lib.penalizes(floats))
+  return _generate_jit(program, params, tokens, lengths, rng if program.sample else None,
+                       inputs.prepare_row_ids(row_ids, batch), floats, ints, settings_lib.special_ids(settings),
+                       settings_lib.stop_table(settings, batch))
 
 
-def _beam_search_impl(model, num_beams, max_new_tokens, cache_len, params, prompts, lengths, length_penalty,
-                      eos_id, pad_id):
-  batch = prompts.shape[0]
-  k, n = num_beams, max_new_tokens
-  logits, cache = prefill(model, params, prompts, lengths, cache_len)
-  vocab = logits.shape[-1]
+# ------------------------------------------------------------------------------------------ beam search --------
+class _BeamProgram(NamedTuple):
+  """What one compiled `beam_search` program is specialised on (its static argument)."""
+  model: DecodingModel
+  num_beams: int
+  max_new_tokens: int
+  cache_len: int
+
+
+class _Beams(NamedTuple):
+  """Constants of one beam search loop."""
+  program: _BeamProgram
+  length_penalty: jax.Array
+  eos_id: jax.Array
+  beam_lengths: jax.Array     # int32 [B * num_beams] prompt lengths
+  num_candidates: int         # candidates ranked per step: min(2 * num_beams, num_beams * V)
+
+
+class _BeamState(NamedTuple):
+  t: jax.Array
+  logp: jax.Array             # float32 [B, k, V] next-token log-probs of each alive beam
+  alive_logp: jax.Array       # float32 [B, k] summed log-probs of the alive beams (-inf: none)
+  alive_seq: jax.Array        # int32 [B, k, max_new_tokens]
+  fin_seq: jax.Array          # int32 [B, k, max_new_tokens] the best finished hypotheses, best first
+  fin_score: jax.Array        # float32 [B, k] their scores (-inf: none)
+  fin_len: jax.Array          # int32 [B, k] their lengths
+  cache: Any
+  done: jax.Array             # bool [B]: no alive beam can beat the worst finished hypothesis
+
+
+_NEG = np.float32(-np.inf)
+
+
+def _norm(beams: _Beams, logp, length):
+  return logp / jnp.power(length.astype(jnp.float32), beams.length_penalty)
+
+
+def _top_k_merge(k: int, scores, seqs, lens):
+  """The k best of `scores` [B, M] with their `seqs` [B, M, T] and `lens` [B, M], best first."""
+  best, idx = jax.lax.top_k(scores, k)
+  take = lambda x: jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+  return best, take(seqs), take(lens)
+
+
+def _beam_finish(beams: _Beams, state: _BeamState, vals, tok, seqs):
+  """(fin_score, fin_seq, fin_len) after this step's EOS candidates. An EOS candidate finishes only if it ranks among
+  the top num_beams candidates (so 1 beam == greedy)."""
+  k = beams.program.num_beams
+  finishes = (tok == beams.eos_id) & (jnp.arange(beams.num_candidates) < k)[None, :]
+  length = jnp.full(vals.shape, state.t + 1, jnp.int32)
+  return _top_k_merge(
+      k, jnp.concatenate([state.fin_score, jnp.where(finishes & (vals > _NEG), _norm(beams, vals, length), _NEG)],
+                         axis=1),
+      jnp.concatenate([state.fin_seq, seqs], axis=1), jnp.concatenate([state.fin_len, length], axis=1))
+
+
+def _beam_body(beams: _Beams, params, state: _BeamState) -> _BeamState:
+  program, t = beams.program, state.t
+  batch, k, vocab = state.logp.shape
+  total = (state.alive_logp[:, :, None] + state.logp).reshape(batch, k * vocab)
+  vals, idx = jax.lax.top_k(total, beams.num_candidates)
+  beam, tok = idx // vocab, (idx % vocab).astype(jnp.int32)
+  seqs = jnp.take_along_axis(state.alive_seq, beam[:, :, None], axis=1)
+  seqs = jax.lax.dynamic_update_slice(seqs, tok[:, :, None], (0, 0, t))
+  fin_score, fin_seq, fin_len = _beam_finish(beams, state, vals, tok, seqs)
+  # The best num_beams non-EOS candidates stay alive.
+  alive_logp, sel = jax.lax.top_k(jnp.where(tok == beams.eos_id, _NEG, vals), k)
+  alive_seq = jnp.take_along_axis(seqs, sel[:, :, None], axis=1)
+  parent = jnp.take_along_axis(beam, sel, axis=1)
+  new_tok = jnp.take_along_axis(tok, sel, axis=1).reshape(batch * k)
+  flat_parent = (jnp.arange(batch)[:, None] * k + parent).reshape(batch * k)
+  cache = jax.tree_util.tree_map(lambda x: x[flat_parent], state.cache)
+  pos = jnp.minimum(beams.beam_lengths + t, program.cache_len - 1)
+  logits, cache = program.model.step_fn(params, new_tok[:, None], pos[:, None], cache)
+  logp = jax.nn.log_softmax(logits[:, 0].astype(jnp.float32)).reshape(batch, k, vocab)
+  # A row is done when its finished pool is full and no alive beam can still beat the worst finished score
+  # (log-probs only fall; the score of a beam of best log-prob a is at most max(a / (t+1)^lp, a / n^lp)).
+  best_alive = alive_logp[:, 0]
+  bound = jnp.maximum(_norm(beams, best_alive, jnp.int32(t + 1)),
+                      _norm(beams, best_alive, jnp.int32(program.max_new_tokens)))
+  done = (fin_score[:, -1] > _NEG) & (bound < fin_score[:, -1])
+  return _BeamState(t + 1, logp, alive_logp, alive_seq, fin_seq, fin_score, fin_len, cache, done)
+
+
+def _beam_cond(program: _BeamProgram, state: _BeamState):
+  return (state.t < program.max_new_tokens) & ~jnp.all(state.done)
+
+
+def _initial_beams(program: _BeamProgram, logits, cache, pad_id) -> _BeamState:
+  batch, vocab = logits.shape
+  k, n = program.num_beams, program.max_new_tokens
   logp = jnp.broadcast_to(jax.nn.log_softmax(logits)[:, None, :], (batch, k, vocab))
   cache = jax.tree_util.tree_map(lambda x: jnp.repeat(x, k, axis=0), cache)
-  beam_lengths = jnp.repeat(lengths, k)
-  neg = jnp.float32(-jnp.inf)
-  alive_logp = jnp.full((batch, k), neg).at[:, 0].set(0.0)   # all beams start equal; keep one copy alive
+  alive_logp = jnp.full((batch, k), _NEG).at[:, 0].set(0.0)   # all beams start equal; keep one copy alive
   alive_seq = jnp.full((batch, k, n), pad_id, jnp.int32)
-  fin_seq, fin_score = alive_seq, jnp.full((batch, k), neg)
-  fin_len = jnp.zeros((batch, k), jnp.int32)
-  num_cand = min(2 * k, k * vocab)
+  return _BeamState(jnp.int32(0), logp, alive_logp, alive_seq, alive_seq, jnp.full((batch, k), _NEG),
+                    jnp.zeros((batch, k), jnp.int32), cache, jnp.zeros((batch,), bool))
 
-  def norm(logp, length):
-    return logp / jnp.power(length.astype(jnp.float32), length_penalty)
 
-  def top_k_merge(scores, seqs, lens):
-    best, idx = jax.lax.top_k(scores, k)
-    take = lambda x: jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
-    return best, take(seqs), take(lens)
-
-  def cond(state):
-    t, done = state[0], state[-1]
-    return (t < n) & ~jnp.all(done)
-
-  def body(state):
-    t, logp, alive_logp, alive_seq, fin_seq, fin_score, fin_len, cache, _ = state
-    total = (alive_logp[:, :, None] + logp).reshape(batch, k * vocab)
-    vals, idx = jax.lax.top_k(total, num_cand)
-    beam, tok = idx // vocab, (idx % vocab).astype(jnp.int32)
-    seqs = jnp.take_along_axis(alive_seq, beam[:, :, None], axis=1)
-    seqs = jax.lax.dynamic_update_slice(seqs, tok[:, :, None], (0, 0, t))
-    # An EOS candidate finishes only if it ranks among the top num_beams candidates (so 1 beam == greedy);
-    # the best num_beams non-EOS candidates stay alive.
-    is_eos = tok == eos_id
-    finishes = is_eos & (jnp.arange(num_cand) < k)[None, :]
-    length = jnp.full(vals.shape, t + 1, jnp.int32)
-    fin_score, fin_seq, fin_len = top_k_merge(
-        jnp.concatenate([fin_score, jnp.where(finishes & (vals > neg), norm(vals, length), neg)], axis=1),
-        jnp.concatenate([fin_seq, seqs], axis=1), jnp.concatenate([fin_len, length], axis=1))
-    alive_logp, sel = jax.lax.top_k(jnp.where(is_eos, neg, vals), k)
-    alive_seq = jnp.take_along_axis(seqs, sel[:, :, None], axis=1)
-    parent = jnp.take_along_axis(beam, sel, axis=1)
-    new_tok = jnp.take_along_axis(tok, sel, axis=1).reshape(batch * k)
-    flat_parent = (jnp.arange(batch)[:, None] * k + parent).reshape(batch * k)
-    cache = jax.tree_util.tree_map(lambda x: x[flat_parent], cache)
-    pos = jnp.minimum(beam_lengths + t, cache_len - 1)
-    logits, cache = model.step_fn(params, new_tok[:, None], pos[:, None], cache)
-    logp = jax.nn.log_softmax(logits[:, 0].astype(jnp.float32)).reshape(batch, k, vocab)
-    # A row is done when its finished pool is full and no alive beam can still beat the worst finished score
-    # (log-probs only fall; the score of a beam of best log-prob a is at most max(a / (t+1)^lp, a / n^lp)).
-    best_alive = alive_logp[:, 0]
-    bound = jnp.maximum(norm(best_alive, jnp.int32(t + 1)), norm(best_alive, jnp.int32(n)))
-    done = (fin_score[:, -1] > neg) & (bound < fin_score[:, -1])
-    return t + 1, logp, alive_logp, alive_seq, fin_seq, fin_score, fin_len, cache, done
-
-  state = (jnp.int32(0), logp, alive_logp, alive_seq, fin_seq, fin_score, fin_len, cache, jnp.zeros((batch,), bool))
-  t, _, alive_logp, alive_seq, fin_seq, fin_score, fin_len, _, _ = jax.lax.while_loop(cond, body, state)
+def _beam_search_impl(program: _BeamProgram, params, prompts, lengths, length_penalty, eos_id,
+                      pad_id) -> BeamSearchOutput:
+  logits, cache = prefill(program.model, params, prompts, lengths, program.cache_len)
+  k = program.num_beams
+  beams = _Beams(program, length_penalty, eos_id, jnp.repeat(lengths, k), min(2 * k, k * logits.shape[-1]))
+  state = jax.lax.while_loop(functools.partial(_beam_cond, program), functools.partial(_beam_body, beams, params),
+                             _initial_beams(program, logits, cache, pad_id))
   # Beams still alive at the end compete as hypotheses of their current length.
-  alive_len = jnp.full((batch, k), t, jnp.int32)
-  scores, seqs, lens = top_k_merge(
-      jnp.concatenate([fin_score, jnp.where(alive_logp > neg, norm(alive_logp, alive_len), neg)], axis=1),
-      jnp.concatenate([fin_seq, alive_seq], axis=1), jnp.concatenate([fin_len, alive_len], axis=1))
+  alive_len = jnp.full(state.alive_logp.shape, state.t, jnp.int32)
+  alive_score = jnp.where(state.alive_logp > _NEG, _norm(beams, state.alive_logp, alive_len), _NEG)
+  scores, seqs, lens = _top_k_merge(
+      k, jnp.concatenate([state.fin_score, alive_score], axis=1),
+      jnp.concatenate([state.fin_seq, state.alive_seq], axis=1), jnp.concatenate([state.fin_len, alive_len], axis=1))
   return BeamSearchOutput(seqs, scores, lens)
 
 
-_beam_search_jit = jax.jit(_beam_search_impl, static_argnums=(0, 1, 2, 3))
+_beam_search_jit = jax.jit(_beam_search_impl, static_argnums=(0,))
 
 
-def beam_search(model: DecodingModel, params, prompts, *, num_beams: int, max_new_tokens: int,
-                prompt_lengths=None, length_penalty=1.0, eos_id: Optional[int] = None, pad_id: int = 0,
-                cache_len: Optional[int] = None) -> BeamSearchOutput:
+def beam_search(model: DecodingModel, params, prompts, *, settings: Optional[DecodingSettings] = None,
+                prompt_lengths=None, cache_len: Optional[int] = None, **overrides) -> BeamSearchOutput:
   """Beam search: the `num_beams` best continuations of each prompt, best first (HF PyTorch's rules).
 
-  A hypothesis ends at `eos_id` (included in its length) or after `max_new_tokens`; its score is
-  `sum(log p) / generated_length ** length_penalty`. A row stops early once no alive beam can beat its worst
-  finished hypothesis. With `num_beams=1` and `length_penalty=0` this is greedy decoding. The longest prompt plus
-  `max_new_tokens` must fit in `model.max_len`.
+  `settings` (a `DecodingSettings`) and/or its fields as keyword arguments: num_beams, max_new_tokens,
+  length_penalty, eos_id, pad_id (the sampling fields do not apply). A hypothesis ends at `eos_id` (included in its
+  length) or after `max_new_tokens`; its score is `sum(log p) / generated_length ** length_penalty`. A row stops
+  early once no alive beam can beat its worst finished hypothesis. With `num_beams=1` and `length_penalty=0` this
+  is greedy decoding. The longest prompt plus `max_new_tokens` must fit in `model.max_len`.
   """
   check_model(model)
-  num_beams = inputs.positive_int("num_beams", num_beams)
-  if not np.isfinite(float(length_penalty)):
-    raise UserError(f"length_penalty={length_penalty!r} must be finite")
-  tokens, lengths = inputs.prepare_prompts(prompts, prompt_lengths, pad_id)
-  cache_len = inputs.check_context(model, lengths, max_new_tokens, cache_len, tokens.shape[1])
+  settings = settings_lib.for_decoder("beam_search", settings, overrides)
+  tokens, lengths = inputs.prepare_prompts(prompts, prompt_lengths, settings.pad_id)
+  cache_len = inputs.check_context(model, lengths, settings.max_new_tokens, cache_len, tokens.shape[1])
   inputs.check_cache_batch_axis(model, tokens.shape[0], cache_len)
   tokens = tokens[:, :cache_len]                   # padding beyond the cache is never read
-  return _beam_search_jit(model, num_beams, int(max_new_tokens), cache_len, params, tokens, lengths,
-                          np.float32(length_penalty), np.int32(-1 if eos_id is None else eos_id), np.int32(pad_id))
+  eos_id, pad_id = settings_lib.special_ids(settings)
+  program = _BeamProgram(model, settings.num_beams, settings.max_new_tokens, cache_len)
+  return _beam_search_jit(program, params, tokens, lengths, np.float32(settings.length_penalty), eos_id, pad_id)

@@ -1,13 +1,13 @@
-"""Host-side checks and packing for the decoding entry points (`generate`, `beam_search`, `speculative_generate`).
+"""Host-side checks of what the decoding entry points (`generate`, `beam_search`, `speculative_generate`) decode
+from: the prompts, the context and the model's cache. (What to decode, the settings, is `genjax.samplers.settings`.)
 
 Everything here runs once per call on the host, in numpy, before the one jitted program: prompts to a padded int32
-array, every setting validated (a bad value raises `genjax.errors.UserError` naming the setting and the value) and
-packed into two small arrays, stop sequences into a right-aligned table, the context guard (the longest prompt plus
-`max_new_tokens` must fit in `model.max_len`) and the cache contract (every leaf of `init_cache` batch-first).
+array, the context guard (the longest prompt plus `max_new_tokens` must fit in `model.max_len`) and the cache
+contract (every leaf of `init_cache` batch-first). A bad input raises `genjax.errors.UserError` naming it.
 
-    from genjax.samplers.decoding_inputs import sampling_settings
-    floats, ints = sampling_settings(2, temperature=[0.7, 0.0], top_p=0.9)   # numpy [2, 6] float32, [2, 2] int32
-    sampling_settings(1, top_p=1.5)        # UserError: top_p=1.5 must be in (0, 1] (1 = off)
+    from genjax.samplers.decoding_inputs import check_context, prepare_prompts
+    tokens, lengths = prepare_prompts([[257, 72], [257]], None, pad_id=0)     # int32 [2, 2], int32 [2]
+    cache_len = check_context(model, lengths, max_new_tokens=16, cache_len=None, width=tokens.shape[1])
 """
 from __future__ import annotations
 
@@ -18,16 +18,7 @@ import jax
 import numpy as np
 
 from genjax.errors import UserError
-
-FLOAT_SETTINGS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
-INT_SETTINGS = ("top_k", "min_tokens_to_keep")
-WILDCARD = -2                               # left padding of a right-aligned stop sequence: matches anything
-
-
-def positive_int(name: str, value) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise UserError(f"{name}={value!r} must be a positive int")
-  return int(value)
+from genjax.samplers.settings import host_vector, positive_int
 
 
 def prepare_prompts(prompts, prompt_lengths, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -57,121 +48,15 @@ def prepare_prompts(prompts, prompt_lengths, pad_id: int) -> tuple[np.ndarray, n
   return tokens, lengths
 
 
-def host_vector(name: str, value, batch: int, dtype) -> np.ndarray:
-  try:
-    array = np.asarray(value)
-  except jax.errors.TracerArrayConversionError:
-    raise UserError(f"{name} must be concrete (a Python number or array), not a traced value") from None
-  if array.ndim == 0:
-    array = np.broadcast_to(array, (batch,))
-  if array.shape != (batch,):
-    raise UserError(f"{name} must be a scalar or have shape ({batch},), got shape {array.shape}")
-  if np.issubdtype(dtype, np.integer) and not (np.issubdtype(array.dtype, np.integer) or array.dtype == bool
-                                              or np.all(np.mod(array, 1) == 0)):
-    raise UserError(f"{name}={_show(array)} must be an integer")
-  return array.astype(dtype)
-
-
-def _show(array: np.ndarray):
-  values = np.asarray(array).tolist()
-  return values[0] if len(set(map(str, values))) == 1 else values
-
-
-# name -> (predicate on a float64/int64 vector, what a valid value is)
-_RULES = {
-    "temperature": (lambda v: np.isfinite(v) & (v >= 0), "must be >= 0 and finite (0 = greedy)"),
-    "top_k": (lambda v: v >= 0, "must be >= 0 (0 = off)"),
-    "top_p": (lambda v: (v > 0) & (v <= 1), "must be in (0, 1] (1 = off)"),
-    "min_p": (lambda v: (v >= 0) & (v <= 1), "must be in [0, 1] (0 = off)"),
-    "min_tokens_to_keep": (lambda v: v >= 1, "must be >= 1"),
-    "repetition_penalty": (lambda v: np.isfinite(v) & (v > 0), "must be > 0 and finite (1 = off)"),
-    "presence_penalty": (np.isfinite, "must be finite (0 = off)"),
-    "frequency_penalty": (np.isfinite, "must be finite (0 = off)"),
-}
-
-
-def check_setting(name: str, value, batch: int, dtype=np.float32) -> np.ndarray:
-  """`value` (a scalar or one per row) as a [batch] numpy vector; UserError naming `name` and the bad value."""
-  vector = host_vector(name, value, batch, dtype)
-  valid, rule = _RULES[name]
-  ok = valid(vector.astype(np.float64))
-  if not np.all(ok):
-    bad = np.flatnonzero(~ok)
-    where = "" if vector.size == 1 or np.asarray(value).ndim == 0 else f" (row {int(bad[0])})"
-    raise UserError(f"{name}={_show(np.asarray(value).reshape(-1))} {rule}; got {vector[bad[0]]!r}{where}")
-  return vector
-
-
-def sampling_settings(batch: int, **settings) -> tuple[np.ndarray, np.ndarray]:
-  """Validated settings packed as (float32 [batch, len(FLOAT_SETTINGS)], int32 [batch, len(INT_SETTINGS)]).
-
-  When every setting is a scalar (the common case) the packed pair is computed once per (batch, values) and shared
-  by later calls: both arrays are then read-only."""
-  if all(isinstance(v, (int, float, np.number)) for v in settings.values()):
-    # the type is part of the key: 1, 1.0 and True are equal but are not equally valid for every setting
-    return _scalar_settings(batch, tuple(sorted((k, type(v), v) for k, v in settings.items())))
-  return _pack(batch, settings)
-
-
-def _pack(batch: int, settings: dict) -> tuple[np.ndarray, np.ndarray]:
-  floats = np.stack([check_setting(n, settings[n], batch, np.float32) for n in FLOAT_SETTINGS], axis=1)
-  ints = np.stack([check_setting(n, settings[n], batch, np.int32) for n in INT_SETTINGS], axis=1)
-  return floats, ints
-
-
-@functools.lru_cache(maxsize=256)
-def _scalar_settings(batch: int, items: tuple) -> tuple[np.ndarray, np.ndarray]:
-  floats, ints = _pack(batch, {k: v for k, _, v in items})
-  floats.flags.writeable = ints.flags.writeable = False
-  return floats, ints
-
-
-def unpack_settings(floats, ints) -> dict:
-  """The per-row vectors of `sampling_settings`' arrays, by name (inside the jitted program)."""
-  out = {n: floats[:, i] for i, n in enumerate(FLOAT_SETTINGS)}
-  out.update({n: ints[:, i] for i, n in enumerate(INT_SETTINGS)})
-  return out
-
-
-def stop_table(stop_sequences, batch: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
-  """(int32 [B, S, L] right-aligned stop sequences, WILDCARD-padded on the left; int32 [B, S] their lengths, 0 for
-  an unused slot), or None. `stop_sequences`: one list of id lists for every row, or one such list per row."""
-  if stop_sequences is None or len(stop_sequences) == 0:
-    return None
-  def is_sequence(s):
-    return isinstance(s, (list, tuple, np.ndarray)) and all(np.isscalar(t) for t in s)
-  if all(is_sequence(s) for s in stop_sequences):
-    per_row = [list(stop_sequences)] * batch
-  elif len(stop_sequences) == batch and all(isinstance(r, (list, tuple)) and all(is_sequence(s) for s in r)
-                                            for r in stop_sequences):
-    per_row = [list(r) for r in stop_sequences]
-  else:
-    raise UserError(f"stop_sequences={stop_sequences!r} must be a list of token-id lists, or one such list per "
-                    f"row ({batch} rows)")
-  for row in per_row:
-    for s in row:
-      if len(s) == 0 or any(int(t) < 0 for t in s):
-        raise UserError(f"stop_sequences contains {list(s)!r}; each stop sequence needs >= 1 token id >= 0")
-  count = max(1, max(len(r) for r in per_row))
-  longest = max((len(s) for r in per_row for s in r), default=1)
-  table = np.full((batch, count, longest), WILDCARD, np.int32)
-  lengths = np.zeros((batch, count), np.int32)
-  for b, row in enumerate(per_row):
-    for j, s in enumerate(row):
-      table[b, j, longest - len(s):] = np.asarray(s, np.int32)
-      lengths[b, j] = len(s)
-  return table, lengths
-
-
 def check_context(model, lengths: np.ndarray, max_new_tokens: int, cache_len: Optional[int], width: int,
                   extra: int = 0) -> int:
   """The KV cache size for a run, after the context guard.
 
   The longest prompt plus `max_new_tokens` must fit in `model.max_len` (the context the model supports); an explicit
   `cache_len` must hold the longest prompt plus `max_new_tokens - 1` tokens (every token but the last is fed back).
-  Default cache: prompt width + max_new_tokens - 1 + `extra`, capped at `model.max_len`.
+  Default cache: prompt width + max_new_tokens - 1 + `extra`, capped at `model.max_len`. `max_new_tokens`: a
+  positive int (a `DecodingSettings` field, validated there).
   """
-  max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
   longest = int(lengths.max())
   max_len = None if model.max_len is None else int(model.max_len)
   if max_len is not None and longest + max_new_tokens > max_len:
@@ -205,3 +90,8 @@ def check_cache_batch_axis(model, batch: int, cache_len: int, name: str = "model
         raise UserError(f"{name}.init_cache({b}, {cache_len}) leaf {jax.tree_util.keystr(path) or '<root>'} has "
                         f"shape {tuple(leaf.shape)}; every cache leaf needs the batch ({b}) on axis 0 (store a "
                         f"shared write index once per row, e.g. as an int32 [batch] vector)")
+
+
+def prepare_row_ids(row_ids, batch: int) -> np.ndarray:
+  """int32 [batch] ids that seed each row's randomness: `arange(batch)` by default."""
+  return np.arange(batch, dtype=np.int32) if row_ids is None else host_vector("row_ids", row_ids, batch, np.int32)

@@ -2,20 +2,21 @@
 
     import jax, jax.numpy as jnp
     from genjax.samplers import NoiseSchedule, ddpm_sample, ddim_sample, dpm_solver_sample, unipc_sample
-    sched = NoiseSchedule.linear(num_timesteps=1000, beta_start=1e-4, beta_end=0.02)
+    schedule = NoiseSchedule.linear(num_timesteps=1000, beta_start=1e-4, beta_end=0.02)
     def model_fn(x, t):                  # the optimal eps for data ~ N(0.3, 0.5^2); put your network here
-      a = sched.alpha_sigma(t)[0][:, None] ** 2
+      a = schedule.alpha_sigma(t)[0][:, None] ** 2
       return jnp.sqrt(1 - a) * (x - jnp.sqrt(a) * 0.3) / (a * 0.25 + 1 - a)
     x_T, key = jax.random.normal(jax.random.key(0), (4096, 1)), jax.random.key(1)
-    x0 = ddpm_sample(model_fn, sched, x_T, rng=key, num_steps=None)      # None = all T steps; fewer = strided
-    x0 = ddim_sample(model_fn, sched, x_T, num_steps=50, eta=0.0)
-    x0 = dpm_solver_sample(model_fn, sched, x_T, num_steps=20, order=2)  # DPM-Solver++(2M); order=3: 3M
-    x0 = dpm_solver_sample(model_fn, sched, x_T, num_steps=20, stochastic=True, rng=key)   # 2M SDE
-    x0 = unipc_sample(model_fn, sched, x_T, num_steps=10, order=2)       # UniPC-bh2
+    x0 = ddpm_sample(model_fn, schedule, x_T, rng=key, num_steps=None)      # None = all T steps; fewer = strided
+    x0 = ddim_sample(model_fn, schedule, x_T, num_steps=50, eta=0.0)
+    x0 = dpm_solver_sample(model_fn, schedule, x_T, num_steps=20, order=2)  # DPM-Solver++(2M); order=3: 3M
+    x0 = dpm_solver_sample(model_fn, schedule, x_T, num_steps=20, stochastic=True, rng=key)   # 2M SDE
+    x0 = unipc_sample(model_fn, schedule, x_T, num_steps=10, order=2)       # UniPC-bh2
     assert abs(float(x0.mean()) - 0.3) < 0.05 and abs(float(x0.std()) - 0.5) < 0.05
 
 One call shape: `name_sample(model_fn, schedule, x_T, *, num_steps, rng, prediction, clip_denoised, ...)`, every
-option keyword-only; `rng` is required exactly where noise is drawn (DDPM, DDIM with eta > 0, the SDE solver).
+option keyword-only; `rng` is required exactly where noise is drawn (DDPM, DDIM with eta > 0, the SDE solver). By
+name ("ddim", "dpm_solver_3m", ...): `genjax.samplers.registry.run_sampler`, the dispatch every caller uses.
 `model_fn(x, t) -> prediction`: x float32 [batch, ...], t [batch] timesteps in [0, T): int32 for integer grids,
 float32 for float grids (spacing="karras" or float `timesteps=`; the model must then accept float t, as a
 sinusoidal embedding does). The output (any float dtype) has x's shape and is read as `prediction="epsilon" | "v" |
@@ -334,11 +335,11 @@ def _run_sampler(method, model_fn, schedule, x_T, *, rng, num_steps, timesteps, 
 
 # --------------------------------------------------------------------------------------------- the compiled loop
 @functools.partial(jax.jit, static_argnames=("model_static", "method", "prediction", "static"))
-def _sample_loop(model_dynamic, sched, x_T, table, num_steps, rng, opts, clip, threshold, *, model_static, method,
+def _sample_loop(model_dynamic, schedule, x_T, table, num_steps, rng, opts, clip, threshold, *, model_static, method,
                  prediction, static):
   model_fn = _join_model(model_dynamic, model_static)
   static = dict(static)
-  T = sched.num_timesteps
+  T = schedule.num_timesteps
   num_steps = jnp.clip(num_steps, 1, T)
   common = dict(prediction=prediction, clip_denoised=clip,
                 dynamic_threshold=None if threshold is None else threshold[0],
@@ -352,13 +353,13 @@ def _sample_loop(model_dynamic, sched, x_T, table, num_steps, rng, opts, clip, t
       order = opts["order"]
       order = jnp.where(opts["lower_order_final"] > 0, jnp.minimum(order, num_steps - i), order)
     if method == "ddim":
-      return _steps.ddim_step(sched, state, out, t, t_next, eta=opts["eta"], noise=noise, **common)
+      return _steps.ddim_step(schedule, state, out, t, t_next, eta=opts["eta"], noise=noise, **common)
     if method == "ddpm":
-      return _steps.ddpm_step(sched, state, out, t, t_next, noise=noise, variance=static["variance"], **common)
+      return _steps.ddpm_step(schedule, state, out, t, t_next, noise=noise, variance=static["variance"], **common)
     if method == "dpm":
-      return _steps.dpm_solver_step(sched, state, out, t, t_next, order=order,
+      return _steps.dpm_solver_step(schedule, state, out, t, t_next, order=order,
                                     noise=noise if static["stochastic"] else None, **common)
-    return _steps.unipc_step(sched, state, out, t, t_next, order=order, variant=static["variant"], **common)
+    return _steps.unipc_step(schedule, state, out, t, t_next, order=order, variant=static["variant"], **common)
 
   history = {"ddim": 0, "ddpm": 0, "dpm": 2, "unipc": 3}[method]
   return jax.lax.fori_loop(0, num_steps, body, _steps.SamplerState.init(x_T, history)).x

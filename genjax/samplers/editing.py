@@ -1,10 +1,10 @@
 """Image editing with a diffusion model: img2img (SDEdit) and inpainting (RePaint); jax only (no Flax).
 
     from genjax.samplers import NoiseSchedule, img2img_sample, inpaint_sample
-    sched = NoiseSchedule.linear()
-    edited = img2img_sample(model_fn, sched, image, strength=0.6, num_steps=50, rng=key)            # DDIM
-    edited = img2img_sample(model_fn, sched, image, strength=0.6, num_steps=18, rng=key, sampler="heun")
-    filled = inpaint_sample(model_fn, sched, x_T, known=image, mask=mask, num_steps=250, rng=key, num_resample=5)
+    schedule = NoiseSchedule.linear()
+    edited = img2img_sample(model_fn, schedule, image, strength=0.6, num_steps=50, rng=key)            # DDIM
+    edited = img2img_sample(model_fn, schedule, image, strength=0.6, num_steps=18, rng=key, sampler="heun")
+    filled = inpaint_sample(model_fn, schedule, x_T, known=image, mask=mask, num_steps=250, rng=key, num_resample=5)
 
 img2img (Meng et al. 2022, SDEdit): noise `image` (in the model's data space, e.g. [-1, 1]) to a noise level set by
 `strength` in [0, 1] and denoise it with any sampler of this package. As in diffusers, the sampler's own grid for
@@ -26,26 +26,20 @@ noise from fold_in(rng, 0) and passes fold_in(rng, 1) to a sampler that draws no
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genjax.errors import UserError, check_choice
-from genjax.samplers.diffusion import (_as_key, _concrete, _join_model, _split_model, check_clip, check_x_T,
-                                       ddim_sample, ddpm_sample, dpm_solver_sample, step_table, unipc_sample)
-from genjax.samplers.edm import euler_ancestral_sample, euler_sample, heun_sample
+from genjax.errors import UserError
+from genjax.samplers.diffusion import _as_key, _concrete, _join_model, _split_model, check_clip, check_x_T, step_table
+from genjax.samplers.registry import sampler_spec
 from genjax.samplers.schedules import NoiseSchedule, check_prediction
 from genjax.samplers.spacing import make_timesteps
 from genjax.samplers.steps import SamplerState, ddim_step
 
-__all__ = ["img2img_sample", "inpaint_sample", "IMG2IMG_SAMPLERS"]
-
-IMG2IMG_SAMPLERS = {"ddim": ddim_sample, "ddpm": ddpm_sample, "dpm_solver": dpm_solver_sample,
-                    "unipc": unipc_sample, "euler": euler_sample, "heun": heun_sample,
-                    "euler_ancestral": euler_ancestral_sample}
+__all__ = ["img2img_sample", "inpaint_sample"]
 
 
 def img2img_sample(model_fn: Callable, schedule: NoiseSchedule, image, *, strength, num_steps, rng,
@@ -59,13 +53,13 @@ def img2img_sample(model_fn: Callable, schedule: NoiseSchedule, image, *, streng
     strength: in (0, 1]; the fraction of the sampler's `num_steps`-step grid that is run (at least 1 step).
     num_steps: the full grid's length (int in [1, T]).
     rng: PRNG key (the starting noise, and the sampler's noise if it draws any).
-    sampler: "ddim" | "ddpm" | "dpm_solver" | "unipc" | "euler" | "heun" | "euler_ancestral".
+    sampler: a name of `genjax.samplers.registry.DIFFUSION_SAMPLERS` ("ddim", "dpm_solver_3m", "heun", ...).
     **sampler_options: passed to the sampler (prediction, clip_denoised, eta, spacing, order, s_churn, ...).
 
   Returns:
     float32 edited images shaped like `image`.
   """
-  check_choice("sampler", sampler, IMG2IMG_SAMPLERS)
+  spec = sampler_spec(sampler)
   if rng is None:
     raise UserError("img2img_sample draws the noise it adds to the image and needs rng (a PRNG key); got rng=None")
   for reserved in ("timesteps", "num_steps", "rng", "x_T"):
@@ -73,6 +67,18 @@ def img2img_sample(model_fn: Callable, schedule: NoiseSchedule, image, *, streng
       raise UserError(f"img2img_sample sets the sampler's {reserved} itself; do not pass {reserved}= as an option")
   if not isinstance(schedule, NoiseSchedule):
     raise UserError(f"schedule must be a genjax NoiseSchedule, got {type(schedule)}")
+  timesteps = _tail_grid(schedule, strength, num_steps, sampler_options.pop("spacing", spec.defaults()["spacing"]),
+                         sampler_options.pop("steps_offset", spec.defaults()["steps_offset"]))
+  image = check_x_T(image).astype(jnp.float32)
+  key = _as_key(rng)
+  noise = jax.random.normal(jax.random.fold_in(key, 0), image.shape, jnp.float32)
+  t0 = jnp.full((image.shape[0],), timesteps[0], timesteps.dtype)
+  x_start = schedule.add_noise(image, noise, t0)
+  return spec(model_fn, schedule, x_start, rng=jax.random.fold_in(key, 1), timesteps=timesteps, **sampler_options)
+
+
+def _tail_grid(schedule: NoiseSchedule, strength, num_steps, spacing: str, steps_offset) -> np.ndarray:
+  """The last floor(num_steps * strength) timesteps of the `num_steps`-step grid (diffusers' init_timestep)."""
   s = _concrete(strength)
   if s is None:
     raise UserError("img2img_sample needs a concrete strength (it picks the timestep grid on the host); "
@@ -83,26 +89,14 @@ def img2img_sample(model_fn: Callable, schedule: NoiseSchedule, image, *, streng
   T = schedule.num_timesteps
   if n is None or n.ndim != 0 or not np.issubdtype(n.dtype, np.integer) or not 1 <= int(n) <= T:
     raise UserError(f"num_steps must be an int in [1, {T}] (the schedule length), got {num_steps!r}")
-  fn = IMG2IMG_SAMPLERS[sampler]
-  params = inspect.signature(fn).parameters
-  spacing = sampler_options.pop("spacing", params["spacing"].default)
-  steps_offset = sampler_options.pop("steps_offset", params["steps_offset"].default)
   if steps_offset is None:  # DDIM's default: 1 for "leading" (Stable Diffusion's), else 0
     steps_offset = 1 if spacing == "leading" else 0
   full = np.asarray(make_timesteps(schedule, int(n), spacing=spacing, steps_offset=steps_offset))
-  keep = min(int(int(n) * float(s)), int(n))  # diffusers' init_timestep
+  keep = min(int(int(n) * float(s)), int(n))
   if keep < 1:
     raise UserError(f"strength={float(s)} with num_steps={int(n)} runs no step (floor(num_steps * strength) = 0); "
                     "raise strength or num_steps")
-  timesteps = full[int(n) - keep:]
-  image = check_x_T(image).astype(jnp.float32)
-  key = _as_key(rng)
-  noise = jax.random.normal(jax.random.fold_in(key, 0), image.shape, jnp.float32)
-  t0 = jnp.full((image.shape[0],), timesteps[0], timesteps.dtype)
-  x_start = schedule.add_noise(image, noise, t0)
-  if "rng" in params:
-    sampler_options["rng"] = jax.random.fold_in(key, 1)
-  return fn(model_fn, schedule, x_start, timesteps=timesteps, **sampler_options)
+  return full[int(n) - keep:]
 
 
 def inpaint_sample(model_fn: Callable, schedule: NoiseSchedule, x_T, *, known, mask, num_steps, rng,

@@ -1,11 +1,11 @@
 """EDM / Karras samplers for a VP-trained model: Euler, Heun (with stochastic churn) and Euler-ancestral; jax only.
 
     from genjax.samplers import NoiseSchedule, euler_sample, heun_sample, euler_ancestral_sample
-    sched = NoiseSchedule.linear(num_timesteps=1000)
-    x0 = heun_sample(model_fn, sched, x_T, num_steps=18)                         # 2 * 18 - 1 model calls
-    x0 = heun_sample(model_fn, sched, x_T, num_steps=18, s_churn=40.0, s_tmin=0.05, s_tmax=50.0, rng=key)
-    x0 = euler_sample(model_fn, sched, x_T, num_steps=30)
-    x0 = euler_ancestral_sample(model_fn, sched, x_T, num_steps=30, rng=key)
+    schedule = NoiseSchedule.linear(num_timesteps=1000)
+    x0 = heun_sample(model_fn, schedule, x_T, num_steps=18)                         # 2 * 18 - 1 model calls
+    x0 = heun_sample(model_fn, schedule, x_T, num_steps=18, s_churn=40.0, s_tmin=0.05, s_tmax=50.0, rng=key)
+    x0 = euler_sample(model_fn, schedule, x_T, num_steps=30)
+    x0 = euler_ancestral_sample(model_fn, schedule, x_T, num_steps=30, rng=key)
 
 Karras et al. (2022) solve the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma in the variance-exploding
 variables of the same process: sigma = sqrt((1 - abar) / abar), x = x_t / sqrt(abar), and the denoiser
@@ -208,30 +208,35 @@ def _sigma_range(schedule: NoiseSchedule):
   return jnp.exp(ls[0]), jnp.exp(finite_max)
 
 
-@functools.partial(jax.jit, static_argnames=("model_static", "method", "prediction", "quantize", "karras"))
-def _edm_loop(model_dynamic, schedule, x_T, rng, num_steps, table, opts, clip, threshold, *, model_static, method,
-              prediction, quantize, karras):
-  model_fn = _join_model(model_dynamic, model_static)
-  n = jnp.maximum(num_steps, 1)
-  batch = x_T.shape[0]
+def _snap(schedule: NoiseSchedule, sigma, quantize: bool):
+  """quantize=True: the nearest training timestep's level (0 stays 0); else sigma itself."""
+  if not quantize:
+    return sigma
+  t = jnp.round(schedule.sigma_to_t(jnp.maximum(sigma, 1e-30))).astype(jnp.int32)
+  return jnp.where(sigma > 0, schedule.t_to_sigma(t), 0.0)
+
+
+def _level_fn(schedule: NoiseSchedule, table, n, opts, *, quantize: bool, karras: bool) -> Callable:
+  """`level(i)`: the noise level of step i (0 from step n on), from the Karras formula or the timestep table."""
   default_min, default_max = _sigma_range(schedule)
   sigma_min = jnp.where(jnp.isnan(opts["sigma_min"]), default_min, opts["sigma_min"])
   sigma_max = jnp.where(jnp.isnan(opts["sigma_max"]), default_max, opts["sigma_max"])
 
-  def snap(sigma):  # quantize=True: the nearest training timestep's level (0 stays 0)
-    if not quantize:
-      return sigma
-    t = jnp.round(schedule.sigma_to_t(jnp.maximum(sigma, 1e-30))).astype(jnp.int32)
-    return jnp.where(sigma > 0, schedule.t_to_sigma(t), 0.0)
-
   def level(i):
     if karras:
-      return snap(_karras_level(i, n, sigma_min, sigma_max, opts["rho"]))
+      return _snap(schedule, _karras_level(i, n, sigma_min, sigma_max, opts["rho"]), quantize)
     t = table[jnp.minimum(i, table.shape[0] - 1)]
-    return snap(jnp.where((t >= 0) & (i < n), schedule.t_to_sigma(jnp.maximum(t, 0.0)), 0.0))
+    return _snap(schedule, jnp.where((t >= 0) & (i < n), schedule.t_to_sigma(jnp.maximum(t, 0.0)), 0.0), quantize)
+
+  return level
+
+
+def _denoiser_fn(model_fn, schedule: NoiseSchedule, batch: int, clip, threshold, *, prediction: str,
+                 quantize: bool) -> Callable:
+  """`denoiser(x, sigma)`: D(x; sigma), the model's (clipped / thresholded) x0 prediction at x_t = x / sqrt(1 +
+  sigma^2), t(sigma)."""
 
   def denoiser(x, sigma):
-    """D(x; sigma): the model's (clipped / thresholded) x0 prediction at x_t = x / sqrt(1 + sigma^2), t(sigma)."""
     t = schedule.sigma_to_t(sigma)
     t = jnp.round(t).astype(jnp.int32) if quantize else t
     x_t = jax.lax.rsqrt(1.0 + sigma * sigma) * x
@@ -241,12 +246,23 @@ def _edm_loop(model_dynamic, schedule, x_T, rng, num_steps, table, opts, clip, t
                     threshold_max=1.0 if threshold is None else threshold[1])
     return x0
 
+  return denoiser
+
+
+@functools.partial(jax.jit, static_argnames=("model_static", "method", "prediction", "quantize", "karras"))
+def _edm_loop(model_dynamic, schedule, x_T, rng, num_steps, table, opts, clip, threshold, *, model_static, method,
+              prediction, quantize, karras):
+  n = jnp.maximum(num_steps, 1)
+  level = _level_fn(schedule, table, n, opts, quantize=quantize, karras=karras)
+  denoiser = _denoiser_fn(_join_model(model_dynamic, model_static), schedule, x_T.shape[0], clip, threshold,
+                          prediction=prediction, quantize=quantize)
+
   def churn(i, x):
     """(x_hat, sigma_hat): Algorithm 2's temporary noise increase at step i."""
     sigma = level(i)
     in_range = (sigma >= opts["s_tmin"]) & (sigma <= opts["s_tmax"])
     gamma = jnp.where(in_range, jnp.minimum(opts["s_churn"] / n.astype(jnp.float32), math.sqrt(2.0) - 1.0), 0.0)
-    sigma_hat = snap(sigma * (1.0 + gamma))
+    sigma_hat = _snap(schedule, sigma * (1.0 + gamma), quantize)
     noise = jax.random.normal(jax.random.fold_in(rng, i), x.shape, jnp.float32)
     # sqrt(sigma_hat^2 - sigma^2), exactly 0 at gamma = 0 (the difference of squares would leave sqrt(rounding)).
     extra = jnp.sqrt(jnp.maximum(sigma_hat ** 2 - sigma ** 2, 0.0)) if quantize else sigma * jnp.sqrt(

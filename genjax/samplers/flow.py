@@ -5,7 +5,7 @@
     t = flow.sample_time(rng, batch)                       # float32 [B] in (0, 1), shifted like the sampler's grid
     x_t = flow.add_noise(x0, eps, t)                       # (1 - t) x0 + t eps
     loss = mean((velocity_fn(x_t, t) - flow.training_target(x0, eps, t)) ** 2)   # target: eps - x0
-    x0 = flow_sample(velocity_fn, x_1, num_steps=20, method="heun")               # x_1 ~ N(0, I)
+    x0 = flow_sample(velocity_fn, flow, x_T, num_steps=20, method="heun")         # x_T ~ N(0, I)
 
 The data sits at t = 0 and standard normal noise at t = 1 (Liu et al. 2022; Lipman et al. 2022):
 x_t = (1 - t) x0 + t eps, whose velocity dx_t/dt = eps - x0 is what `velocity_fn(x, t)` regresses; its minimiser is
@@ -17,7 +17,7 @@ t float32 [B] in [0, 1] (scale it inside velocity_fn if the network was trained 
 Time shift (Esser et al. 2024, SD3): t -> shift t / (1 + (shift - 1) t) maps a uniform grid to one that spends more
 steps at high noise for shift > 1; training with `sample_time` uses the same shift, so both see the same t law.
 
-Compilation: one XLA program per (x_1 shape/dtype, method, velocity_fn); `num_steps` and `shift` are runtime
+Compilation: one XLA program per (x_T shape/dtype, method, velocity_fn); `num_steps` and `shift` are runtime
 values (the grid is computed inside the loop), so changing them compiles nothing. A pytree `velocity_fn`
 (`jax.tree_util.Partial(apply_fn, params)`) has its arrays traced, as in `genjax.samplers.diffusion`.
 """
@@ -100,37 +100,41 @@ class FlowSchedule:
 jax.tree_util.register_dataclass(FlowSchedule, data_fields=["shift"], meta_fields=[])
 
 
-def flow_sample(velocity_fn: Callable, x_1, *, num_steps, method: str = "euler", shift=1.0) -> jax.Array:
-  """Integrates dx/dt = velocity_fn(x, t) from t = 1 (x_1, noise) to t = 0 (data).
+def flow_sample(velocity_fn: Callable, schedule: FlowSchedule, x_T, *, num_steps, method: str = "euler",
+                rng=None) -> jax.Array:
+  """Integrates dx/dt = velocity_fn(x, t) from t = 1 (x_T, noise) to t = 0 (data).
 
   Args:
     velocity_fn: `(x float32 [B, ...], t float32 [B] in [0, 1]) -> velocity` shaped like x (any float dtype).
-    x_1: starting noise [B, ...] (standard normal).
-    num_steps: number of steps (>= 1; runtime); the grid is t_i = shift_time(1 - i / num_steps, shift).
+    schedule: the model's `FlowSchedule`; its `shift` (runtime) sets the grid t_i = shift_time(1 - i / num_steps).
+    x_T: starting noise [B, ...] (standard normal) at t = 1.
+    num_steps: number of steps (>= 1; runtime).
     method: "euler" (1 model call a step, order 1) | "heun" | "midpoint" (2 calls a step, order 2).
-    shift: time shift > 0 (runtime; 1 = a uniform grid).
+    rng: unused (the ODE is deterministic); accepted for the samplers' uniform call shape.
 
   Returns:
-    float32 samples shaped like x_1.
+    float32 samples shaped like x_T.
   """
+  del rng
   check_choice("method", method, FLOW_METHODS)
+  if not isinstance(schedule, FlowSchedule):
+    raise UserError(f"schedule must be a genjax FlowSchedule, got {type(schedule)}")
   n = _concrete(num_steps)
   if n is not None and (n.ndim != 0 or not np.issubdtype(n.dtype, np.integer) or int(n) < 1):
     raise UserError(f"num_steps must be an int >= 1, got {num_steps!r}")
-  _check_shift(shift)
-  x_1 = jnp.asarray(x_1) if not isinstance(x_1, jax.Array) else x_1
-  if x_1.ndim < 1 or not jnp.issubdtype(x_1.dtype, jnp.floating):
-    raise UserError(f"x_1 must be a float array [batch, ...], got dtype {x_1.dtype} shape {x_1.shape}")
+  x_T = jnp.asarray(x_T) if not isinstance(x_T, jax.Array) else x_T
+  if x_T.ndim < 1 or not jnp.issubdtype(x_T.dtype, jnp.floating):
+    raise UserError(f"x_T must be a float array [batch, ...], got dtype {x_T.dtype} shape {x_T.shape}")
   dynamic, static = _split_model(velocity_fn)
-  return _flow_loop(dynamic, x_1.astype(jnp.float32), jnp.asarray(num_steps, jnp.int32),
-                    jnp.asarray(shift, jnp.float32), model_static=static, method=method)
+  return _flow_loop(dynamic, x_T.astype(jnp.float32), jnp.asarray(num_steps, jnp.int32),
+                    jnp.asarray(schedule.shift, jnp.float32), model_static=static, method=method)
 
 
 @functools.partial(jax.jit, static_argnames=("model_static", "method"))
-def _flow_loop(model_dynamic, x_1, num_steps, shift, *, model_static, method):
+def _flow_loop(model_dynamic, x_T, num_steps, shift, *, model_static, method):
   velocity_fn = _join_model(model_dynamic, model_static)
   num_steps = jnp.maximum(num_steps, 1)
-  batch = x_1.shape[0]
+  batch = x_T.shape[0]
 
   def velocity(x, t):
     v = velocity_fn(x, jnp.full((batch,), t, jnp.float32))
@@ -152,4 +156,4 @@ def _flow_loop(model_dynamic, x_1, num_steps, shift, *, model_static, method):
       return x + 0.5 * h * (v + v_end)
     return x + h * velocity(x + 0.5 * h * v, t + 0.5 * h)  # midpoint
 
-  return jax.lax.fori_loop(0, num_steps, step, x_1)
+  return jax.lax.fori_loop(0, num_steps, step, x_T)

@@ -2,14 +2,14 @@
 
     import jax, jax.numpy as jnp
     from genjax.samplers import NoiseSchedule, classifier_free_guidance, ddim_sample
-    sched = NoiseSchedule.linear()
+    schedule = NoiseSchedule.linear()
     def cond_model_fn(x, t, labels):     # optimal eps for class y ~ N(0.1 y, 0.5^2), null label 10 ~ N(0, 0.5^2)
       mu = jnp.where(labels == 10, 0.0, 0.1 * labels)[:, None]
-      a = sched.alpha_sigma(t)[0][:, None] ** 2
+      a = schedule.alpha_sigma(t)[0][:, None] ** 2
       return jnp.sqrt(1 - a) * (x - jnp.sqrt(a) * mu) / (a * 0.25 + 1 - a)
     x_T, n = jax.random.normal(jax.random.key(0), (256, 1)), 256
     guided = classifier_free_guidance(cond_model_fn, scale=3.0, uncond_label=10, labels=jnp.full([n], 7))
-    x0 = ddim_sample(guided, sched, x_T, num_steps=50)            # or any sampler in genjax.samplers
+    x0 = ddim_sample(guided, schedule, x_T, num_steps=50)            # or any sampler in genjax.samplers
     guided = classifier_free_guidance(cond_model_fn, scale=7.5, uncond_label=10, labels=jnp.full([n], 7),
                                       rescale=0.7, interval=(0, 700))
 

@@ -5,26 +5,26 @@ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) on the discrete training time
 
     import jax, jax.numpy as jnp
     from genjax.samplers import NoiseSchedule
-    sched = NoiseSchedule.linear(num_timesteps=1000, beta_start=1e-4, beta_end=0.02)
-    sched = NoiseSchedule.cosine(num_timesteps=1000, s=0.008)
-    sched = NoiseSchedule.scaled_linear(zero_terminal_snr=True)   # Stable Diffusion's, rescaled (Lin et al. 2024)
-    sched.alphas_cumprod                                   # float32 [T]
-    sigma = sched.t_to_sigma(jnp.asarray([500.0, 500.5]))  # sqrt((1 - abar) / abar); float t: log-sigma interpolated
-    t = sched.sigma_to_t(sigma)                            # float32 [500.0, 500.5], the inverse
+    schedule = NoiseSchedule.linear(num_timesteps=1000, beta_start=1e-4, beta_end=0.02)
+    schedule = NoiseSchedule.cosine(num_timesteps=1000, s=0.008)
+    schedule = NoiseSchedule.scaled_linear(zero_terminal_snr=True)   # Stable Diffusion's, rescaled (Lin et al. 2024)
+    schedule.alphas_cumprod                                   # float32 [T]
+    sigma = schedule.t_to_sigma(jnp.asarray([500.0, 500.5]))  # sqrt((1 - abar) / abar); float t: log-sigma interpolated
+    t = schedule.sigma_to_t(sigma)                            # float32 [500.0, 500.5], the inverse
     x0, noise = jnp.ones((2, 3)), jax.random.normal(jax.random.key(0), (2, 3))
-    x_t = sched.add_noise(x0, noise, jnp.asarray([10, 900]))
-    v = sched.training_target(x0, noise, jnp.asarray([10, 900]), "v_prediction")   # diffusers' name for "v"
+    x_t = schedule.add_noise(x0, noise, jnp.asarray([10, 900]))
+    v = schedule.training_target(x0, noise, jnp.asarray([10, 900]), "v_prediction")   # diffusers' name for "v"
 
 Training side (what a model family needs for its loss; `t` is int32 [batch] in [0, T)):
 
-    x_t = sched.add_noise(x0, noise, t)                    # a sample of q(x_t | x_0)
-    y = sched.training_target(x0, noise, t, "v")           # regression target for "epsilon" | "v" | "x0"
+    x_t = schedule.add_noise(x0, noise, t)                    # a sample of q(x_t | x_0)
+    y = schedule.training_target(x0, noise, t, "v")           # regression target for "epsilon" | "v" | "x0"
                                                            # (diffusers' "v_prediction" / "sample" accepted)
 
 Sampling side (used by `genjax.samplers.diffusion`, public for users writing their own samplers):
 
-    x0_hat, eps_hat = sched.split_prediction(pred, x_t, t, "v")
-    v_hat = sched.convert_prediction(pred, x_t, t, source="epsilon", dest="v")
+    x0_hat, eps_hat = schedule.split_prediction(pred, x_t, t, "v")
+    v_hat = schedule.convert_prediction(pred, x_t, t, source="epsilon", dest="v")
 
 With alpha = sqrt(abar_t) and sigma = sqrt(1 - abar_t): x_t = alpha x0 + sigma eps and v = alpha eps - sigma x0, so
 x0 = alpha x_t - sigma v and eps = sigma x_t + alpha v. All schedule arithmetic is float32 whatever the model's dtype

@@ -1,10 +1,10 @@
 """Where a diffusion sampler's steps go: timestep grids ("spacings") and explicit user grids, as padded tables.
 
     from genjax.samplers import NoiseSchedule, make_timesteps
-    sched = NoiseSchedule.linear()
-    make_timesteps(sched, 10, spacing="trailing")      # [999 899 799 699 599 499 399 299 199  99]
-    make_timesteps(sched, 10, spacing="leading", steps_offset=1)   # [901 801 ... 101 1]
-    make_timesteps(sched, 10, spacing="karras")        # float32 timesteps (the model then gets float t)
+    schedule = NoiseSchedule.linear()
+    make_timesteps(schedule, 10, spacing="trailing")      # [999 899 799 699 599 499 399 299 199  99]
+    make_timesteps(schedule, 10, spacing="leading", steps_offset=1)   # [901 801 ... 101 1]
+    make_timesteps(schedule, 10, spacing="karras")        # float32 timesteps (the model then gets float t)
 
 A grid is `num_steps` strictly decreasing timesteps in [0, T-1] (the points where the model is called); every
 sampler then takes one more step from the last of them to the clean sample (alpha-bar = 1), i.e. returns the
@@ -20,7 +20,7 @@ predicted x0 there. Spacings, for n = num_steps (diffusers' names and formulas w
   * "log_snr": T-1, then uniform in log-SNR lambda = log(abar / (1 - abar)) from max(lambda_{T-1}, LOG_SNR_FLOOR)
     to lambda_0, rounded (DPM-Solver's "logSNR" grid, Lu et al. 2022; the floor is measured, see below).
   * "karras": sigma_i = (sigma_max^(1/7) + i/(n-1) (sigma_min^(1/7) - sigma_max^(1/7)))^7 (Karras et al. 2022,
-    rho = 7) between the schedule's sigma at T-1 and at 0, as float timesteps `sched.sigma_to_t(sigma_i)`.
+    rho = 7) between the schedule's sigma at T-1 and at 0, as float timesteps `schedule.sigma_to_t(sigma_i)`.
 
 Inside the samplers a grid is a table of length T + 1 padded with -1 (the clean sample), so that the step count is
 a runtime value: `spacing_table` builds it from a traced `num_steps`, `explicit_table` pads a user's `timesteps=`.
@@ -64,11 +64,11 @@ def _round_div(a, b):
 
 
 @functools.partial(jax.jit, static_argnames=("spacing",))
-def spacing_table(sched: NoiseSchedule, num_steps, spacing: str, steps_offset=0) -> jax.Array:
+def spacing_table(schedule: NoiseSchedule, num_steps, spacing: str, steps_offset=0) -> jax.Array:
   """The grid of `spacing` as a table [T + 1] padded with -1: int32, or float32 for "karras". `num_steps` (and
   `steps_offset`) may be traced; num_steps is clamped to [1, T]."""
   check_spacing(spacing)
-  T = sched.num_timesteps
+  T = schedule.num_timesteps
   n = jnp.clip(jnp.asarray(num_steps, jnp.int32), 1, T)
   i = jnp.arange(T + 1, dtype=jnp.int32)
   k = jnp.minimum(i, n - 1)  # valid index; padded rows are overwritten below
@@ -80,21 +80,21 @@ def spacing_table(sched: NoiseSchedule, num_steps, spacing: str, steps_offset=0)
   elif spacing == "linspace":
     t = _round_div((T - 1) * (n - 1 - k), jnp.maximum(n - 1, 1))
   elif spacing == "log_snr":
-    t = _log_snr_grid(sched, n, i)
+    t = _log_snr_grid(schedule, n, i)
   else:
-    ls = sched.log_sigmas
+    ls = schedule.log_sigmas
     finite_max = jnp.max(jnp.where(jnp.isfinite(ls), ls, -jnp.inf))  # a zero-terminal-SNR end has sigma = inf
     hi, lo = jnp.exp(finite_max / KARRAS_RHO), jnp.exp(ls[0] / KARRAS_RHO)
     frac = k.astype(jnp.float32) / jnp.maximum(n - 1, 1).astype(jnp.float32)
-    t = sched.sigma_to_t((hi + frac * (lo - hi)) ** KARRAS_RHO)
+    t = schedule.sigma_to_t((hi + frac * (lo - hi)) ** KARRAS_RHO)
     t = jnp.where(k == 0, jnp.where(jnp.isfinite(ls[-1]), T - 1.0, t), t)
     return jnp.where(i < n, t, -1.0).astype(jnp.float32)
   return jnp.where(i < n, t, -1).astype(jnp.int32)
 
 
-def _log_snr_grid(sched, n, i):
-  T = sched.num_timesteps
-  lam = sched.log_snr  # decreasing in t
+def _log_snr_grid(schedule, n, i):
+  T = schedule.num_timesteps
+  lam = schedule.log_snr  # decreasing in t
   frac = i.astype(jnp.float32) / jnp.maximum(n - 1, 1).astype(jnp.float32)
   start = jnp.maximum(lam[T - 1], LOG_SNR_FLOOR)
   target = start + frac * (lam[0] - start)
@@ -104,10 +104,10 @@ def _log_snr_grid(sched, n, i):
   return jax.lax.cummin(t + i) - i  # ... and make the table strictly decreasing
 
 
-def explicit_table(sched: NoiseSchedule, timesteps) -> tuple[jax.Array, int]:
+def explicit_table(schedule: NoiseSchedule, timesteps) -> tuple[jax.Array, int]:
   """(table [T + 1] padded with -1, num_steps) for a user grid `timesteps`: concrete, 1-D, strictly decreasing,
   in [0, T-1]; int grids stay int32, float grids become float32."""
-  T = sched.num_timesteps
+  T = schedule.num_timesteps
   ts = np.asarray(timesteps)
   if ts.ndim != 1 or not 1 <= ts.shape[0] <= T:
     raise UserError(f"timesteps must be a 1-D grid of 1..{T} timesteps, got shape {ts.shape}")
@@ -121,9 +121,9 @@ def explicit_table(sched: NoiseSchedule, timesteps) -> tuple[jax.Array, int]:
   return jnp.asarray(table), int(ts.shape[0])
 
 
-def make_timesteps(sched: NoiseSchedule, num_steps: int, spacing: str = "trailing", *,
+def make_timesteps(schedule: NoiseSchedule, num_steps: int, spacing: str = "trailing", *,
                    steps_offset: int = 0) -> jax.Array:
   """The `num_steps` timesteps of `spacing` (see module docstring), for hand-written sampling loops."""
-  if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= sched.num_timesteps:
-    raise UserError(f"num_steps must be an int in [1, {sched.num_timesteps}], got {num_steps!r}")
-  return jnp.asarray(np.asarray(spacing_table(sched, num_steps, spacing, steps_offset))[:num_steps])
+  if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= schedule.num_timesteps:
+    raise UserError(f"num_steps must be an int in [1, {schedule.num_timesteps}], got {num_steps!r}")
+  return jnp.asarray(np.asarray(spacing_table(schedule, num_steps, spacing, steps_offset))[:num_steps])

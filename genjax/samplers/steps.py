@@ -2,17 +2,17 @@
 
     import jax, jax.numpy as jnp
     from genjax.samplers import NoiseSchedule, SamplerState, dpm_solver_step, make_timesteps
-    sched = NoiseSchedule.linear()
+    schedule = NoiseSchedule.linear()
     def model_fn(x, t):                  # the optimal eps for data ~ N(0.3, 0.5^2); put your network here
-      a = sched.alpha_sigma(t)[0][:, None] ** 2
+      a = schedule.alpha_sigma(t)[0][:, None] ** 2
       return jnp.sqrt(1 - a) * (x - jnp.sqrt(a) * 0.3) / (a * 0.25 + 1 - a)
     x_T = jax.random.normal(jax.random.key(0), (4096, 1))
-    ts = make_timesteps(sched, 20, spacing="log_snr")          # where the model is called
+    ts = make_timesteps(schedule, 20, spacing="log_snr")          # where the model is called
     state = SamplerState.init(x_T)
     for i in range(len(ts)):
       t, t_next = ts[i], (ts[i + 1] if i + 1 < len(ts) else -1)   # -1: the last step lands on the clean sample
       pred = model_fn(state.x, jnp.full((x_T.shape[0],), t))
-      state = dpm_solver_step(sched, state, pred, t, t_next, order=2)
+      state = dpm_solver_step(schedule, state, pred, t, t_next, order=2)
     x0 = state.x                                               # ~ N(0.3, 0.5^2)
 
 Every step takes the state at timestep `t`, the model's raw output there (`prediction="epsilon" | "v" | "x0"`, or
@@ -69,18 +69,18 @@ def _b(c, x):
   return c.reshape(c.shape + (1,) * (x.ndim - c.ndim))
 
 
-def lam_of(sched: NoiseSchedule, t) -> jax.Array:
+def lam_of(schedule: NoiseSchedule, t) -> jax.Array:
   """lambda_t = log(alpha_t / sigma_t) (half the log-SNR) at scalar t; +inf at the clean sample (t < 0)."""
-  la = sched.log_alpha_bar(jnp.asarray(t))
+  la = schedule.log_alpha_bar(jnp.asarray(t))
   return jnp.where(jnp.asarray(t) < 0, jnp.inf, 0.5 * (la - jnp.log(-jnp.expm1(la))))
 
 
-def _alpha_sigma(sched, t):
-  a, s = sched.alpha_sigma(jnp.asarray(t))
+def _alpha_sigma(schedule, t):
+  a, s = schedule.alpha_sigma(jnp.asarray(t))
   return a, s
 
 
-def denoise(sched: NoiseSchedule, model_output, x, t, *, prediction: str = "epsilon", clip_denoised=None,
+def denoise(schedule: NoiseSchedule, model_output, x, t, *, prediction: str = "epsilon", clip_denoised=None,
             dynamic_threshold=None, threshold_max=1.0) -> tuple[jax.Array, jax.Array]:
   """(x0_hat, eps_hat) from a model output at (x, scalar t), with clipping / dynamic thresholding applied to x0_hat
   and eps_hat made consistent with it; float32."""
@@ -90,7 +90,7 @@ def denoise(sched: NoiseSchedule, model_output, x, t, *, prediction: str = "epsi
   if out.shape != x.shape:
     raise UserError(f"model output has shape {out.shape}, expected x's shape {x.shape}")
   tb = jnp.full((x.shape[0],), t, jnp.asarray(t).dtype)
-  x0, eps = sched.split_prediction(out.astype(jnp.float32), x, tb, prediction)
+  x0, eps = schedule.split_prediction(out.astype(jnp.float32), x, tb, prediction)
   new = x0
   if dynamic_threshold is not None:
     flat = jnp.abs(new.reshape(new.shape[0], -1))
@@ -99,7 +99,7 @@ def denoise(sched: NoiseSchedule, model_output, x, t, *, prediction: str = "epsi
     new = jnp.clip(new, -_b(s, new), _b(s, new)) / _b(s, new)
   if clip_denoised is not None:
     new = jnp.clip(new, clip_denoised[0], clip_denoised[1])
-  eps = jnp.where(new == x0, eps, sched.eps_from_x0(new, x, tb))
+  eps = jnp.where(new == x0, eps, schedule.eps_from_x0(new, x, tb))
   return new, eps
 
 
@@ -117,13 +117,13 @@ def _push(state: SamplerState, x0, lam) -> tuple[jax.Array, jax.Array]:
 
 
 # --------------------------------------------------------------------------------------------- DDIM / DDPM
-def ddim_step(sched: NoiseSchedule, state: SamplerState, model_output, t, t_next, *, prediction="epsilon",
+def ddim_step(schedule: NoiseSchedule, state: SamplerState, model_output, t, t_next, *, prediction="epsilon",
               eta=0.0, noise=None, clip_denoised=None, dynamic_threshold=None, threshold_max=1.0) -> SamplerState:
   """One DDIM step t -> t_next (Song et al. 2021): x' = alpha' x0 + sqrt(1 - alpha'^2 - s^2) eps + s z, with
   s^2 = eta^2 (sigma'^2 / sigma^2)(1 - abar / abar'). eta > 0 needs `noise` z (standard normal, x's shape)."""
-  x0, eps = denoise(sched, model_output, state.x, t, prediction=prediction, clip_denoised=clip_denoised,
+  x0, eps = denoise(schedule, model_output, state.x, t, prediction=prediction, clip_denoised=clip_denoised,
                     dynamic_threshold=dynamic_threshold, threshold_max=threshold_max)
-  la, la_next = sched.log_alpha_bar(jnp.asarray(t)), sched.log_alpha_bar(jnp.asarray(t_next))
+  la, la_next = schedule.log_alpha_bar(jnp.asarray(t)), schedule.log_alpha_bar(jnp.asarray(t_next))
   one_minus, one_minus_next = -jnp.expm1(la), -jnp.expm1(la_next)
   if noise is None:
     if not _is_zero(eta):
@@ -133,13 +133,13 @@ def ddim_step(sched: NoiseSchedule, state: SamplerState, model_output, t, t_next
   x = jnp.exp(0.5 * la_next) * x0 + jnp.sqrt(jnp.maximum(one_minus_next - var, 0.0)) * eps
   if noise is not None:
     x = x + jnp.sqrt(var) * jnp.asarray(noise, jnp.float32)
-  return _advance(state, x, x0, lam_of(sched, t), 1)
+  return _advance(state, x, x0, lam_of(schedule, t), 1)
 
 
 DDPM_VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 
 
-def ddpm_step(sched: NoiseSchedule, state: SamplerState, model_output, t, t_next, *, noise, prediction="epsilon",
+def ddpm_step(schedule: NoiseSchedule, state: SamplerState, model_output, t, t_next, *, noise, prediction="epsilon",
               variance: str = "fixed_small", clip_denoised=None, dynamic_threshold=None,
               threshold_max=1.0) -> SamplerState:
   """One ancestral DDPM step t -> t_next: the posterior mean of q(x_t' | x_t, x0_hat), plus noise of variance
@@ -156,9 +156,9 @@ def ddpm_step(sched: NoiseSchedule, state: SamplerState, model_output, t, t_next
       raise UserError(f"variance='learned_range' needs model output [..., 2 C] = {x.shape[:-1] + (2 * x.shape[-1],)}"
                       f" (prediction, then variance values), got {out.shape}")
     out, v = jnp.split(out, 2, axis=-1)
-  x0, _ = denoise(sched, out, x, t, prediction=prediction, clip_denoised=clip_denoised,
+  x0, _ = denoise(schedule, out, x, t, prediction=prediction, clip_denoised=clip_denoised,
                   dynamic_threshold=dynamic_threshold, threshold_max=threshold_max)
-  la, la_next = sched.log_alpha_bar(jnp.asarray(t)), sched.log_alpha_bar(jnp.asarray(t_next))
+  la, la_next = schedule.log_alpha_bar(jnp.asarray(t)), schedule.log_alpha_bar(jnp.asarray(t_next))
   beta = -jnp.expm1(la - la_next)  # 1 - abar / abar'
   one_minus, one_minus_next = -jnp.expm1(la), -jnp.expm1(la_next)
   # Posterior mean of q(x_t' | x_t, x0): (sqrt(abar') beta x0 + sqrt(abar / abar') (1 - abar') x_t) / (1 - abar).
@@ -173,7 +173,7 @@ def ddpm_step(sched: NoiseSchedule, state: SamplerState, model_output, t, t_next
     var = jnp.exp(frac * jnp.log(beta) + (1.0 - frac) * jnp.log(jnp.maximum(small, 1e-20)))
   var = jnp.where(jnp.asarray(t_next) < 0, 0.0, var)
   x = mean + jnp.sqrt(var) * jnp.asarray(noise, jnp.float32)
-  return _advance(state, x, x0, lam_of(sched, t), 1)
+  return _advance(state, x, x0, lam_of(schedule, t), 1)
 
 
 def _check_history(state: SamplerState, need: int, who: str) -> None:
@@ -189,7 +189,7 @@ def _advance(state, x, x0, lam, order):
 
 
 # --------------------------------------------------------------------------------------------- DPM-Solver++
-def dpm_solver_step(sched: NoiseSchedule, state: SamplerState, model_output, t, t_next, *, prediction="epsilon",
+def dpm_solver_step(schedule: NoiseSchedule, state: SamplerState, model_output, t, t_next, *, prediction="epsilon",
                     order=2, noise=None, clip_denoised=None, dynamic_threshold=None,
                     threshold_max=1.0) -> SamplerState:
   """One DPM-Solver++ multistep step on the data prediction (Lu et al. 2022): order 1 (= DDIM), 2 (2M) or 3 (3M),
@@ -200,9 +200,9 @@ def dpm_solver_step(sched: NoiseSchedule, state: SamplerState, model_output, t, 
   one (twice diffusers' and the reference code's), which makes 3M third order (tested on closed forms)."""
   _check_history(state, 2, "dpm_solver_step")
   x = state.x
-  x0, _ = denoise(sched, model_output, x, t, prediction=prediction, clip_denoised=clip_denoised,
+  x0, _ = denoise(schedule, model_output, x, t, prediction=prediction, clip_denoised=clip_denoised,
                   dynamic_threshold=dynamic_threshold, threshold_max=threshold_max)
-  lam, lam_next = lam_of(sched, t), lam_of(sched, t_next)
+  lam, lam_next = lam_of(schedule, t), lam_of(schedule, t_next)
   clean = jnp.asarray(t_next) < 0
   p = jnp.where(clean, 1, jnp.minimum(jnp.asarray(order, jnp.int32), state.step + 1))
   h = jnp.where(clean, 1.0, lam_next - lam)
@@ -214,8 +214,8 @@ def dpm_solver_step(sched: NoiseSchedule, state: SamplerState, model_output, t, 
   d1_1 = (m1 - m2) / r1
   d1 = jnp.where(p >= 3, d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1), jnp.where(p >= 2, d1_0, 0.0))
   d2 = jnp.where(p >= 3, (d1_0 - d1_1) / (r0 + r1), 0.0)
-  a_next, s_next = _alpha_sigma(sched, t_next)
-  _, s_cur = _alpha_sigma(sched, t)
+  a_next, s_next = _alpha_sigma(schedule, t_next)
+  _, s_cur = _alpha_sigma(schedule, t)
   if noise is None:
     em = jnp.expm1(-h)
     p1, p2, _ = _phis(-h)
@@ -274,7 +274,7 @@ def _sigma_of_lam(lam):
   return jnp.exp(-0.5 * jax.nn.softplus(2.0 * lam))
 
 
-def unipc_step(sched: NoiseSchedule, state: SamplerState, model_output, t, t_next, *, prediction="epsilon",
+def unipc_step(schedule: NoiseSchedule, state: SamplerState, model_output, t, t_next, *, prediction="epsilon",
                order=2, variant: str = "bh2", clip_denoised=None, dynamic_threshold=None,
                threshold_max=1.0) -> SamplerState:
   """One UniPC step on the data prediction (Zhao et al. 2023): UniC corrects the state's sample with this model
@@ -284,9 +284,9 @@ def unipc_step(sched: NoiseSchedule, state: SamplerState, model_output, t, t_nex
     raise UserError(f"variant={variant!r} is not one of: {', '.join(UNIPC_VARIANTS)}")
   _check_history(state, 3, "unipc_step")
   expm1_b = variant == "bh2"
-  x0, _ = denoise(sched, model_output, state.x, t, prediction=prediction, clip_denoised=clip_denoised,
+  x0, _ = denoise(schedule, model_output, state.x, t, prediction=prediction, clip_denoised=clip_denoised,
                   dynamic_threshold=dynamic_threshold, threshold_max=threshold_max)
-  lam = lam_of(sched, t)
+  lam = lam_of(schedule, t)
   m, lams = state.x0_hist, state.lam_hist
 
   # UniC: redo the step (lam_1 -> lam) from x_prev with the new model output x0 as an extra point.
@@ -305,7 +305,7 @@ def unipc_step(sched: NoiseSchedule, state: SamplerState, model_output, t, t_nex
   rho_1 = jnp.where(pc == 3, rho3[0], jnp.where(pc == 2, (b1 - b2) / (1.0 - r1), 0.0))
   rho_2 = jnp.where(pc == 3, rho3[1], 0.0)
   rho_t = jnp.where(pc == 3, rho3[2], jnp.where(pc == 2, (b2 - r1 * b1) / (1.0 - r1), 0.5))
-  a_cur, s_cur = _alpha_sigma(sched, t)
+  a_cur, s_cur = _alpha_sigma(schedule, t)
   s1 = _sigma_of_lam(lam1)
   corr = ((s_cur / s1) * state.x_prev - a_cur * jnp.expm1(hh) * m[0]
           - a_cur * b_h * (rho_1 * dk1 + rho_2 * dk2 + rho_t * (x0 - m[0])))
@@ -314,7 +314,7 @@ def unipc_step(sched: NoiseSchedule, state: SamplerState, model_output, t, t_nex
   # UniP: predict t -> t_next from x0 and the history.
   clean = jnp.asarray(t_next) < 0
   p = jnp.where(clean, 1, jnp.minimum(jnp.asarray(order, jnp.int32), state.step + 1))
-  lam_next = lam_of(sched, t_next)
+  lam_next = lam_of(schedule, t_next)
   h = jnp.where(clean, 1.0, lam_next - lam)
   hh = -h
   b_h = jnp.expm1(hh) if expm1_b else hh
@@ -325,7 +325,7 @@ def unipc_step(sched: NoiseSchedule, state: SamplerState, model_output, t, t_nex
   e2 = (m[1] - x0) / q2
   rp_1 = jnp.where(p == 3, (b1 * q2 - b2) / (q2 - q1), jnp.where(p == 2, 0.5, 0.0))
   rp_2 = jnp.where(p == 3, (b2 - q1 * b1) / (q2 - q1), 0.0)
-  a_next, s_next = _alpha_sigma(sched, t_next)
+  a_next, s_next = _alpha_sigma(schedule, t_next)
   x_new = (s_next / s_cur) * x - a_next * jnp.expm1(hh) * x0 - a_next * b_h * (rp_1 * e1 + rp_2 * e2)
   x_new = jnp.where(clean, x0, x_new)
   x0_hist, lam_hist = _push(state, x0, lam)

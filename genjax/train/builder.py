@@ -11,45 +11,17 @@ global array; optimizer-state leaves follow the params they belong to. "pmap": s
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import jax
 import optax
 
 from genjax.errors import ConfigError
-from genjax.train import parallel
-from genjax.train.step import TrainState, init_state, make_train_step, select
 from genjax.core.task import Task
-
-
-@dataclasses.dataclass(frozen=True)
-class Built:
-  """What the loop needs to run a task on its devices (fields in the module docstring's order of use)."""
-  parallel: str
-  init_fn: Callable[[jax.Array], TrainState]       # rng -> state in step_fn's layout
-  step_fn: Callable[[TrainState, Any], tuple]      # (state, device batch) -> (state, metrics); donates state
-  put_batch: Callable[[dict], Any]                 # this process's rows of a batch -> step_fn's batch
-  put_eval_batch: Callable[[dict], Any]            # this process's rows -> what jitted eval takes with view(state)
-  restore_target: TrainState                       # abstract state (with shardings) a checkpoint restores onto
-  place: Callable[[TrainState], TrainState]        # a restored state -> step_fn's layout
-  view: Callable[[TrainState], TrainState]         # step_fn's layout -> one logical state
-  to_save: Callable[[TrainState], TrainState]      # step_fn's layout -> what the checkpointer saves
-  shardings: Optional[TrainState]                  # pjit: a NamedSharding per state leaf; pmap: None
-  mesh: Optional[jax.sharding.Mesh]                # pjit only
-  batch_devices: int                               # devices the global batch is split over
-
-
-def shapes_task(task: Task) -> Task:
-  """The task whose init the abstract evaluations trace: `task.shape_init` in place of init when it has one."""
-  return task if task.shape_init is None else dataclasses.replace(task, init=task.shape_init)
-
-
-def abstract_state(task: Task, config, example_batch: dict) -> TrainState:
-  """Shapes and dtypes of the TrainState (no arrays allocated; `task.shape_init` when given)."""
-  init_fn = functools.partial(init_state, shapes_task(task), ema_decay=float(config.ema_decay))
-  return jax.eval_shape(init_fn, jax.random.PRNGKey(0), example_batch)
+from genjax.train import parallel, pmap_path
+from genjax.train.parallel import Built, with_shardings
+from genjax.train.step import TrainState, abstract_state, init_state, make_train_step, select, shapes_task, step_kwargs
 
 
 def state_shardings(task: Task, abstract: TrainState, param_sh: Any, repl) -> TrainState:
@@ -62,23 +34,14 @@ def state_shardings(task: Task, abstract: TrainState, param_sh: Any, repl) -> Tr
   return TrainState(step=repl, params=param_sh, opt_states=opt_sh, ema_params=ema_sh, rng=repl)
 
 
-def with_shardings(abstract: Any, shardings: Any) -> Any:
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
 def _identity(x):
   return x
-
-
-def step_kwargs(config) -> dict:
-  return dict(ema_decay=float(config.ema_decay), grad_accum_steps=int(config.grad_accum_steps))
 
 
 def build(config, task: Task, example_batch: dict, mesh: Optional[jax.sharding.Mesh] = None) -> Built:
   """The step, state layout and batch placement for `config.parallel` (`mesh`: pjit only; default from
   `config.mesh` over all devices). Raises ConfigError for a batch that does not split over the devices."""
   if config.parallel == "pmap":
-    from genjax.train import pmap_path
     return pmap_path.build(config, task, example_batch)
   if config.parallel != "pjit":
     raise ConfigError(f"parallel={config.parallel!r} is not one of {parallel.PARALLEL_MODES}")

@@ -1,4 +1,5 @@
-"""Devices for the loop: the mesh, parameter/batch shardings (pjit path) and the replicated layout (pmap path).
+"""Devices for the loop: the mesh, parameter/batch shardings (pjit path), the replicated layout (pmap path) and
+`Built`, what either path (`genjax.train.builder`, `genjax.train.pmap_path`) hands the loop.
 
 Mesh axes are ("data", "fsdp", "tensor"), sizes from `config.mesh` with -1 = the remaining devices. The batch is
 split over ("data", "fsdp"). Params are placed by, in order: logical-axis annotations
@@ -7,8 +8,9 @@ split over ("data", "fsdp"). Params are placed by, in order: logical-axis annota
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -16,6 +18,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from genjax.errors import ConfigError
+from genjax.train.step import TrainState
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -23,6 +26,23 @@ PARALLEL_MODES = ("pjit", "pmap")
 PARAM_SHARDINGS = ("replicated", "fsdp")
 LOGICAL_AXIS_RULES = (("batch", BATCH_AXES), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
                       ("kv", None), ("vocab", "tensor"), ("layers", None), ("norm", None))
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+  """What the loop needs to run a task on its devices (fields in the module docstring's order of use)."""
+  parallel: str
+  init_fn: Callable[[jax.Array], TrainState]       # rng -> state in step_fn's layout
+  step_fn: Callable[[TrainState, Any], tuple]      # (state, device batch) -> (state, metrics); donates state
+  put_batch: Callable[[dict], Any]                 # this process's rows of a batch -> step_fn's batch
+  put_eval_batch: Callable[[dict], Any]            # this process's rows -> what jitted eval takes with view(state)
+  restore_target: TrainState                       # abstract state (with shardings) a checkpoint restores onto
+  place: Callable[[TrainState], TrainState]        # a restored state -> step_fn's layout
+  view: Callable[[TrainState], TrainState]         # step_fn's layout -> one logical state
+  to_save: Callable[[TrainState], TrainState]      # step_fn's layout -> what the checkpointer saves
+  shardings: Optional[TrainState]                  # pjit: a NamedSharding per state leaf; pmap: None
+  mesh: Optional[jax.sharding.Mesh]                # pjit only
+  batch_devices: int                               # devices the global batch is split over
 
 
 def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
@@ -109,3 +129,8 @@ def split_for_pmap(local_batch: Mapping[str, np.ndarray], num_local_devices: int
       raise ValueError(f"local batch of {v.shape[0]} is not divisible by {num_local_devices} local devices")
     out[k] = v.reshape((num_local_devices, v.shape[0] // num_local_devices) + v.shape[1:])
   return out
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+  """An abstract tree (jax.ShapeDtypeStruct leaves) with a sharding per leaf, e.g. a checkpoint's restore target."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)

@@ -12,10 +12,10 @@ import functools
 import jax
 import numpy as np
 
-from genjax.train import parallel
-from genjax.train.builder import Built, abstract_state, step_kwargs, with_shardings
-from genjax.train.step import init_state, make_train_step
 from genjax.core.task import Task
+from genjax.train import parallel
+from genjax.train.parallel import Built, with_shardings
+from genjax.train.step import abstract_state, init_state, make_train_step, step_kwargs
 
 AXIS_NAME = "batch"
 

@@ -24,6 +24,7 @@ from typing import Optional
 
 import jax
 from absl import logging
+from jax.experimental import multihost_utils
 
 INTERRUPTED_EXIT_CODE = {signal.SIGINT: 130, signal.SIGTERM: 143}     # 128 + signal number, as a shell reports
 
@@ -40,8 +41,7 @@ class Interrupted(Exception):
 
 
 def _multi_process() -> bool:
-  from jax._src import distributed
-  return jax.process_count() > 1 and distributed.global_state.client is not None
+  return jax.process_count() > 1 and jax.distributed.is_initialized()
 
 
 class StopSignals:
@@ -77,7 +77,6 @@ class StopSignals:
   def should_stop(self, step: int) -> bool:
     """Call after every step on every process; true on all of them at the same step once any got a signal."""
     if self._multi:
-      from jax.experimental import multihost_utils
       if multihost_utils.reached_preemption_sync_point(step):
         if self.signum is None:
           self.signum = signal.SIGTERM        # the notice reached another process

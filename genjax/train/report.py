@@ -1,5 +1,6 @@
 """What a run writes for people: metrics.jsonl, TensorBoard events (tensorboardX, no TensorFlow), PNG grids and
-a progress line with steps/s and ETA. Only process 0 writes; other processes get a silent writer.
+a progress line with steps/s and ETA, and the one log setup (`setup_logging`). Only process 0 writes; other
+processes get a silent writer.
 """
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import logging as std_logging
 import math
 import os
+import sys
 import time
 from typing import Mapping
 
@@ -16,17 +18,41 @@ from PIL import Image
 
 
 class _DropLibraryInfo(std_logging.Filter):
-  """Keeps orbax's per-save INFO chatter out of the progress log (warnings and errors still show)."""
+  """Drops INFO records of orbax, jax and absl internals (e.g. "Unable to initialize backend 'tpu'", orbax's
+  per-checkpoint chatter); warnings and errors still show."""
 
   def filter(self, record) -> bool:
-    noisy = "/orbax/" in record.pathname or "/jax/_src/" in record.pathname
-    return not (noisy and record.levelno < 30)
+    path = record.pathname.replace(os.sep, "/")
+    noisy = "/orbax/" in path or "/jax/" in path or "/jaxlib/" in path or "/absl/" in path
+    return not (noisy and record.levelno < std_logging.WARNING)
 
 
-def quiet_library_logs() -> None:
-  handler = logging.get_absl_handler()
-  if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
-    handler.addFilter(_DropLibraryInfo())
+class _ConsoleFormatter(logging.PythonFormatter):
+  """`I 11:20:59 message` on a console; absl's full line (`I1207 11:20:59.447417 139639057144704 trainer.py:138]
+  message`) where its handler writes a log file."""
+
+  _short = std_logging.Formatter("%(levelname).1s %(asctime)s %(message)s", "%H:%M:%S")
+
+  def __init__(self, handler: std_logging.StreamHandler):
+    super().__init__()
+    self._handler = handler
+
+  def format(self, record) -> str:
+    stream = self._handler.stream
+    if stream in (sys.stderr, sys.__stderr__) or getattr(stream, "name", None) in ("<stderr>", "<stdout>"):
+      return self._short.format(record)
+    return super().format(record)
+
+
+def setup_logging() -> None:
+  """The one log setup of the loop and every launcher: short console lines, library INFO lines dropped (on every
+  handler absl and Python logging use). Idempotent."""
+  python_handler = logging.get_absl_handler().python_handler
+  if not isinstance(python_handler.formatter, _ConsoleFormatter):
+    python_handler.setFormatter(_ConsoleFormatter(python_handler))
+  for handler in (logging.get_absl_handler(), python_handler, *std_logging.getLogger().handlers):
+    if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
+      handler.addFilter(_DropLibraryInfo())
 
 
 class MetricsWriter:

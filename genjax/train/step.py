@@ -3,6 +3,8 @@
     state = init_state(task, rng, example_batch, ema_decay)        # pure; the trainer jits it with shardings
     step_fn = make_train_step(task, ema_decay=0.999, grad_accum_steps=1, axis_name=None)
     state, metrics = step_fn(state, batch)                          # pjit path: jax.jit; pmap path: axis_name set
+    abstract = abstract_state(task, config, example_batch)         # shapes and dtypes only, for shardings / restore
+    step_fn = make_train_step(task, **step_kwargs(config))          # the step's settings from a run config
 
 Inside one step the phases run in order; phase i differentiates its loss w.r.t. `params[phase.params_key]` only
 and updates that sub-tree with its own optimizer. Gradients are averaged over micro-batches (a scan) when
@@ -12,8 +14,11 @@ is already a mean over the global batch). Metrics: each phase's loss and aux met
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, Optional
 
+import chex
 import flax
 import flax.linen as nn
 import jax
@@ -53,6 +58,30 @@ def init_state(task: Task, rng: jax.Array, example_batch: dict, ema_decay: float
   return TrainState(jnp.zeros((), jnp.int32), params, opt_states, ema, train_rng)
 
 
+def shapes_task(task: Task) -> Task:
+  """The task whose init the abstract evaluations trace: `task.shape_init` in place of init when it has one."""
+  return task if task.shape_init is None else dataclasses.replace(task, init=task.shape_init)
+
+
+def abstract_state(task: Task, config, example_batch: dict) -> TrainState:
+  """Shapes and dtypes of the TrainState (no arrays allocated; `task.shape_init` when given)."""
+  init_fn = functools.partial(init_state, shapes_task(task), ema_decay=float(config.ema_decay))
+  return jax.eval_shape(init_fn, jax.random.PRNGKey(0), example_batch)
+
+
+def step_kwargs(config) -> dict:
+  """`make_train_step`'s settings from a run config (`ema_decay`, `grad_accum_steps`)."""
+  return dict(ema_decay=float(config.ema_decay), grad_accum_steps=int(config.grad_accum_steps))
+
+
+def check_batch(batch: dict) -> None:
+  """Every field of a batch has the same rows (checked while tracing: a chex error naming the field, not a
+  broadcasting error deep inside a loss)."""
+  leaves = jax.tree.leaves(batch)
+  if leaves:
+    chex.assert_tree_shape_prefix(batch, leaves[0].shape[:1])
+
+
 def _micro_batches(batch: dict, k: int) -> dict:
   """[B, ...] → [k, B/k, ...], micro-batch j = rows j, j+k, ... so each stays spread over the devices."""
   def split(x):
@@ -86,6 +115,7 @@ def make_train_step(task: Task, *, ema_decay: float, grad_accum_steps: int = 1, 
   several = len(task.phases) > 1
 
   def step_fn(state: TrainState, batch: dict):
+    check_batch(batch)
     rng = jax.random.fold_in(state.rng, state.step)
     params, opt_states, metrics, finite = state.params, [], {}, jnp.array(True)
     for i, phase in enumerate(task.phases):

@@ -16,6 +16,8 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
+from genjax.train.step import select
+
 # Dense bf16 peak FLOP/s per chip, by `device_kind` prefix (vendor data sheets; no sparsity). An unlisted device (and
 # every CPU) gets no MFU unless `config.peak_flops` says its peak.
 PEAK_FLOPS = (
@@ -51,8 +53,8 @@ def peak_flops_per_device(override: float = 0.0) -> Optional[float]:
 def compiled_flops(compiled) -> Optional[float]:
   """FLOPs of one call of a compiled executable from XLA's cost analysis (None when XLA reports none)."""
   try:
-    analysis = compiled.cost_analysis()
-  except Exception:  # noqa: BLE001  (some backends do not implement cost analysis)
+    analysis = compiled.cost_analysis()      # None where the backend does not implement it
+  except jax.errors.JaxRuntimeError:         # the analysis itself failed: no MFU in the log, the run goes on
     return None
   if isinstance(analysis, (list, tuple)):   # older jax: one dict per program
     analysis = analysis[0] if analysis else None
@@ -79,7 +81,6 @@ def format_count(n: float) -> str:
 
 def params_summary(task, params: Any) -> str:
   """`1.23M parameters (disc 0.4M, gen 0.83M)`: the total and, with several phases, each phase's sub-tree."""
-  from genjax.train.step import select
   total = count_params(params)
   if len(task.phases) == 1:
     return f"{format_count(total)} parameters ({total:,})"

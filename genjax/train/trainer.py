@@ -17,6 +17,7 @@ get_state/set_state/close, e.g. a wrapped `genjax.data.train_iterator`), and `ho
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any, Callable, Iterable, Optional, Union
@@ -33,7 +34,7 @@ from genjax.train.builder import Built, build
 from genjax.core.checkpoint import Checkpointer, load_config, save_config
 from genjax.core.optim import make_schedule
 from genjax.train.preemption import Interrupted, StopSignals
-from genjax.train.report import MetricsWriter, Progress, image_grid, log_line, quiet_library_logs, save_image_grid
+from genjax.train.report import MetricsWriter, Progress, image_grid, log_line, save_image_grid, setup_logging
 from genjax.train.step import TrainState
 from genjax.core.task import Task
 from genjax.train.throughput import layout_summary, params_summary, peak_flops_per_device, step_flops
@@ -110,7 +111,6 @@ def _flat(tree: Any, prefix: str = "") -> dict:
 
 def config_differences(stored, config) -> list[str]:
   """Dotted names of the fields whose values differ between two configs (JSON-comparable)."""
-  import json
   a, b = _flat(json.loads(stored.to_json_best_effort())), _flat(json.loads(config.to_json_best_effort()))
   return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
@@ -128,7 +128,7 @@ def train_and_evaluate(config, workdir: str, task: Union[Task, Callable[[Any], T
   """Trains `task` as `config` says, in `workdir`; resumes from the latest checkpoint there. Returns the final
   TrainState (one logical state whatever the parallel path). Raises `Interrupted` after saving on SIGINT/SIGTERM."""
   check_config(config)
-  quiet_library_logs()
+  setup_logging()
   if config.compilation_cache_dir:
     use_compilation_cache(config.compilation_cache_dir)
   task = task if isinstance(task, Task) else task(config)   # the family's own checks come before the workdir's

@@ -1,5 +1,7 @@
 """A Hugging Face tokenizer (`tokenizer.json`, read by the `tokenizers` library) with the interface genjax's LM
-code uses (`encode`, `decode`, `eos_id`, `pad_id`, like `genjax.tokenizer.ByteTokenizer`).
+code uses (`encode`, `decode`, `eos_id`, `pad_id`, like `genjax.tokenizer.ByteTokenizer`). It lives in the data
+layer because `config.dataset.tokenizer=DIR` tokenizes text data sets with it; `genjax.interop.hf.load_tokenizer`
+is the same function.
 
     tok = load_tokenizer("path/to/model")
     ids = tok.encode("Hello world")          # special tokens added as the tokenizer's post-processor says
@@ -18,6 +20,7 @@ import shutil
 from typing import Iterable, Optional
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from genjax.errors import CheckpointError
 
@@ -36,7 +39,6 @@ class HFTokenizer:
   """See the module docstring."""
 
   def __init__(self, path: str):
-    from tokenizers import Tokenizer
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
       raise CheckpointError(f"{path!r} has no tokenizer.json (save the tokenizer with a fast tokenizer's "
                             f"save_pretrained, or pass a directory that has one)")
