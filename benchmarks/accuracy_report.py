@@ -152,7 +152,7 @@ def summary_rows(result, schedules) -> list[dict]:
 
 
 def compact_table(result, schedules=GOAL_SCHEDULES) -> list[str]:
-  """One markdown table (the README's): a row per (library, sampler) default and best option, NFE columns per
+  """One markdown table (docs/results.md): a row per (library, sampler) default and best option, NFE columns per
   schedule, each cell the geometric mean of RMSE over the mixtures."""
   nfes = result["nfes"]
   head = "| library | sampler | option | " + " | ".join(f"{s[:3]} {n}" for s in schedules for n in nfes) + " |"

@@ -54,7 +54,7 @@ _NUM_POINTS = flags.DEFINE_integer("num_points", 500, "x_T draws per mixture.")
 _GT_STEPS = flags.DEFINE_integer("ground_truth_steps", 2000, "RK4 steps of the coarse ground truth (fine: 2x).")
 _PNG = flags.DEFINE_string("png", os.path.join(_RESULTS, "sampler_accuracy.png"), "Log-log plot ('' = none).")
 _MARKDOWN = flags.DEFINE_string("markdown", os.path.join(_RESULTS, "sampler_accuracy.md"),
-                                "Markdown tables for the README ('' = none).")
+                                "Markdown tables for docs/results.md ('' = none).")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -152,7 +152,7 @@ def test_ddim_is_the_exact_affine_map():
     A, b, _ = chain_law(strided(n), eta=0.0)
     assert resid < 1e-4 and abs(slope - A) < 2e-4 and abs(icpt - b) < 2e-4, (n, slope, A, icpt, b)
     slopes[n] = slope
-  # Measured (README, sampler library): 0.4985 / 0.4714 / 0.4314 for 1000 / 50 / 20 steps.
+  # Measured (docs/samplers.md): 0.4985 / 0.4714 / 0.4314 for 1000 / 50 / 20 steps.
   assert abs(slopes[1000] - exact_slope()) < 3e-3 and 0.46 < slopes[50] < 0.48 and 0.42 < slopes[20] < 0.44
 
 
@@ -161,7 +161,7 @@ def test_dpm_solver_markedly_beats_ddim_at_20_steps():
   ddim = affine_fit(X_LINE, ddim_sample(EPS_MODEL, SCHED, X_LINE, num_steps=20))
   exact_b = MU - exact_slope() * np.sqrt(ABAR64[-1]) * MU
   assert dpm[2] < 1e-4 and abs(dpm[1] - exact_b) < 1e-3
-  assert abs(dpm[0] - exact_slope()) < 0.008  # measured 0.5042 with log-SNR spacing (README)
+  assert abs(dpm[0] - exact_slope()) < 0.008  # measured 0.5042 with log-SNR spacing (docs/samplers.md)
   assert abs(dpm[0] - exact_slope()) < abs(ddim[0] - exact_slope()) / 5
 
 

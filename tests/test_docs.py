@@ -2,7 +2,8 @@
 page is the tree, and their links lead to files.
 
 Conventions for whoever writes the docs:
-- Every ```python block runs as written, alone, in a fresh namespace, with a fresh temporary directory as the
+- Every ```python block runs as written, alone, in a fresh namespace (a slow one in a fresh process, on the
+  machine's own devices rather than the tests' 8 simulated ones), with a fresh temporary directory as the
   working directory (whatever it writes lands there) and the repository root importable (`experiments`). So a
   block carries its own imports, keys and tiny shapes, and builds any artifact it needs (a checkpoint directory:
   a tiny random model written by the library's own export).
@@ -12,16 +13,18 @@ Conventions for whoever writes the docs:
   first (`NEEDS`: "ddpm-cifar10-32", a random diffusers DDPM directory; skipped without torch and diffusers).
 - Every command in a ```bash / ```sh block that runs `python -m experiments.<x>` (or the console scripts
   genjax-train / genjax-sample / genjax-evaluate / genjax-export) or `python -m benchmarks.<x>` is checked
-  without doing the work: experiments.train reruns with `--print_config` added (the config file, its variant and
-  every --config.* override resolved, then exit); the other launchers' arguments are parsed by the launcher's own
-  absl flag definitions on a fresh FlagValues (names, value types, required flags); a benchmark's flag names are
-  looked up among those its modules define. Lines ending in a backslash continue; `#` starts a comment.
+  without doing the work, in this process: experiments.train's own parser reads it with `--print_config` added
+  (the config file, its variant and every --config.* override resolved); the other launchers' own absl flag
+  definitions parse its arguments on a fresh FlagValues (names, value types, required flags); a benchmark's
+  flag names are looked up among those its modules define. Lines ending in a backslash continue; `#` starts a
+  comment.
 - An LM sampling command (`--prompt` with `--max_new_tokens`, on a workdir a documented command trains with an
   lm.py config) fits that config's context: prompt bytes + max_new_tokens <= dataset.seq_len.
 - docs/layout.md's first ```text block names every package directory and module (but `__init__.py`) of genjax/,
   experiments/ and benchmarks/, and nothing that does not exist: a line starting with `dir/` lists that
   directory's modules (indented lines continue it).
 - Every relative link or image in the pages points to an existing file.
+- The README's test command is the one .ci/run runs.
 - The usage example at the top of each diffusion sampler module's docstring (its first block of 4-space-indented
   lines) runs as written too.
 """
@@ -37,6 +40,7 @@ import inspect
 import os
 import re
 import shlex
+import subprocess
 import sys
 import textwrap
 
@@ -96,6 +100,13 @@ def test_python_block_runs_as_written(path, line, code, marker, tmp_path, monkey
   monkeypatch.syspath_prepend(ROOT)
   if marker.startswith("needs "):
     NEEDS[marker.split()[1]](str(tmp_path / marker.split()[1]))
+  if marker == "slow":      # as a reader runs it: its own process, the machine's own devices (not the 8 simulated)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, text=True, capture_output=True,
+                          timeout=900)
+    assert done.returncode == 0, f"{_rel(path)}:{line}\n{done.stderr[-3000:]}"
+    return
   exec(compile(code, f"{_rel(path)}:{line}", "exec"), {"__name__": "__doc_example__"})
 
 
@@ -341,3 +352,9 @@ def test_module_docstring_example_runs(module):
   code = first_example(importlib.import_module(module).__doc__)
   assert "import" in code and len(code.splitlines()) >= 3, code
   exec(compile(code, f"<{module} docstring>", "exec"), {})
+
+
+def test_readme_test_command_is_what_ci_runs():
+  command = 'python -m pytest -n 2 -m "not slow" tests'
+  assert command in open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+  assert command in open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()

@@ -1,7 +1,7 @@
 """Diffusion configs (U-Net DDPM family, `genjax.models.diffusion`): `--config=experiments/configs/ddpm.py:<variant>`.
 
   digits         8x8x1 scikit-learn digits, offline; class-conditional with label dropout (guidance-ready), small
-                 U-Net that gives recognisable digits in minutes on 2 CPU cores (the README has the measured time).
+                 U-Net that gives recognisable digits in minutes on 2 CPU cores (docs/results.md has the measured time).
   flow_digits    digits with the flow-matching (rectified flow) objective instead of DDPM: the same U-Net regresses
                  the velocity eps - x0 of x_t = (1 - t) x0 + t eps (t in [0, 1], seen by the U-Net as
                  t * num_timesteps); sampled by integrating the ODE from noise (sampler "euler" | "heun" |

@@ -37,7 +37,7 @@ def _lm(c, dataset: str, every_steps: int) -> None:
 
 def pydoc(c):
   # ~0.5M params; ~0.4 CPU-s per step on this 2-core machine, so 600 steps take a few minutes. Measured bits per
-  # byte are in the README (the byte-unigram entropy of the corpus is 4.70 bits).
+  # byte are in docs/results.md (the byte-unigram entropy of the corpus is 4.70 bits).
   _lm(c, "pydoc", every_steps=200)
   c.update(batch_size=32, num_train_steps=600, num_eval_batches=8, ema_decay=0.99)
   c.optimizer.update(learning_rate=3e-3, weight_decay=0.01, warmup_steps=50)

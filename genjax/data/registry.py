@@ -159,8 +159,8 @@ def _tfds_records(info: DatasetInfo, split: str, data_dir: Optional[str], downlo
         f"TFDS data set {info.name!r} (split {split!r}) is not available under data_dir={data_dir!r} "
         f"({type(e).__name__}: {cause}). Prepare it on a machine with internet, in an environment with TensorFlow "
         f"(`pip install tensorflow-datasets tensorflow-cpu array_record`): `tfds build {info.name} "
-        f"--file_format=array_record --data_dir=DIR`, then pass --config.dataset.data_dir=DIR (README: Quick start). "
-        f"Offline built-ins: digits, pydoc.") from None
+        f"--file_format=array_record --data_dir=DIR`, then pass --config.dataset.data_dir=DIR "
+        f"(docs/training.md: Data sets). Offline built-ins: digits, pydoc.") from None
 
 
 def _field(dataset_config: Any, name: str, needed_by: str) -> Any:

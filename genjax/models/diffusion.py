@@ -333,6 +333,14 @@ def _sample_fn(unet: UNet, schedule, space: Space, defaults: dict, prediction: s
   return sample_images
 
 
+def _space(cfg: DiffusionConfig, dataset, image_shape, dtype) -> Space:
+  """Pixel space, or the latent space of the VAE run `cfg.vae_workdir` (read by the Task's init, not here)."""
+  if cfg.space == "latent":
+    source = LatentSource(cfg.vae_workdir, cfg.latent_scale, dataset.name, dataset.train_split, dataset.data_dir)
+    return latent_space(cfg.vae, image_shape, dtype, source)
+  return pixel_space(image_shape, cfg.clip_denoised)
+
+
 def task(config) -> Task:
   """The diffusion Task for `config` (see experiments/configs/ddpm.py for the fields); reads nothing from disk."""
   cfg = model_config(config)
@@ -347,12 +355,7 @@ def task(config) -> Task:
   if cfg.conditional and num_classes == 0:
     raise ConfigError(f"config.model.conditional=True but data set {config.dataset.name!r} has no labels")
   dtype = compute_dtype(config.compute_dtype)
-  if cfg.space == "latent":
-    source = LatentSource(cfg.vae_workdir, cfg.latent_scale, config.dataset.name, config.dataset.train_split,
-                          config.dataset.data_dir)
-    space = latent_space(cfg.vae, info.image_shape, dtype, source)
-  else:
-    space = pixel_space(info.image_shape, cfg.clip_denoised)
+  space = _space(cfg, config.dataset, info.image_shape, dtype)
   unet = make_unet(cfg, num_classes, dtype)
   label_dropout = cfg.label_dropout if num_classes else 0.0
 
