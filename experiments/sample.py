@@ -4,7 +4,7 @@ r"""Sample from a trained run: a PNG grid + `.npz` for image families, printed c
   python -m experiments.sample --workdir=runs/vae_digits
   python -m experiments.sample --workdir=runs/ddpm_digits --sampler=ddim --num_steps=50 --eta=0 --guidance=3 --label=7
   python -m experiments.sample --workdir=runs/gan_digits --truncation=0.7 --label=3 --interpolate
-  python -m experiments.sample --workdir=runs/lm_pydoc --prompt="The return statement" --max_new_tokens=200 \
+  python -m experiments.sample --workdir=runs/lm_pydoc --prompt="The return statement" --max_new_tokens=100 \
       --temperature=0.8 --top_p=0.9
   python -m experiments.sample --diffusers_model=ddpm-cifar10-32 --sampler=dpm_solver --num_steps=20 \
       --output=runs/cifar10/ddpm_dpm20
