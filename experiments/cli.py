@@ -42,8 +42,9 @@ SAMPLE_OPTIONS = {
     "num_steps": ("integer", "Diffusion sampler steps (default: the config's)."),
     "eta": ("float", "DDIM eta: 0 is deterministic, 1 is DDPM-like noise."),
     "guidance": ("float", "Classifier-free guidance scale for conditional diffusion (1 = no guidance)."),
-    "label": ("integer", "Class label for conditional models (diffusion, GAN): an int in [0, num_classes). Default: "
-                         "the classes in turn."),
+    "label": ("integer", "Class label for conditional models (diffusion, GAN): an int in [0, num_classes - 1]; "
+                         "diffusion also takes num_classes (the null label: unconditional). Default: the classes "
+                         "in turn."),
     "truncation": ("float", "GAN truncation t >= 0: each latent coordinate is drawn from N(0, 1) restricted to "
                             "[-t, t]. Smaller t gives cleaner, less varied images; unset = no truncation."),
     "temperature": ("float", "LM sampling temperature (0 = greedy); VAE latent scale (prior std >= 0)."),

@@ -104,6 +104,8 @@ def sample_run(workdir: str, *, options: dict, num_samples: int = 64, seed: int 
     task.require("interpolate", "--interpolate")
   if edit_opts:
     task.require("edit", "--" + ", --".join(edits))
+  if prompts:
+    task.require("sample_text", "--prompt")
   if task.sample_text is not None:
     if not prompts:
       raise UserError("this is a text model: give at least one --prompt")
@@ -179,6 +181,9 @@ def main(argv):
     sample_hf(FLAGS.hf_model, options=cli.sample_options_from_flags(), prompts=FLAGS.prompt, seed=FLAGS.seed)
     return
   if FLAGS.diffusers_model is not None:
+    if FLAGS.prompt:
+      raise UserError("--prompt needs a text model; --diffusers_model samples images (use --hf_model for a Hugging "
+                      "Face LM)")
     if FLAGS.output is None:
       raise UserError("--diffusers_model needs --output=PATH_STEM (e.g. --output=runs/cifar/ddpm_dpm20): there is no "
                       "run directory to write under")

@@ -31,6 +31,14 @@ class CheckpointError(UserError):
   """A checkpoint that cannot be loaded as asked: missing, of another model, unreadable."""
 
 
+def show(value: Any) -> str:
+  """`repr(value)` with numpy scalars and arrays as the plain Python numbers / lists they hold (numpy 2 writes
+  `np.float32(2.0)`): how a message shows a value the user gave or a check computed."""
+  if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+    value = value.tolist()
+  return repr(value)
+
+
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
   """Returns `value` if it is one of `choices`, else raises UserError naming it and the choices."""
   choices = tuple(choices)

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from experiments import cli as cli_lib
 from experiments import sample as sample_cli
 from experiments.configs import gan as gan_configs
 from genjax.errors import CheckpointError, ConfigError, UserError, WorkdirError
@@ -135,7 +136,7 @@ def test_sample_refusals(runs):
   sample = ["-m", "experiments.sample", f"--workdir={runs['gan']}"]
   cases = {
       # --label is checked on the host even though the sampler is jitted (it used to write a NaN grid).
-      "label out of range": ([*sample, "--label=12"], ["[12]", "[0, 10)"]),
+      "label out of range": ([*sample, "--label=12"], ["[12]", "[0, 9]"]),
       "negative truncation": ([*sample, "--truncation=-1", "--interpolate"], ["truncation=-1.0"]),
       "option the family lacks": ([*sample, "--temperature=0.5"], ["['temperature']", "truncation", "label"]),
       "missing step": ([*sample, "--step=99"], ["step 99", "[1]"]),
@@ -285,8 +286,37 @@ def test_library_errors_are_user_errors(runs):
   with pytest.raises(CheckpointError, match=r"no checkpoint of step 5 .*; steps: \[1\]"):
     load_run(runs["gan"], step=5)
   task = get_task(tiny_gan_config())
-  with pytest.raises(UserError, match=r"label values must be in \[0, 10\), got \[-1\]"):
+  with pytest.raises(UserError, match=r"label values must be in \[0, 9\], got \[-1\]"):
     task.sample_images({}, jax.random.PRNGKey(0), 2, label=-1)
   with pytest.raises(UserError, match=r"temperature=-0.5 must be a float >= 0"):
     get_task(tiny_vae_config()).sample_images({}, jax.random.PRNGKey(0), 2, temperature=-0.5)
   assert issubclass(UserError, ValueError)
+
+
+def test_a_prompt_for_an_image_run_is_refused_naming_what_it_can_do(runs):
+  """--prompt used to be silently ignored by an image family."""
+  with pytest.raises(UserError) as e:
+    sample_cli.sample_run(runs["gan"], options={}, num_samples=2, prompts=["hello"])
+  assert str(e.value) == ("--prompt needs a model that can sample text; this run's can: sample images, interpolate, "
+                          "evaluate")
+
+
+def test_lm_sample_options_are_checked_by_the_decoding_settings():
+  """The CLI's LM options (`transformer.sample_text`, behind --workdir and --hf_model) go through DecodingSettings:
+  --num_beams=0 (once taken as sampling) is refused with the API's own message, before anything is compiled."""
+  from genjax.models import transformer
+  from genjax.samplers import DecodingSettings
+  cfg = transformer.LMConfig(embed_dim=16, num_layers=1, num_heads=2, mlp_dim=32, max_len=16)
+  with pytest.raises(UserError) as api:
+    DecodingSettings(max_new_tokens=4, num_beams=0)
+  with pytest.raises(UserError) as cli:
+    transformer.sample_text(cfg, {}, ["hi"], jax.random.PRNGKey(0), max_new_tokens=4, num_beams=0)
+  assert str(cli.value) == str(api.value) == "num_beams=0 must be a positive int"
+
+
+def test_label_help_and_error_name_the_same_range():
+  from genjax.models.diffusion import sample_options
+  help_ = cli_lib.SAMPLE_OPTIONS["label"][1]
+  assert "an int in [0, num_classes - 1]" in help_ and "num_classes (the null label" in help_, help_
+  with pytest.raises(UserError, match=r"an int in \[0, 9\] \(10 = the null label: unconditional\), got 11$"):
+    sample_options({"label": 11}, {"sampler": "ddim", "num_steps": 10, "eta": 0.0, "guidance": 1.0}, 100, 10)

@@ -122,6 +122,16 @@ def test_config_section_names_the_valid_fields():
     config_section(GANConfig, only=["latnt_dim"])
 
 
+def test_grad_accum_steps_must_divide_the_batch(tmp_path):
+  """Refused before anything runs (it used to fail inside the compiled step), naming both values."""
+  from experiments.configs import vae as vae_configs
+  c = vae_configs.get_config("digits")
+  c.batch_size, c.grad_accum_steps = 64, 3
+  with pytest.raises(ConfigError, match=r"batch_size=64 must be divisible by grad_accum_steps=3 .*divisors of 64"):
+    run(c, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
 @pytest.fixture(scope="module")
 def hf_checkpoint(tmp_path_factory):
   """A tiny Hugging Face LM directory (no torch needed), for the fine-tuning config."""

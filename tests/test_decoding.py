@@ -645,3 +645,35 @@ def test_lm_sample_text_stop_min_p_and_longer_context(capsys):
   # min_p = 1 keeps only the most likely byte: sampling at any temperature is then greedy.
   assert task.sample_text(params, prompt, jax.random.key(3), **{**kw, "temperature": 1.5}, min_p=1.0,
                           top_p=1.0)[0] == free
+
+
+def test_prompt_ids_outside_the_vocabulary_are_refused_by_every_decoder():
+  """The embedding gather would clamp a bad id (a wrong output, no error): each decoder refuses it on the host, with
+  one message naming the id, its row and the vocabulary size (V, the number of logits the model returns)."""
+  from genjax.samplers import speculative_generate
+  params = _params()
+  decoders = {
+      "generate": lambda prompts: generate(BAG, params, prompts, max_new_tokens=2, greedy=True),
+      "beam_search": lambda prompts: beam_search(BAG, params, prompts, max_new_tokens=2, num_beams=2),
+      "speculative_generate": lambda prompts: speculative_generate(BAG, params, BAG, params, prompts,
+                                                                   max_new_tokens=2, greedy=True),
+  }
+  for prompts, bad, row, position in (([[1, 2], [3, V]], V, 1, 1), ([[-1, 2]], -1, 0, 0)):
+    message = (rf"^prompt token id {bad} \(row {row}, position {position}\) is outside the model's vocabulary "
+               rf"\[0, {V}\) \(vocabulary size {V}\)$")
+    for name, decode in decoders.items():
+      with pytest.raises(UserError, match=message):
+        decode(prompts)
+  # The padding after a row's length is never read: any pad id there (here -1) is accepted.
+  padded = np.array([[1, 2, 3], [4, -1, -1]], np.int32)
+  out = generate(BAG, params, padded, prompt_lengths=[3, 1], max_new_tokens=2, greedy=True, pad_id=-1)
+  assert out.tokens.shape == (2, 2)
+
+
+def test_setting_messages_show_plain_numbers():
+  """numpy 2 writes a float32 as `np.float32(2.0)`: messages show the number the user gave."""
+  with pytest.raises(UserError) as e:
+    DecodingSettings(max_new_tokens=4, top_p=2.0)
+  assert str(e.value) == "top_p=2.0 must be in (0, 1] (1 = off); got 2.0"
+  with pytest.raises(UserError, match=r"^num_beams=0 must be a positive int$"):
+    DecodingSettings(max_new_tokens=4, num_beams=np.int64(0))

@@ -358,8 +358,8 @@ BAD_CONFIGS = {   # override → the error it must raise, run on a copy of the f
                             r"image 8×8 is not divisible by 2\*\*len\(channels\)=16; change model.channels"),
     "text data for an image model": ({"dataset.name": "pydoc"}, ValueError, r"image data set; 'pydoc' is text"),
     "TFDS data set not prepared": ({"dataset.name": "mnist"}, ValueError, r"TFDS data set 'mnist'.*tfds build mnist"),
-    "grad accumulation": (dict(grad_accum_steps=3, num_train_steps=8), ValueError,   # found when step 7 traces
-                          r"not divisible by grad_accum_steps=3"),
+    "grad accumulation": (dict(grad_accum_steps=3, num_train_steps=8), ValueError,   # before anything runs
+                          r"batch_size=\d+ must be divisible by grad_accum_steps=3 .*divisors of \d+"),
     "seed": (dict(seed=-1), ValueError, r"seed=-1"),
     "model changed under a run": ({"model.hidden": 64}, CheckpointMismatchError,
                                   r"does not fit this config: .*dec_hidden/bias is float32\(32,\) in the checkpoint "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -256,6 +257,14 @@ def test_weight_file_errors_name_the_problem(tmp_path):
   with pytest.raises(CheckpointError, match=r"conv_in\.weight has shape \(8, 2, 3, 3\), config.json implies "
                                             r"\(8, 1, 3, 3\)"):
     load_unet(path)
+  weights = os.path.join(path, "diffusion_pytorch_model.safetensors")
+  data = open(weights, "rb").read()
+  for content in (data[:len(data) - 8], b"garbage"):       # truncated (a raw SafetensorError traceback before), junk
+    with open(weights, "wb") as f:
+      f.write(content)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(weights)} is truncated or not a safetensors file") as e:
+      load_unet(path)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("update,match", [

@@ -268,6 +268,27 @@ def test_missing_shard_is_a_one_line_error(saved, tmp_path):
   _one_line(e, f"shard {shard!r}", "missing")
 
 
+def test_damaged_weights_and_incomplete_configs_are_one_line_checkpoint_errors(saved, tmp_path):
+  """A truncated or garbage model.safetensors (it was a raw SafetensorError traceback) and a config.json without a
+  field the architecture needs (it was `KeyError: 'n_embd'`): CheckpointErrors naming the file and what is wrong."""
+  import shutil
+  from genjax.errors import CheckpointError
+  weights = os.path.join(saved["gpt2"][1], "model.safetensors")
+  data = open(weights, "rb").read()
+  for name, content in (("truncated", data[:len(data) // 2]), ("garbage", b"not safetensors at all " * 4)):
+    path = tmp_path / name
+    shutil.copytree(saved["gpt2"][1], path)
+    (path / "model.safetensors").write_bytes(content)
+    with pytest.raises(CheckpointError) as e:
+      hf.load_lm(str(path))
+    _one_line(e, str(path / "model.safetensors"), "is truncated or not a safetensors file")
+  config = json.load(open(os.path.join(saved["gpt2"][1], "config.json")))
+  del config["n_embd"], config["n_head"]
+  with pytest.raises(CheckpointError) as e:
+    hf.read_config(_write_config(tmp_path / "incomplete", **config))
+  _one_line(e, str(tmp_path / "incomplete" / "config.json"), "missing the required field(s) n_embd, n_head")
+
+
 def test_save_lm_refuses_before_writing_anything(saved, tmp_path):
   native = T.LMConfig(embed_dim=16, num_layers=1, num_heads=2, mlp_dim=32)
   params = nn.unbox(hf.abstract_params(native))

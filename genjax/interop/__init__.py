@@ -9,3 +9,15 @@
 
 Submodules are imported on use (`from genjax.interop import hf`), so importing this package costs nothing.
 """
+
+
+def open_safetensors(file: str, framework: str):
+  """`safetensors.safe_open(file, framework)`, where a file that is truncated or not safetensors at all is a one-line
+  `genjax.errors.CheckpointError` naming it (safetensors reads the header, and checks the file's length against it,
+  on opening)."""
+  from safetensors import SafetensorError, safe_open
+  from genjax.errors import CheckpointError
+  try:
+    return safe_open(file, framework=framework)
+  except SafetensorError as e:
+    raise CheckpointError(f"{file} is truncated or not a safetensors file ({e}); download or save it again") from None

@@ -36,9 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from safetensors import safe_open   # its flax framework reads bfloat16 too (numpy cannot)
 
 from genjax.errors import CheckpointError, UserError
+from genjax.interop import open_safetensors
 from genjax.interop.diffusers_unet import ACTIVATIONS, DOWN_BLOCK_TYPES, UP_BLOCK_TYPES, DiffusersUNet, UNet2DConfig
 from genjax.samplers.registry import sampler_names, sampler_spec
 from genjax.samplers.schedules import NoiseSchedule
@@ -280,7 +280,7 @@ def _read_weights(folder: str) -> dict[str, np.ndarray]:
                           f"safetensors only, never pickled torch files")
   tensors = {}
   for f in files:
-    with safe_open(f, framework="flax") as reader:
+    with open_safetensors(f, "flax") as reader:     # its flax framework reads bfloat16 too (numpy cannot)
       for key in reader.keys():
         tensors[key] = np.asarray(jax.device_get(reader.get_tensor(key)))
   return tensors

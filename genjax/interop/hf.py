@@ -32,15 +32,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from genjax.core.task import Pretrained
 from genjax.data.hf_tokenizer import HFTokenizer, load_tokenizer  # noqa: F401  (users: hf.load_tokenizer)
 from genjax.errors import CheckpointError, UserError
+from genjax.interop import open_safetensors
 from genjax.models.lm_layers import PARAM_DTYPES, LMConfig, TransformerLM, unstack_layers
 
 MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
+_LLAMA_FIELDS = ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+                 "max_position_embeddings")
+# model_type -> the config.json fields its architecture cannot be read without
+REQUIRED_FIELDS = {"gpt2": ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions"), "llama": _LLAMA_FIELDS,
+                   "mistral": _LLAMA_FIELDS, "qwen2": _LLAMA_FIELDS}
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")   # buffers, not weights
@@ -67,6 +72,11 @@ def read_config(path: str, vocab_multiple: int = 1) -> LMConfig:
   for key in ("num_local_experts", "num_experts", "n_routed_experts"):
     if c.get(key):
       raise UserError(f"{key}={c[key]} in {path}/config.json: mixture-of-experts models are not supported")
+  missing = [key for key in REQUIRED_FIELDS[model_type] if c.get(key) is None]
+  if missing:
+    raise CheckpointError(f"{os.path.join(path, 'config.json')} (model_type={model_type!r}) is missing the required "
+                          f"field(s) {', '.join(missing)}; a {model_type} config needs "
+                          f"{', '.join(REQUIRED_FIELDS[model_type])}")
   if int(vocab_multiple) < 1:
     raise UserError(f"vocab_multiple={vocab_multiple} must be >= 1")
   cfg = _gpt2_config(c) if model_type == "gpt2" else _llama_config(c, model_type)
@@ -201,7 +211,7 @@ class _Tensors:
     for f in files:
       if not os.path.isfile(os.path.join(path, f)):
         raise CheckpointError(f"shard {f!r} named by {path}/model.safetensors.index.json is missing")
-    self._handles = {f: safe_open(os.path.join(path, f), framework="np") for f in files}
+    self._handles = {f: open_safetensors(os.path.join(path, f), "np") for f in files}
     self.where = {name: f for f, h in self._handles.items() for name in h.keys()}
 
   def dtype(self, name: str) -> str:

@@ -49,7 +49,7 @@ import numpy as np
 
 from genjax.data import dataset_info
 from genjax.dtypes import compute_dtype
-from genjax.errors import ConfigError, UserError
+from genjax.errors import ConfigError, UserError, show
 from genjax.models.diffusion_editing import EDIT_OPTIONS, check_edit_options, edit_images
 from genjax.models.diffusion_space import LatentSource, Space, latent_space, pixel_space
 from genjax.models.fields import from_config
@@ -246,25 +246,25 @@ def sample_options(options: dict, defaults: dict, num_timesteps: int, num_classe
     raise UserError(f"unknown sampler {o['sampler']!r}; valid: {list(samplers)}")
   n = o["num_steps"]
   if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= num_timesteps:
-    raise UserError(f"num_steps must be an int in [1, {num_timesteps}] (the schedule length), got {n!r}")
+    raise UserError(f"num_steps must be an int in [1, {num_timesteps}] (the schedule length), got {show(n)}")
   eta = float(o["eta"])
   if not 0.0 <= eta <= 1.0:
-    raise UserError(f"eta must be in [0, 1], got {o['eta']!r}")
+    raise UserError(f"eta must be in [0, 1], got {show(o['eta'])}")
   if eta != 0.0 and o["sampler"] not in ETA_SAMPLERS:
     raise UserError(f"eta={eta} applies only to sampler={' | '.join(map(repr, ETA_SAMPLERS))}, "
                     f"got sampler={o['sampler']!r}")
   guidance = float(o["guidance"])
   if not guidance >= 0.0:
-    raise UserError(f"guidance must be a scale >= 0 (1 = the plain conditional model), got {o['guidance']!r}")
+    raise UserError(f"guidance must be a scale >= 0 (1 = the plain conditional model), got {show(o['guidance'])}")
   label = o["label"]
   if num_classes == 0:
     if label is not None or guidance != 1.0:
-      raise UserError(f"label={label!r} / guidance={guidance} need a class-conditional model "
+      raise UserError(f"label={show(label)} / guidance={guidance} need a class-conditional model "
                        "(config.model.conditional=True); this one is unconditional")
   elif label is not None and (isinstance(label, bool) or not isinstance(label, (int, np.integer))
                               or not 0 <= label <= num_classes):
     raise UserError(f"label must be None (every class in turn) or an int in [0, {num_classes - 1}] "
-                     f"({num_classes} = the null label: unconditional), got {label!r}")
+                     f"({num_classes} = the null label: unconditional), got {show(label)}")
   return dict(sampler=o["sampler"], num_steps=int(n), eta=eta, guidance=guidance, label=label)
 
 

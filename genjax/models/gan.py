@@ -311,7 +311,7 @@ class GAN:
     except jax.errors.TracerArrayConversionError:
       values = None                                      # traced inside a caller's jit: cannot check the values
     if values is not None and (values.min() < 0 or values.max() >= self.num_classes):
-      raise UserError(f"label values must be in [0, {self.num_classes}), got {sorted(set(values.tolist()))}")
+      raise UserError(f"label values must be in [0, {self.num_classes - 1}], got {sorted(set(values.tolist()))}")
     return lab.astype(jnp.int32)
 
   def sample_images(self, params, rng, n: int, truncation=None, label=None, **unknown):

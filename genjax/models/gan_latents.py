@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from genjax.errors import UserError
+from genjax.errors import UserError, show
 
 
 def check_truncation(truncation) -> None:
@@ -19,7 +19,7 @@ def check_truncation(truncation) -> None:
   if truncation is None or isinstance(truncation, jax.core.Tracer):
     return
   if not float(truncation) >= 0.0:
-    raise UserError(f"truncation={truncation!r} must be None or a float >= 0")
+    raise UserError(f"truncation={show(truncation)} must be None or a float >= 0")
 
 
 def draw_latent(key, latent_dim: int, truncation=None):

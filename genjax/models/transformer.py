@@ -41,7 +41,7 @@ from genjax.errors import ConfigError, UserError
 from genjax.models.fields import from_config
 from genjax.models.lm_layers import (LMConfig, TransformerLM, init_cache, rope, stack_layers,  # noqa: F401
                                      unstack_layers)
-from genjax.samplers.decoding import DecodingModel, beam_search, generate
+from genjax.samplers.decoding import DecodingModel, DecodingSettings, beam_search, generate
 from genjax.core.optim import make_optimizer
 from genjax.core.task import Export, Phase, Pretrained, Task
 
@@ -170,26 +170,29 @@ def sample_text(cfg: LMConfig, params, prompts, rng, *, tokenizer=None, max_len:
   stops = [o["stop"]] if isinstance(o["stop"], str) else list(o["stop"])
   if any(not isinstance(st, str) or not st for st in stops):
     raise UserError(f"stop={o['stop']!r}: each stop must be a non-empty string")
-  if stops and int(o["num_beams"]) > 1:
-    raise UserError(f"stop strings apply to sampling / greedy decoding, not to beam search (num_beams="
-                    f"{o['num_beams']})")
   plain = getattr(tokenizer, "encode_plain", tokenizer.encode)   # stop strings: ids without BOS / special tokens
   model, params = decoding_model(cfg, max_len), nn.unbox(params)
-  new = int(o["max_new_tokens"])
+  new = o["max_new_tokens"]
   if "max_new_tokens" not in options:        # the default never asks for more than the context holds
-    new = max(1, min(new, model.max_len - int(lengths.max())))
-  cache_len = min(model.max_len, width + new - 1)
-  if int(o["num_beams"]) > 1:
-    out = beam_search(model, params, tokens, prompt_lengths=lengths, num_beams=int(o["num_beams"]),
-                      max_new_tokens=new, length_penalty=o["length_penalty"], eos_id=eos_id, pad_id=pad_id,
-                      cache_len=cache_len)
+    new = max(1, min(int(new), model.max_len - int(lengths.max())))
+  # Every option through the decoders' own checks (DecodingSettings), whichever decoder then runs.
+  common = dict(max_new_tokens=new, eos_id=eos_id, pad_id=pad_id)
+  sampling = dict(temperature=o["temperature"], top_k=o["top_k"], top_p=o["top_p"], min_p=o["min_p"],
+                  repetition_penalty=o["repetition_penalty"], presence_penalty=o["presence_penalty"],
+                  frequency_penalty=o["frequency_penalty"], stop_sequences=[plain(st) for st in stops] or None)
+  beams = dict(num_beams=o["num_beams"], length_penalty=o["length_penalty"])
+  settings = DecodingSettings(**common, **sampling, **beams)
+  if stops and settings.num_beams > 1:
+    raise UserError(f"stop strings apply to sampling / greedy decoding, not to beam search (num_beams="
+                    f"{settings.num_beams})")
+  cache_len = min(model.max_len, width + settings.max_new_tokens - 1)
+  if settings.num_beams > 1:
+    out = beam_search(model, params, tokens, prompt_lengths=lengths, cache_len=cache_len,
+                      settings=DecodingSettings(**common, **beams))
     generated = np.asarray(out.sequences[:, 0])
   else:
-    out = generate(model, params, tokens, rng=rng, prompt_lengths=lengths, max_new_tokens=new,
-                   temperature=o["temperature"], top_k=o["top_k"], top_p=o["top_p"],
-                   repetition_penalty=o["repetition_penalty"], presence_penalty=o["presence_penalty"],
-                   frequency_penalty=o["frequency_penalty"], eos_id=eos_id, pad_id=pad_id, cache_len=cache_len,
-                   min_p=o["min_p"], stop_sequences=[plain(st) for st in stops] or None)
+    out = generate(model, params, tokens, rng=rng, prompt_lengths=lengths, cache_len=cache_len,
+                   settings=DecodingSettings(**common, **sampling))
     generated = np.asarray(out.tokens)
   return [tokenizer.decode(row[:n]) for row, n in zip(generated, np.asarray(out.lengths).reshape(len(ids), -1)[:, 0])]
 

@@ -27,7 +27,7 @@ from genjax.dtypes import compute_dtype
 from genjax.models.fields import from_config
 from genjax.core import Phase, Task, make_optimizer
 from genjax.core.random import per_example
-from genjax.errors import ConfigError, UserError
+from genjax.errors import ConfigError, UserError, show
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 SAMPLE_OPTIONS = ("temperature",)
@@ -205,7 +205,7 @@ def task(config) -> Task:
       raise UserError(f"unknown VAE sample options {sorted(unknown)}; valid: {list(SAMPLE_OPTIONS)}")
     if not isinstance(temperature, jax.core.Tracer) and (isinstance(temperature, bool) or
                                                          not float(temperature) >= 0.0):
-      raise UserError(f"temperature={temperature!r} must be a float >= 0 (the prior's scale: 1 samples the prior, "
+      raise UserError(f"temperature={show(temperature)} must be a float >= 0 (the prior's scale: 1 samples the prior, "
                       f"0 decodes its mean)")
     return prior_samples(params, rng, jnp.float32(temperature), n=int(n))
 

@@ -33,7 +33,8 @@ The decoding knobs are the fields of `DecodingSettings` (`genjax.samplers.settin
 applies which); each decoder takes `settings=` and/or the fields as keyword arguments, which override it. `rng`,
 `prompt_lengths`, `row_ids` and `cache_len` describe the call, not the decoding: they stay keyword arguments.
 
-Prompts are a list of id lists or an int array [B, P] right-padded with `prompt_lengths` [B] (each >= 1). The
+Prompts are a list of id lists or an int array [B, P] right-padded with `prompt_lengths` [B] (each >= 1); every
+prompt id must be in [0, vocabulary size), the number of logits `step_fn` returns (a UserError otherwise). The
 longest prompt plus `max_new_tokens` must fit in `model.max_len` (a UserError otherwise: no silent stop).
 Each call is one jitted program (prefill + `while_loop` decode) over a preallocated cache of `cache_len` slots
 (default: prompt width + max_new_tokens - 1, capped at `model.max_len`). Static: the model, the prompt shape,
@@ -290,6 +291,7 @@ def generate(model: DecodingModel, params, prompts, *, rng=None, settings: Optio
   batch = tokens.shape[0]
   cache_len = inputs.check_context(model, lengths, settings.max_new_tokens, cache_len, tokens.shape[1])
   inputs.check_cache_batch_axis(model, batch, cache_len)
+  inputs.check_prompt_ids(tokens, lengths, inputs.vocab_size(model, params))
   tokens = tokens[:, :cache_len]                   # padding beyond the cache is never read
   floats, ints = settings_lib.sampling_arrays(settings, batch)
   settings_lib.check_rng(rng, floats)
@@ -434,6 +436,7 @@ def beam_search(model: DecodingModel, params, prompts, *, settings: Optional[Dec
   tokens, lengths = inputs.prepare_prompts(prompts, prompt_lengths, settings.pad_id)
   cache_len = inputs.check_context(model, lengths, settings.max_new_tokens, cache_len, tokens.shape[1])
   inputs.check_cache_batch_axis(model, tokens.shape[0], cache_len)
+  inputs.check_prompt_ids(tokens, lengths, inputs.vocab_size(model, params))
   tokens = tokens[:, :cache_len]                   # padding beyond the cache is never read
   eos_id, pad_id = settings_lib.special_ids(settings)
   program = _BeamProgram(model, settings.num_beams, settings.max_new_tokens, cache_len)

@@ -48,6 +48,32 @@ def prepare_prompts(prompts, prompt_lengths, pad_id: int) -> tuple[np.ndarray, n
   return tokens, lengths
 
 
+def check_prompt_ids(tokens: np.ndarray, lengths: np.ndarray, vocab: int) -> None:
+  """Every prompt token (each row's first `lengths[row]` ids; the padding after them is never read, so it may hold
+  any pad id) must be in [0, vocab): the embedding gather would clamp a bad id into a wrong token, silently."""
+  real = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
+  bad = real & ((tokens < 0) | (tokens >= vocab))
+  if bad.any():
+    row, position = (int(i[0]) for i in np.nonzero(bad))
+    raise UserError(f"prompt token id {int(tokens[row, position])} (row {row}, position {position}) is outside the "
+                    f"model's vocabulary [0, {vocab}) (vocabulary size {vocab})")
+
+
+def vocab_size(model, params) -> int:
+  """The number of logits `model.step_fn` returns with `params`: its vocabulary size, from shapes alone
+  (`jax.eval_shape` of one token, computed once per model and params shapes)."""
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  return _vocab_size(model, treedef, tuple(jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x)) for x in leaves))
+
+
+@functools.lru_cache(maxsize=256)
+def _vocab_size(model, treedef, leaves: tuple) -> int:
+  def logits(params):
+    token = jax.numpy.zeros((1, 1), jax.numpy.int32)
+    return model.step_fn(params, token, token, model.init_cache(1, 1))[0]
+  return int(jax.eval_shape(logits, jax.tree_util.tree_unflatten(treedef, leaves)).shape[-1])
+
+
 def check_context(model, lengths: np.ndarray, max_new_tokens: int, cache_len: Optional[int], width: int,
                   extra: int = 0) -> int:
   """The KV cache size for a run, after the context guard.

@@ -63,7 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genjax.errors import UserError
+from genjax.errors import UserError, show
 from genjax.samplers import steps as _steps
 from genjax.samplers.guidance import classifier_free_guidance
 from genjax.samplers.schedules import PREDICTIONS, NoiseSchedule, check_prediction
@@ -134,7 +134,7 @@ def ddim_sample(model_fn: Callable, schedule: NoiseSchedule, x_T, *, num_steps=N
       raise UserError(f"ddim_sample with eta={eta_value} > 0 adds noise and needs rng (a PRNG key); got rng=None")
   e = _concrete(eta)
   if e is not None and (e.ndim != 0 or not 0.0 <= float(e) <= 1.0):
-    raise UserError(f"eta must be a scalar in [0, 1], got {eta!r}")
+    raise UserError(f"eta must be a scalar in [0, 1], got {show(eta)}")
   offset = (1 if spacing == "leading" else 0) if steps_offset is None else steps_offset  # None: capped at T-1
   return _run_sampler("ddim", model_fn, schedule, x_T, rng=rng, num_steps=_default(num_steps, timesteps, 50),
                       timesteps=timesteps, spacing=spacing, steps_offset=offset,
@@ -282,7 +282,7 @@ def check_threshold(dynamic_threshold, threshold_max):
     raise UserError(f"dynamic_threshold must be a quantile in (0, 1] (e.g. 0.995, not 99.5), got "
                     f"{dynamic_threshold!r}")
   if m is not None and (m.ndim != 0 or not float(m) >= 1.0):
-    raise UserError(f"threshold_max must be a scalar >= 1, got {threshold_max!r}")
+    raise UserError(f"threshold_max must be a scalar >= 1, got {show(threshold_max)}")
   return jnp.asarray(dynamic_threshold, jnp.float32), jnp.asarray(threshold_max, jnp.float32)
 
 
@@ -295,14 +295,14 @@ def step_table(schedule: NoiseSchedule, num_steps, timesteps, spacing: str, step
   if timesteps is not None:
     table, n = explicit_table(schedule, timesteps)
     if num_steps is not None and _concrete(num_steps) is not None and int(_concrete(num_steps)) != n:
-      raise UserError(f"num_steps={num_steps!r} disagrees with the {n} given timesteps; pass one of them")
+      raise UserError(f"num_steps={show(num_steps)} disagrees with the {n} given timesteps; pass one of them")
     return table, jnp.asarray(n, jnp.int32)
   n = _concrete(num_steps)
   if n is not None and (n.ndim != 0 or not np.issubdtype(n.dtype, np.integer) or not 1 <= int(n) <= T):
-    raise UserError(f"num_steps must be an int in [1, {T}] (the schedule length), got {num_steps!r}")
+    raise UserError(f"num_steps must be an int in [1, {T}] (the schedule length), got {show(num_steps)}")
   off = _concrete(steps_offset)
   if off is not None and (off.ndim != 0 or not np.issubdtype(off.dtype, np.integer) or int(off) < 0):
-    raise UserError(f"steps_offset must be an int >= 0, got {steps_offset!r}")
+    raise UserError(f"steps_offset must be an int >= 0, got {show(steps_offset)}")
   if (check_offset and spacing == "leading" and n is not None and off is not None
       and (int(n) - 1) * (T // int(n)) + int(off) > T - 1):
     raise UserError(f"spacing='leading' with num_steps={int(n)} and steps_offset={int(off)} goes past timestep "

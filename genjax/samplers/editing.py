@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genjax.errors import UserError
+from genjax.errors import UserError, show
 from genjax.samplers.diffusion import _as_key, _concrete, _join_model, _split_model, check_clip, check_x_T, step_table
 from genjax.samplers.registry import sampler_spec
 from genjax.samplers.schedules import NoiseSchedule, check_prediction
@@ -84,11 +84,11 @@ def _tail_grid(schedule: NoiseSchedule, strength, num_steps, spacing: str, steps
     raise UserError("img2img_sample needs a concrete strength (it picks the timestep grid on the host); "
                     "call it outside jit, strength changes still compile nothing")
   if s.ndim != 0 or not 0.0 < float(s) <= 1.0:
-    raise UserError(f"strength must be a scalar in (0, 1], got {strength!r}")
+    raise UserError(f"strength must be a scalar in (0, 1], got {show(strength)}")
   n = _concrete(num_steps)
   T = schedule.num_timesteps
   if n is None or n.ndim != 0 or not np.issubdtype(n.dtype, np.integer) or not 1 <= int(n) <= T:
-    raise UserError(f"num_steps must be an int in [1, {T}] (the schedule length), got {num_steps!r}")
+    raise UserError(f"num_steps must be an int in [1, {T}] (the schedule length), got {show(num_steps)}")
   if steps_offset is None:  # DDIM's default: 1 for "leading" (Stable Diffusion's), else 0
     steps_offset = 1 if spacing == "leading" else 0
   full = np.asarray(make_timesteps(schedule, int(n), spacing=spacing, steps_offset=steps_offset))
@@ -137,7 +137,7 @@ def inpaint_sample(model_fn: Callable, schedule: NoiseSchedule, x_T, *, known, m
     raise UserError("mask must hold only 0 (fill in) and 1 (known)")
   r = _concrete(num_resample)
   if r is not None and (r.ndim != 0 or not np.issubdtype(r.dtype, np.integer) or int(r) < 1):
-    raise UserError(f"num_resample must be an int >= 1, got {num_resample!r}")
+    raise UserError(f"num_resample must be an int >= 1, got {show(num_resample)}")
   table, n = step_table(schedule, num_steps, timesteps, spacing, steps_offset)
   dynamic, static = _split_model(model_fn)
   return _inpaint_loop(dynamic, schedule, x_T.astype(jnp.float32), known, mask, _as_key(rng), table, n,

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genjax.errors import UserError
+from genjax.errors import UserError, show
 from genjax.samplers.diffusion import (_as_key, _concrete, _join_model, _split_model, check_clip, check_threshold,
                                        check_x_T, step_table)
 from genjax.samplers.schedules import NoiseSchedule, check_prediction
@@ -119,7 +119,7 @@ def euler_ancestral_sample(model_fn: Callable, schedule: NoiseSchedule, x_T, *, 
     raise UserError("euler_ancestral_sample draws noise at every step and needs rng (a PRNG key); got rng=None")
   e = _concrete(eta)
   if e is not None and (e.ndim != 0 or not 0.0 <= float(e) <= 1.0):
-    raise UserError(f"eta must be a scalar in [0, 1], got {eta!r}")
+    raise UserError(f"eta must be a scalar in [0, 1], got {show(eta)}")
   return _run("ancestral", model_fn, schedule, x_T, num_steps, rng, prediction, clip_denoised, dict(
       s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=s_noise, rho=rho, sigma_min=sigma_min,
       sigma_max=sigma_max, eta=eta), quantize, (timesteps, spacing, steps_offset),
@@ -143,7 +143,7 @@ def _may_be_positive(value) -> bool:
 def _check_scalar(name, value, ok, want) -> None:
   v = _concrete(value)
   if v is not None and (v.ndim != 0 or not ok(float(v))):
-    raise UserError(f"{name} must be a scalar {want}, got {value!r}")
+    raise UserError(f"{name} must be a scalar {want}, got {show(value)}")
 
 
 def _run(method, model_fn, schedule, x_T, num_steps, rng, prediction, clip_denoised, opts, quantize, grid, threshold,
@@ -153,7 +153,7 @@ def _run(method, model_fn, schedule, x_T, num_steps, rng, prediction, clip_denoi
     raise UserError(f"schedule must be a genjax NoiseSchedule, got {type(schedule)}")
   prediction = check_prediction(prediction)
   if needs_rng and rng is None:
-    raise UserError(f"{name} with s_churn={opts['s_churn']!r} (> 0 or traced) adds noise and needs rng "
+    raise UserError(f"{name} with s_churn={show(opts['s_churn'])} (> 0 or traced) adds noise and needs rng "
                     "(a PRNG key); got rng=None")
   if not isinstance(quantize, bool):
     raise UserError(f"quantize must be True or False, got {quantize!r}")
@@ -164,7 +164,7 @@ def _run(method, model_fn, schedule, x_T, num_steps, rng, prediction, clip_denoi
   if spacing == "karras" and timesteps is None:  # the Karras formula, computed in the loop: any num_steps >= 1
     n = _concrete(num_steps)
     if n is not None and (n.ndim != 0 or not np.issubdtype(n.dtype, np.integer) or int(n) < 1):
-      raise UserError(f"num_steps must be an int >= 1, got {num_steps!r}")
+      raise UserError(f"num_steps must be an int >= 1, got {show(num_steps)}")
     table, num_steps = jnp.full((schedule.num_timesteps + 1,), -1.0, jnp.float32), jnp.asarray(num_steps, jnp.int32)
   else:
     table, num_steps = step_table(schedule, num_steps, timesteps, spacing, steps_offset)
@@ -178,8 +178,8 @@ def _run(method, model_fn, schedule, x_T, num_steps, rng, prediction, clip_denoi
   lo_s, hi_s = (_concrete(opts[k]) for k in ("sigma_min", "sigma_max"))
   if lo_s is not None and hi_s is not None and opts["sigma_min"] is not None and opts["sigma_max"] is not None \
       and not float(lo_s) < float(hi_s):
-    raise UserError(f"need sigma_min < sigma_max, got sigma_min={opts['sigma_min']!r}, "
-                    f"sigma_max={opts['sigma_max']!r}")
+    raise UserError(f"need sigma_min < sigma_max, got sigma_min={show(opts['sigma_min'])}, "
+                    f"sigma_max={show(opts['sigma_max'])}")
   clip = check_clip(clip_denoised)
   threshold = check_threshold(*threshold)
   f32 = lambda v: jnp.asarray(v, jnp.float32)

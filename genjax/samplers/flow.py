@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genjax.errors import UserError, check_choice
+from genjax.errors import UserError, check_choice, show
 from genjax.samplers.diffusion import _concrete, _join_model, _split_model
 
 __all__ = ["FlowSchedule", "flow_sample", "FLOW_METHODS", "shift_time"]
@@ -51,7 +51,7 @@ def _check_shift(shift) -> None:
   if value is not None and value.dtype == object:  # a placeholder leaf of a pytree transformation
     return
   if value is not None and (value.ndim != 0 or not float(value) > 0.0):
-    raise UserError(f"flow time shift must be a scalar > 0 (1 = no shift), got {shift!r}")
+    raise UserError(f"flow time shift must be a scalar > 0 (1 = no shift), got {show(shift)}")
 
 
 def _bcast(t: jax.Array, like: jax.Array) -> jax.Array:
@@ -121,7 +121,7 @@ def flow_sample(velocity_fn: Callable, schedule: FlowSchedule, x_T, *, num_steps
     raise UserError(f"schedule must be a genjax FlowSchedule, got {type(schedule)}")
   n = _concrete(num_steps)
   if n is not None and (n.ndim != 0 or not np.issubdtype(n.dtype, np.integer) or int(n) < 1):
-    raise UserError(f"num_steps must be an int >= 1, got {num_steps!r}")
+    raise UserError(f"num_steps must be an int >= 1, got {show(num_steps)}")
   x_T = jnp.asarray(x_T) if not isinstance(x_T, jax.Array) else x_T
   if x_T.ndim < 1 or not jnp.issubdtype(x_T.dtype, jnp.floating):
     raise UserError(f"x_T must be a float array [batch, ...], got dtype {x_T.dtype} shape {x_T.shape}")

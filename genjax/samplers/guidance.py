@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genjax.errors import UserError
+from genjax.errors import UserError, show
 
 
 def classifier_free_guidance(cond_model_fn: Callable, scale, uncond_label, labels, *, rescale=0.0,
@@ -72,7 +72,7 @@ def classifier_free_guidance(cond_model_fn: Callable, scale, uncond_label, label
     scale = jnp.broadcast_to(scale, labels.shape[:1])  # scalar and per-example scales share one program
   r = _concrete(rescale)
   if r is not None and (r.ndim != 0 or not 0.0 <= float(r) <= 1.0):
-    raise UserError(f"guidance rescale must be a scalar in [0, 1], got {rescale!r}")
+    raise UserError(f"guidance rescale must be a scalar in [0, 1], got {show(rescale)}")
   if interval is None:
     interval = (-jnp.inf, jnp.inf)
   if not isinstance(interval, (tuple, list)) or len(interval) != 2:

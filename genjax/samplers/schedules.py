@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genjax.errors import UserError
+from genjax.errors import UserError, show
 
 PREDICTIONS = ("epsilon", "v", "x0")
 # diffusers' names for the same parameterisations, accepted wherever `prediction=` is.
@@ -277,7 +277,7 @@ def _check_beta_range(beta_start, beta_end) -> None:
 
 def _check_num_timesteps(num_timesteps) -> None:
   if not isinstance(num_timesteps, (int, np.integer)) or isinstance(num_timesteps, bool) or num_timesteps < 1:
-    raise UserError(f"num_timesteps must be a positive int, got {num_timesteps!r}")
+    raise UserError(f"num_timesteps must be a positive int, got {show(num_timesteps)}")
 
 
 def _as_f32(x) -> jax.Array:

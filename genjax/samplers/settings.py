@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genjax.errors import UserError
+from genjax.errors import UserError, show
 
 FLOAT_SETTINGS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 INT_SETTINGS = ("top_k", "min_tokens_to_keep")
@@ -103,7 +103,7 @@ def for_decoder(decoder: str, settings: Optional[DecodingSettings], overrides: d
 # ------------------------------------------------------------------------------------------- field checks ------
 def positive_int(name: str, value) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise UserError(f"{name}={value!r} must be a positive int")
+    raise UserError(f"{name}={show(value)} must be a positive int")
   return int(value)
 
 
@@ -118,7 +118,7 @@ def _number(name: str, value, kinds: str):
 def _token_id(name: str, value) -> int:
   array = _number(name, value, "iu")
   if array is None:
-    raise UserError(f"{name}={value!r} must be an int token id")
+    raise UserError(f"{name}={show(value)} must be an int token id")
   return int(array)
 
 
@@ -128,14 +128,14 @@ def _optional_token_id(name: str, value) -> Optional[int]:
 
 def _flag(name: str, value) -> bool:
   if not (isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1))):
-    raise UserError(f"{name}={value!r} must be True or False")
+    raise UserError(f"{name}={show(value)} must be True or False")
   return bool(value)
 
 
 def _finite_float(name: str, value) -> float:
   array = _number(name, value, "iuf")
   if array is None or not np.isfinite(array):
-    raise UserError(f"{name}={value!r} must be finite")
+    raise UserError(f"{name}={show(value)} must be finite")
   return float(array)
 
 
@@ -189,7 +189,7 @@ def check_setting(name: str, value) -> PerRow:
   if not np.all(ok):
     bad = np.flatnonzero(~ok)
     where = "" if vector.size == 1 or array.ndim == 0 else f" (row {int(bad[0])})"
-    raise UserError(f"{name}={_show(array.reshape(-1))} {rule}; got {vector[bad[0]]!r}{where}")
+    raise UserError(f"{name}={_show(array.reshape(-1))} {rule}; got {show(vector[bad[0]])}{where}")
   cast = int if dtype is np.int32 else float
   return cast(array.item()) if array.ndim == 0 else _as_tuple(array.astype(np.int64 if cast is int else np.float64))
 

@@ -246,6 +246,7 @@ def speculative_generate(target: DecodingModel, target_params, draft: DecodingMo
   cache_len = min(cache_len, inputs.check_context(draft, lengths, n, None, tokens.shape[1], extra=k))
   inputs.check_cache_batch_axis(target, batch, cache_len, "target")
   inputs.check_cache_batch_axis(draft, batch, cache_len, "draft")
+  inputs.check_prompt_ids(tokens, lengths, inputs.vocab_size(target, target_params))
   tokens = tokens[:, :cache_len]
   floats, ints = settings_lib.sampling_arrays(settings, batch)
   settings_lib.check_rng(rng, floats)

@@ -72,6 +72,10 @@ def check_config(config) -> None:
   for key in ("num_train_steps", "batch_size", "log_every_steps", "grad_accum_steps", "keep_checkpoints"):
     if int(config[key]) < 1:
       raise ConfigError(f"{key}={config[key]!r} must be >= 1")
+  if int(config.batch_size) % int(config.grad_accum_steps):
+    raise ConfigError(f"batch_size={config.batch_size} must be divisible by grad_accum_steps="
+                      f"{config.grad_accum_steps} (each step averages that many equal micro-batches); valid "
+                      f"grad_accum_steps: the divisors of {config.batch_size}")
   if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
     raise ConfigError(f"seed={config.seed!r} must be an int >= 0")
   compute_dtype(config.compute_dtype)
