@@ -7,16 +7,17 @@
 - `genjax.interop.diffusers`: diffusers `UNet2DModel` DDPM U-Nets and their schedules — `load_unet`,
   `load_schedule`, `load_sampler_options`, `load_pipeline` / `sample_images` (any genjax diffusion sampler).
 
-Submodules are imported on use (`from genjax.interop import hf`), so importing this package costs nothing.
+Submodules are imported on use (`from genjax.interop import hf`); the package itself holds what both share.
 """
+from safetensors import SafetensorError, safe_open
+
+from genjax.errors import CheckpointError
 
 
 def open_safetensors(file: str, framework: str):
   """`safetensors.safe_open(file, framework)`, where a file that is truncated or not safetensors at all is a one-line
   `genjax.errors.CheckpointError` naming it (safetensors reads the header, and checks the file's length against it,
   on opening)."""
-  from safetensors import SafetensorError, safe_open
-  from genjax.errors import CheckpointError
   try:
     return safe_open(file, framework=framework)
   except SafetensorError as e:
