@@ -29,9 +29,13 @@ from typing import Any, Callable, Optional
 
 from absl import app, flags
 
+from genjax.core.checkpoint import load_run_at
 from genjax.core.task import Task
 from genjax.errors import UserError
+from genjax.interop import hf
+from genjax.models import get_task
 from genjax.samplers import registry as sampler_registry
+from genjax.train.report import setup_logging
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXIT_USER_ERROR = 2
@@ -96,7 +100,6 @@ def parse_flags(argv: list[str]) -> list[str]:
 def run(main: Callable[[list[str]], None], flags_parser: Callable[[list[str]], list[str]] = parse_flags) -> None:
   """`app.run(main)` under the error contract: flag errors and `UserError` are one `error:` line and exit 2."""
   def guarded(argv):
-    from genjax.train.report import setup_logging
     setup_logging()
     try:
       main(argv)
@@ -108,8 +111,6 @@ def run(main: Callable[[list[str]], None], flags_parser: Callable[[list[str]], l
 def task_for(config) -> Task:
   """The family's Task for `config`, with the outside weights `config.model.init_from` names read by
   `genjax.interop` (the models never import it): what every launcher trains, samples, evaluates or exports."""
-  from genjax.interop import hf
-  from genjax.models import get_task
   return get_task(config, pretrained=hf.pretrained_for(config))
 
 
@@ -134,6 +135,5 @@ def load_run(workdir: str, step: Optional[int] = None) -> LoadedRun:
   """The run in `workdir` at `step` (default: its newest readable checkpoint, `genjax.core.checkpoint.load_run_at`)
   and its Task."""
   check_run_dir(workdir)
-  from genjax.core.checkpoint import load_run_at
   config, params, loaded = load_run_at(workdir, step=step)
   return LoadedRun(config, params, loaded, task_for(config))

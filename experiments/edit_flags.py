@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 from absl import flags
+from PIL import Image
 
 from genjax.errors import UserError
 
@@ -36,8 +38,6 @@ def edits_from_flags() -> dict:
 
 def load_png(path: str, flag: str):
   """A PNG as float32 [H, W, 1] (grey) or [H, W, 3] (colour) in [0, 1]."""
-  import numpy as np
-  from PIL import Image
   if not os.path.isfile(path):
     raise UserError(f"--{flag}={path!r} is not a file (give a PNG)")
   try:

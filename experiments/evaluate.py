@@ -30,9 +30,13 @@ import sys
 import time
 from typing import Any, Mapping, Optional
 
+import jax
+import numpy as np
 from absl import flags, logging
 
 from experiments import cli
+from genjax import data as gdata
+from genjax import metrics
 from genjax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -78,8 +82,6 @@ def draw_samples(task, params, rng, n: int, batch_size: int, options: Mapping[st
   """n images [n, H, W, C] (clipped to [0, 1]) from fixed-size batches, and their raw (min, max) before clipping.
   Each family's `sample_images` jits its own work with the options as runtime values where it can, so one batch
   size compiles once, and a sweep over sampler steps compiles nothing more."""
-  import jax
-  import numpy as np
   if n < 1 or batch_size < 1:
     raise UserError(f"num_samples and sample_batch_size must be >= 1, got {n} and {batch_size}")
   bs = min(batch_size, n)
@@ -96,9 +98,6 @@ def draw_samples(task, params, rng, n: int, batch_size: int, options: Mapping[st
 
 def evaluate_split(task, params, config, split: str, batch_size: int, rng) -> dict:
   """`task.evaluate` over the whole split in order, each batch's means weighted by its size."""
-  import jax
-  import numpy as np
-  from genjax import data as gdata
   src = gdata.get_source(config.dataset, split)
   evaluate = jax.jit(task.evaluate)
   sums, total = {}, 0
@@ -115,8 +114,6 @@ def evaluate_split(task, params, config, split: str, batch_size: int, rng) -> di
 
 def _split_bytes(config, split: str):
   """The byte ids of a text split, reassembled from its windows (consecutive windows share one byte)."""
-  import numpy as np
-  from genjax import data as gdata
   src = gdata.get_source(config.dataset, split)
   windows = [src[i]["tokens"] for i in range(len(src))]
   return np.concatenate([w[:-1] for w in windows] + [windows[-1][-1:]])
@@ -142,9 +139,6 @@ def image_reference(config, *, num_samples: int = 0, feature_cache: Optional[str
                     feature_extractor=None) -> ImageReference:
   """The feature network (the cached one for the data set unless `feature_extractor` is given), the train split's
   features and the real-vs-real floor for `config`'s data set."""
-  import numpy as np
-  from genjax import data as gdata
-  from genjax import metrics
   name, data_dir = config.dataset.name, config.dataset.data_dir
   fx = feature_extractor or metrics.load_feature_extractor(name, cache_dir=feature_cache, data_dir=data_dir)
   train_split, eval_split = config.dataset.train_split, config.dataset.eval_split
@@ -173,7 +167,6 @@ def progress(message: str) -> None:
 
 def sampling_key(seed: int):
   """The key samples are drawn with for `seed` (shared with experiments.steps_sweep: equal seeds, equal samples)."""
-  import jax
   return jax.random.fold_in(jax.random.PRNGKey(seed), 1)
 
 
@@ -188,8 +181,6 @@ def image_report(task, params, ref: ImageReference, rng, *, options, sample_batc
                  drawn=None) -> dict:
   """Draws `ref.num_samples` images with `options` (or takes `drawn`, a `timed_draw` result of that many) and
   scores them against `ref` (the floor beside them)."""
-  import numpy as np
-  from genjax import metrics
   drawn = drawn or timed_draw(task, params, rng, ref.num_samples, sample_batch_size, options)
   images, (lo, hi), sample_seconds = drawn
   quality = metrics.feature_metrics(ref.real_features, ref.fx(images), ref.name, **ref.metric_options)
@@ -209,7 +200,6 @@ def image_report(task, params, ref: ImageReference, rng, *, options, sample_batc
 
 
 def text_report(config) -> dict:
-  from genjax import metrics
   train, test = _split_bytes(config, config.dataset.train_split), _split_bytes(config, config.dataset.eval_split)
   return {"unigram_entropy_bits_per_byte": metrics.unigram_entropy_bits(train),
           "unigram_cross_entropy_bits_per_byte_on_eval": metrics.unigram_cross_entropy_bits(train, test)}
@@ -220,9 +210,6 @@ def evaluate_run(workdir: str, *, step: Optional[int] = None, options: Optional[
                  feature_cache: Optional[str] = None, kid_subsets: int = 100, kid_subset_size: int = 1000,
                  pr_k: int = 3) -> dict:
   """Everything `eval.json` holds, as a dict (see module docstring)."""
-  import jax
-  from genjax import data as gdata
-  from genjax import metrics
   options = dict(options or {})
   run = cli.load_run(workdir, step=step)   # an older step when the newest is unreadable
   config, params, task = run.config, run.params, run.task

@@ -22,6 +22,7 @@ from absl import flags
 
 from experiments import cli
 from genjax.errors import UserError
+from genjax.interop import hf
 
 FLAGS = flags.FLAGS
 
@@ -33,7 +34,6 @@ def define_flags() -> None:
 
 
 def _huggingface(spec, params, out: str) -> str:
-  from genjax.interop import hf
   return hf.save_lm(spec.model_config, params, out, tokenizer=spec.assets)
 
 

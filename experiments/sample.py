@@ -31,10 +31,16 @@ import os
 import re
 from typing import Optional
 
+import jax
+import numpy as np
 from absl import flags, logging
 
 from experiments import cli, edit_flags
 from genjax.errors import UserError
+from genjax.interop import hf
+from genjax.interop.diffusers import load_pipeline, sample_images
+from genjax.models import transformer
+from genjax.train.report import save_image_grid
 
 FLAGS = flags.FLAGS
 DIFFUSERS_OPTIONS = ("sampler", "num_steps", "eta")   # the sample options that apply to --diffusers_model
@@ -93,9 +99,6 @@ def sample_run(workdir: str, *, options: dict, num_samples: int = 64, seed: int 
   step loaded}. `edits`: the editing flags of `experiments.edit_flags` (for a Task that can `edit`)."""
   check_request(workdir, num_samples=num_samples, output=output)
   edit_opts, edit_parts = edit_flags.edit_options(edits or {})
-  import jax
-  import numpy as np
-  from genjax.train.report import save_image_grid
 
   run = cli.load_run(workdir, step=step)
   task, params = run.task, run.params
@@ -138,10 +141,6 @@ def sample_diffusers(model_dir: str, *, options: dict, num_samples: int = 64, se
     raise UserError(f"--{extra[0]} does not apply to --diffusers_model; valid: --" + ", --".join(DIFFUSERS_OPTIONS))
   if num_samples < 1:
     raise UserError(f"--num_samples={num_samples} must be >= 1")
-  import jax
-  import numpy as np
-  from genjax.interop.diffusers import load_pipeline, sample_images
-  from genjax.train.report import save_image_grid
   images = sample_images(load_pipeline(model_dir), jax.random.PRNGKey(seed), num_samples, **options)
   if output is None:
     return {"images": images, "paths": []}
@@ -154,9 +153,6 @@ def sample_hf(model_dir: str, *, options: dict, prompts, seed: int = 0) -> dict:
   """Continuations of `prompts` by the Hugging Face LM in `model_dir`, decoded with its own tokenizer."""
   if not prompts:
     raise UserError("--hf_model is a text model: give at least one --prompt")
-  import jax
-  from genjax.interop import hf
-  from genjax.models import transformer
   cfg, params = hf.load_lm(model_dir)
   texts = transformer.sample_text(cfg, params, list(prompts), jax.random.PRNGKey(seed),
                                   tokenizer=hf.load_tokenizer(model_dir), **options)

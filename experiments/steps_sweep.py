@@ -17,16 +17,23 @@ default sweep); a Task without any is one `error:` line. The plot needs matplotl
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import sys
 import time
+import types
 
 from absl import flags
 
 from experiments import cli
+from experiments import evaluate as ev
+from experiments.configs import ddpm
+from genjax.compiles import CompileCounter
+from genjax.data import dataset_info
 from genjax.errors import UserError
+from genjax.interop import diffusers
 
 FLAGS = flags.FLAGS
 SAMPLER_LABELS = {"ddpm": "DDPM (ancestral)", "ddim": "DDIM (eta=0)", "dpm_solver": "DPM-Solver++(2M)",
@@ -67,8 +74,6 @@ def sweep(task, params, ref, samplers, num_steps, *, sample_batch_size: int = 25
   """One record per sampler × step count: the metrics against `ref` (an `evaluate.ImageReference`), sampling
   seconds, and the XLA compilations the point caused (the first point of a sampler compiles its program; the
   other step counts should compile nothing)."""
-  from experiments import evaluate as ev
-  from genjax.compiles import CompileCounter
   check_arguments(samplers, num_steps, valid_samplers or task.samplers)
   fd = f"FD-{ref.name}"
   points = []
@@ -89,7 +94,6 @@ def sweep_run(workdir: str, samplers, num_steps, *, num_samples: int = 0, sample
               seed: int = 0, options=None, feature_cache=None, log=print) -> dict:
   """`sweep` over a trained run whose Task names its `samplers` (diffusion): {"points": [...], "floor": ...,
   "metric": "FD-<data>", ...}. `samplers` None: every one the Task takes."""
-  from experiments import evaluate as ev
   run = cli.load_run(workdir)
   config, params, task = run.config, run.params, run.task
   task.require("samplers", "experiments.steps_sweep")
@@ -111,13 +115,6 @@ def sweep_diffusers(model_dir: str, samplers, num_steps, *, num_samples: int = 0
   """The sweep over a diffusers DDPM directory (any genjax sampler). FD needs a feature network for the images'
   domain: a model of 8x8x1 images is scored on the in-repo digits features like a genjax run; any other size is
   timed only (`metric` None, `fd_skipped` says why; FID needs the user's own Inception features)."""
-  import dataclasses
-  import types
-  from experiments import evaluate as ev
-  from experiments.configs import ddpm
-  from genjax.compiles import CompileCounter
-  from genjax.data import dataset_info
-  from genjax.interop import diffusers
   samplers = diffusers.SAMPLERS if samplers is None else samplers
   check_arguments(samplers, num_steps, diffusers.SAMPLERS)
   extra = [k for k in (options or {}) if k != "eta"]
@@ -190,7 +187,6 @@ def plot(result: dict, path: str) -> None:
 
 def main(argv):
   del argv
-  from experiments.evaluate import parse_options
   f = FLAGS
   if not all(s.strip().isdigit() for s in f.num_steps):
     raise UserError(f"--num_steps={','.join(f.num_steps)} must be a comma-separated list of positive ints")
@@ -202,7 +198,7 @@ def main(argv):
   run = functools.partial(sweep_diffusers, f.diffusers_model) if f.diffusers_model else \
       functools.partial(sweep_run, f.workdir)
   result = run(f.samplers, steps, num_samples=f.num_samples, sample_batch_size=f.sample_batch_size, seed=f.seed,
-               options=parse_options({}, f.option), feature_cache=f.feature_cache)
+               options=ev.parse_options({}, f.option), feature_cache=f.feature_cache)
   result["seconds"] = round(time.time() - t0, 1)
   result["command"] = "python -m experiments.steps_sweep " + " ".join(sys.argv[1:])
   out = f.output or os.path.join(f.workdir, "fd_vs_steps")

@@ -18,10 +18,13 @@ import importlib.util
 import os
 import re
 
+import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
 from experiments import cli
+from genjax.train.preemption import Interrupted
+from genjax.train.trainer import train_and_evaluate
 from genjax.train.workdir import check_workdir
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -41,7 +44,6 @@ _CPU_COLLECTIVES = flags.DEFINE_string("cpu_collectives", "gloo", "CPU collectiv
 
 def init_distributed() -> None:
   """Multi-host setup; must run before anything touches the JAX backend."""
-  import jax
   if _CPU_COLLECTIVES.value:
     jax.config.update("jax_cpu_collectives_implementation", _CPU_COLLECTIVES.value)
   jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
@@ -51,7 +53,6 @@ def init_distributed() -> None:
 def run(config, workdir: str):
   """The family's Task (outside weights resolved by `cli.task_for`) → the shared loop. Returns the final
   TrainState."""
-  from genjax.train.trainer import train_and_evaluate
   return train_and_evaluate(config, workdir, cli.task_for)   # checks the workdir and the shared config values first
 
 
@@ -163,7 +164,6 @@ def main(argv):
   check_workdir(_WORKDIR.value)
   if _MULTIHOST.value:
     init_distributed()
-  from genjax.train.preemption import Interrupted
   try:
     run(_CONFIG.value, _WORKDIR.value)
   except Interrupted as e:     # saved at the interrupted step and said so; 130 (SIGINT) / 143 (SIGTERM)

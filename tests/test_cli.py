@@ -154,7 +154,7 @@ def test_evaluate_refusals(runs, tmp_path):
   sweep = ["-m", "experiments.steps_sweep", f"--workdir={runs['gan']}"]
   cases = {
       "negative truncation": ([*evaluate, "--truncation=-0.5"], ["truncation=-0.5"]),
-      "label out of range": ([*evaluate, "--label=10"], ["[10]", "[0, 10)"]),
+      "label out of range": ([*evaluate, "--label=10"], ["[10]", "[0, 9]"]),
       "option the family lacks": ([*evaluate, "--sampler=ddim"], ["['sampler']"]),
       "malformed --option": ([*evaluate, "--option=guidance"], ["'guidance'"]),
       "workdir is a file": (["-m", "experiments.evaluate", f"--workdir={runs['file']}"], [runs["file"], "a file"]),
