@@ -313,6 +313,7 @@ def test_hf_finetune_starts_from_the_checkpoint_and_exports_back(tmp_path):
   from experiments.train import run
   from genjax.models import get_task
   from genjax.core.checkpoint import load_run
+  from genjax.train.trainer import start_message
   from tests.hf_fixtures import tiny_checkpoint
   model_dir = tiny_checkpoint(str(tmp_path / "model"))
   c = lm_configs.get_config("hf_finetune")
@@ -325,6 +326,7 @@ def test_hf_finetune_starts_from_the_checkpoint_and_exports_back(tmp_path):
   _, loaded = hf.load_lm(model_dir)
   init = nn.unbox(jax.jit(task.init)(jax.random.key(0), {"tokens": np.zeros((1, 17), np.int32)}))
   jax.tree.map(np.testing.assert_array_equal, init, loaded)  # step 0 is the checkpoint, not a random init
+  assert start_message(task) == f"starting from the weights in {model_dir}"   # what the log says at step 0
   run(c, str(tmp_path / "run"))
   out = export.export_run(str(tmp_path / "run"), str(tmp_path / "export"))
   assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(out))

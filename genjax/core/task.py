@@ -98,6 +98,9 @@ class Task:
   edit: Optional[Callable[..., Any]] = None
   samplers: tuple[str, ...] = ()
   export: Optional[Export] = None
+  # Where init's weights come from when they are not a random init (e.g. a Hugging Face checkpoint directory): the
+  # loop names it when a run starts without a checkpoint of its own. "" = a random init.
+  init_from: str = ""
 
   def __post_init__(self):
     if not self.phases:

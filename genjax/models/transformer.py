@@ -226,4 +226,4 @@ def task(config, pretrained: Optional[Pretrained] = None) -> Task:
 
   phase = Phase("lm", loss_fn, optimizer=make_optimizer(config.optimizer, config.num_train_steps))
   return Task(init=init, phases=(phase,), sample_text=functools.partial(sample_text, cfg, tokenizer=tokenizer),
-              evaluate=evaluate, export=Export("huggingface", cfg, assets=init_from or None))
+              evaluate=evaluate, export=Export("huggingface", cfg, assets=init_from or None), init_from=init_from)

@@ -113,6 +113,11 @@ def _flat(tree: Any, prefix: str = "") -> dict:
   return {prefix[:-1]: tuple(tree) if isinstance(tree, list) else tree}
 
 
+def start_message(task: Task) -> str:
+  """How a run without a checkpoint of its own starts: from the weights its Task names, or from scratch."""
+  return f"starting from the weights in {task.init_from}" if task.init_from else "starting from scratch"
+
+
 def config_differences(stored, config) -> list[str]:
   """Dotted names of the fields whose values differ between two configs (JSON-comparable)."""
   a, b = _flat(json.loads(stored.to_json_best_effort())), _flat(json.loads(config.to_json_best_effort()))
@@ -220,7 +225,7 @@ class _Loop:
       logging.info("loading the latest checkpoint in %s ...", self.ckpt.directory)
     restored = self.ckpt.restore_latest(self.built.restore_target, expect_meta={"family": self.config.family})
     if restored is None:
-      logging.info("starting from scratch: no checkpoint in %s", self.ckpt.directory)
+      logging.info("%s: no checkpoint in %s", start_message(self.task), self.ckpt.directory)
       return 0, self.built.init_fn(self.rng)
     start, state, data_state, _ = restored
     self.train_iter.set_state(data_state)
