@@ -197,7 +197,7 @@ def test_sample_options_are_checked():
     g.sample_images(params, jax.random.PRNGKey(0), 2, label=1)
   with pytest.raises(ValueError, match=">= 0"):
     g.sample_images(params, jax.random.PRNGKey(0), 2, truncation=-1.0)
-  with pytest.raises(ValueError, match=r"\[0, 10\)"):
+  with pytest.raises(ValueError, match=r"\[0, 9\]"):
     gc.sample_images(pc, jax.random.PRNGKey(0), 2, label=10)
 
 
